@@ -1,0 +1,82 @@
+# FSKU pipeline. `make help` lists the targets; `make -n submission` shows what would run.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+.SUFFIXES:
+MAKEFLAGS += --no-builtin-rules
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SETUP := $(VENV)/DONE
+STUDENT := models/student-base/DONE
+TEACHER := models/teacher-base/DONE
+DATA := data/prepared/DONE
+# The competition file, when the user has put it at data/test.csv (rebuilds the data when it appears).
+TEST_CSV := $(wildcard data/test.csv data/sample_submission.csv)
+
+.PHONY: help setup models student teacher data submission eval baseline-report test test-slow clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+setup: $(SETUP) ## make .venv and install the pinned requirements
+
+$(SETUP): requirements.txt
+	start=$$(date +%s)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	echo $$(( $$(date +%s) - start )) > $(VENV)/setup_seconds
+	touch $@
+
+models: student teacher ## fetch, check and convert the embedded student and teacher (GGUF -> safetensors)
+student: $(STUDENT)
+teacher: $(TEACHER)
+
+$(STUDENT): fetch_models.py models/SHA256SUMS $(SETUP)
+	$(PY) $< student
+
+$(TEACHER): fetch_models.py models/SHA256SUMS $(SETUP)
+	$(PY) $< teacher
+
+data: $(DATA) ## corpus into data/corpus, question set (data/test.csv or the dev set) into data/prepared
+
+$(DATA): prepare_data.py common.py $(SETUP) $(TEST_CSV)
+	$(PY) $<
+
+submission: submission.csv ## answer the question set with the student -> submission.csv
+
+submission.csv: 04_infer.py common.py lm.py $(DATA) $(STUDENT)
+	$(PY) $<
+
+eval: reports/eval.md ## competition score of submission.csv on the development set -> reports/eval.md
+
+reports/eval.md: evaluate.py submission.csv
+	$(PY) $< --run outputs/04_infer --out $@
+
+BASELINE := outputs/baseline
+baseline-report: reports/baseline.md ## student vs teacher, no retrieval, dtype check -> reports/baseline.md
+
+$(BASELINE)/student/DONE: 04_infer.py common.py lm.py $(DATA) $(STUDENT)
+	$(PY) $< --model models/student-base --out $(BASELINE)/student
+$(BASELINE)/teacher/DONE: 04_infer.py common.py lm.py $(DATA) $(TEACHER)
+	$(PY) $< --model models/teacher-base --out $(BASELINE)/teacher
+$(BASELINE)/student-fp32/DONE: 04_infer.py common.py lm.py $(DATA) $(STUDENT)
+	$(PY) $< --model models/student-base --out $(BASELINE)/student-fp32 --dtype float32 --limit 100 --mc-only
+$(BASELINE)/student-bf16/DONE: 04_infer.py common.py lm.py $(DATA) $(STUDENT)
+	$(PY) $< --model models/student-base --out $(BASELINE)/student-bf16 --dtype bfloat16 --limit 100 --mc-only
+
+reports/baseline.md: evaluate.py $(BASELINE)/student/DONE $(BASELINE)/teacher/DONE \
+		$(BASELINE)/student-fp32/DONE $(BASELINE)/student-bf16/DONE
+	$(PY) $< --run $(BASELINE)/student --run $(BASELINE)/teacher \
+		--dtype-pair $(BASELINE)/student-fp32 $(BASELINE)/student-bf16 --out $@ \
+		--command "make baseline-report"
+
+test: $(SETUP) ## fast tests: tiny random models, no downloads (minutes)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(SETUP) $(STUDENT) ## slow end-to-end test with the real embedded student on a few questions
+	$(PY) -m pytest -q -m slow
+
+clean: ## remove outputs and the submission (keeps .venv, models and data)
+	rm -rf outputs submission.csv
