@@ -23,10 +23,8 @@ help: ## list the targets
 setup: $(SETUP) ## make .venv and install the pinned requirements
 
 $(SETUP): requirements.txt
-	start=$$(date +%s)
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -r requirements.txt
-	echo $$(( $$(date +%s) - start )) > $(VENV)/setup_seconds
+	start=$$(date +%s); $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q -r requirements.txt; \
+		echo $$(( $$(date +%s) - start )) > $(VENV)/setup_seconds
 	touch $@
 
 models: student teacher ## fetch, check and convert the embedded student and teacher (GGUF -> safetensors)

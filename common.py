@@ -145,3 +145,56 @@ def resolve_model(model_id):
     """A model id that names a directory under ROOT becomes that path; anything else is a hub id."""
     local = ROOT / model_id
     return str(local) if local.exists() else model_id
+
+
+# ---------------------------------------------------------------- submission file
+def validate_submission(rows, questions, sample_ids=None):
+    """List every problem of submission rows [(ID, Answer)] against the parsed questions; [] when valid.
+
+    Checks: header-free rows in the questions' order (and sample_submission's, when given), no missing or extra
+    rows, multiple-choice answers an option number, descriptive answers non-empty.
+    """
+    problems = []
+    ids = [str(r[0]).strip() for r in rows]
+    expected = [q.id for q in questions]
+    if sample_ids is not None and list(sample_ids) != expected:
+        problems.append("sample_submission IDs differ from the questions (count or order)")
+    if ids != expected:
+        missing, extra = set(expected) - set(ids), set(ids) - set(expected)
+        detail = f"{len(missing)} missing (e.g. {sorted(missing)[:3]}), {len(extra)} unknown (e.g. {sorted(extra)[:3]})"
+        problems.append(f"IDs do not match the questions in order: {len(ids)} rows vs {len(expected)}; {detail}")
+    by_id = {q.id: q for q in questions}
+    for qid, answer in rows:
+        q, text = by_id.get(str(qid).strip()), "" if answer is None else str(answer).strip()
+        if q is None:
+            continue
+        if text == "" or text.lower() == "nan":
+            problems.append(f"{qid}: empty answer")
+        elif q.kind == "mc" and text not in {str(i) for i in range(1, len(q.options) + 1)}:
+            problems.append(f"{qid}: {text!r} is not an option number 1-{len(q.options)}")
+    return problems
+
+
+def read_submission(path):
+    """Rows [(ID, Answer)] of a submission CSV; raises a clear error for a wrong header or encoding."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            rows = [tuple(r) for r in reader]
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{path} is not UTF-8 ({e}).") from e
+    if header is None or [h.strip().lstrip("\ufeff") for h in header[:2]] != ["ID", "Answer"]:
+        raise SystemExit(f"{path}: header must be ID,Answer (got {header}).")
+    return [(r[0], r[1] if len(r) > 1 else "") for r in rows]
+
+
+def write_submission(path, rows):
+    """Write ID,Answer rows as UTF-8 (no BOM) atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ID", "Answer"])
+        writer.writerows(rows)
+    os.replace(tmp, path)

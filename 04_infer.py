@@ -1,0 +1,236 @@
+"""Answer every question with the student LLM and write the submission.
+
+Reads data/prepared/questions.csv and sample_submission.csv (`make data`) and the student model. Multiple choice:
+one batched prefill per question, the answer read from the next-token logits of the option digits after a prompt
+that ends where the number is expected, then corrected for the model's option prior (CALIBRATION). Descriptive:
+short greedy Korean generation. Writes <out>/predictions-<key>.jsonl (checkpoint, resumed after a kill),
+<out>/submission.csv, <out>/meta.json and <out>/DONE; with the default --out also ./submission.csv.
+Run by `make submission` (and the report targets with --model/--out).
+"""
+import argparse
+import hashlib
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+import common
+import lm
+
+# ----------------------------------------------------------------------------- settings
+MC_BATCH = 8  # prompts per forward pass
+DESC_BATCH = 8  # generation batch (decode is ~8x faster per token at batch 8 than 1 on CPU)
+DESC_MAX_NEW_TOKENS = 128  # the reference answers are one or two sentences
+DESC_MAX_SENTENCES = 3
+CHECKPOINT_EVERY = 32  # questions per checkpoint append
+CALIBRATION = "batch"  # none | content_free | batch: correction of the option prior (reports/baseline.md)
+CONTENT_FREE_STEMS = ["N/A", "[빈칸]", ""]  # content-free prompts for content_free calibration (Zhao et al. 2021)
+BATCH_MIN = 50  # fewer questions of one option count than this: batch calibration uses the content-free prior
+# -----------------------------------------------------------------------------
+
+
+def logsumexp(xs):
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def normalise(logprobs):
+    """Renormalise log-probabilities over the options only."""
+    z = logsumexp(logprobs)
+    return [x - z for x in logprobs]
+
+
+def option_prior(records, mode, content_free=None):
+    """Log prior per option count: from content-free prompts, or the mean predicted distribution over the question
+    set (batch calibration, Zhou et al. 2024; content-free below BATCH_MIN questions). 'none' -> a zero prior."""
+    priors = {}
+    counts = sorted({len(r["logprobs"]) for r in records})
+    for n in counts:
+        if mode == "none":
+            priors[n] = [0.0] * n
+        elif mode == "content_free":
+            priors[n] = normalise(content_free[str(n)]) if content_free else [0.0] * n
+        elif mode == "batch":
+            probs = [[math.exp(x) for x in normalise(r["logprobs"])] for r in records if len(r["logprobs"]) == n]
+            if len(probs) < BATCH_MIN:  # the mean of a few questions is their own answers, not a prior
+                priors[n] = option_prior(records, "content_free", content_free)[n]
+                continue
+            priors[n] = [math.log(sum(col) / len(col)) for col in zip(*probs)]
+        else:
+            raise SystemExit(f"unknown CALIBRATION {mode!r}: use none, content_free or batch.")
+    return priors
+
+
+def calibrated_answers(records, mode, content_free=None):
+    """Map question id -> option number (1-based) after subtracting the log prior."""
+    mc = [r for r in records if r["kind"] == "mc"]
+    priors = option_prior(mc, mode, content_free)
+    answers = {}
+    for r in mc:
+        scores = [x - p for x, p in zip(normalise(r["logprobs"]), priors[len(r["logprobs"])])]
+        answers[r["id"]] = str(max(range(len(scores)), key=scores.__getitem__) + 1)
+    return answers
+
+
+def clean_description(text, question):
+    """Plain Korean prose: no markdown, at most DESC_MAX_SENTENCES sentences, never empty."""
+    text = re.sub(r"[*#`>|]+", " ", text)
+    text = re.sub(r"^\s*(?:[-•]|\d+[.)])\s*", "", text, flags=re.M)
+    text = re.sub(r"\s+", " ", text).strip()
+    sentences = re.split(r"(?<=[.!?다요])\s+", text)
+    text = " ".join(sentences[:DESC_MAX_SENTENCES]).strip()
+    if not text:  # an empty answer scores 0: restate the question's content instead
+        text = re.sub(r"(을|를)?\s*(설명|서술|기술)하(세요|시오)\.?$", "", question.strip()).strip() or question
+    return text
+
+
+def config_key(model_id, dtype_name):
+    """Changes when anything that changes the raw predictions changes (model, dtype, prompts, limits)."""
+    parts = [common.resolve_model(model_id), lm.model_fingerprint(model_id), dtype_name, common.SYSTEM_PROMPT,
+             common.MC_INSTRUCTION, common.MC_ANSWER_PREFIX, common.DESC_INSTRUCTION,
+             str(DESC_MAX_NEW_TOKENS)]
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
+
+
+def load_checkpoint(path):
+    """Records already computed, by question id (a torn last line from a kill is ignored)."""
+    done = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[record["id"]] = record
+    return done
+
+
+def append_records(path, records):
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+
+
+def answer_mc(model, tokenizer, questions, stats):
+    """Raw option log-probabilities for a chunk of multiple-choice questions."""
+    prompts = [lm.render(tokenizer, common.mc_messages(q.stem, q.options), common.MC_ANSWER_PREFIX)
+               for q in questions]
+    max_options = max(len(q.options) for q in questions)
+    token_ids = lm.option_token_ids(tokenizer, max_options)
+    logprobs = lm.next_token_logprobs(model, tokenizer, prompts, token_ids, MC_BATCH, stats)
+    return [dict(id=q.id, kind="mc", logprobs=lp[:len(q.options)]) for q, lp in zip(questions, logprobs)]
+
+
+def answer_desc(model, tokenizer, questions, stats):
+    prompts = [lm.render(tokenizer, common.desc_messages(q.text)) for q in questions]
+    texts = lm.generate(model, tokenizer, prompts, DESC_MAX_NEW_TOKENS, DESC_BATCH, stats)
+    return [dict(id=q.id, kind="desc", raw=t, answer=clean_description(t, q.text)) for q, t in zip(questions, texts)]
+
+
+def content_free_logprobs(model, tokenizer, option_counts):
+    """Option log-probabilities averaged over content-free prompts, per option count."""
+    out = {}
+    for n in option_counts:
+        token_ids = lm.option_token_ids(tokenizer, n)
+        prompts = [lm.render(tokenizer, common.mc_messages(stem, [stem] * n), common.MC_ANSWER_PREFIX)
+                   for stem in CONTENT_FREE_STEMS]
+        rows = [normalise(r) for r in lm.next_token_logprobs(model, tokenizer, prompts, token_ids)]
+        out[str(n)] = [math.log(sum(math.exp(r[i]) for r in rows) / len(rows)) for i in range(n)]
+    return out
+
+
+def run(questions, out_dir, model_id, dtype_name=None):
+    """Answer the questions with checkpointing into out_dir; return (records by id, meta)."""
+    device = lm.pick_device()
+    dtype = lm.pick_dtype(device, dtype_name)
+    dtype_name = str(dtype).replace("torch.", "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = config_key(model_id, dtype_name)
+    checkpoint = out_dir / f"predictions-{key}.jsonl"
+    done = load_checkpoint(checkpoint)
+    todo = [q for q in questions if q.id not in done]
+    print(f"04: {len(questions)} questions, {len(done)} from checkpoint, model {model_id} on {device} ({dtype_name})")
+    t0 = time.time()
+    tokenizer = lm.load_tokenizer(model_id)
+    model = lm.load_model(model_id, device, dtype)
+    load_seconds = time.time() - t0
+    stats = {}
+    option_counts = sorted({len(q.options) for q in questions if q.kind == "mc"})
+    content_free = content_free_logprobs(model, tokenizer, option_counts) if option_counts else {}
+    t_answer = time.time()
+    with tqdm(total=len(todo), desc="04 answering", unit="q") as bar:
+        for kind, fn in (("mc", answer_mc), ("desc", answer_desc)):
+            pending = [q for q in todo if q.kind == kind]
+            for start in range(0, len(pending), CHECKPOINT_EVERY):
+                chunk = pending[start:start + CHECKPOINT_EVERY]
+                t_chunk = time.time()
+                records = fn(model, tokenizer, chunk, stats)
+                for record in records:
+                    record["seconds"] = round((time.time() - t_chunk) / len(chunk), 3)
+                    done[record["id"]] = record
+                append_records(checkpoint, records)
+                bar.update(len(chunk))
+    answer_seconds = time.time() - t_answer
+    records = [done[q.id] for q in questions]
+    meta = dict(model=model_id, key=key, device=device, dtype=dtype_name, calibration=CALIBRATION,
+                content_free=content_free, questions=len(questions), answered_now=len(todo),
+                seconds=dict(load=round(load_seconds, 1), answering=round(answer_seconds, 1),
+                             per_question=round(sum(r["seconds"] for r in records) / max(len(records), 1), 3)),
+                prefill_tokens_per_s=round(stats["prefill_tokens"] / stats["prefill_seconds"], 1)
+                if stats.get("prefill_seconds") else None,
+                generated_tokens_per_s=round(stats["generated_tokens"] / stats["generate_seconds"], 1)
+                if stats.get("generate_seconds") else None,
+                peak_rss_gib=round(lm.peak_rss_gib(), 2), predictions=checkpoint.name,
+                settings=dict(MC_BATCH=MC_BATCH, DESC_BATCH=DESC_BATCH, DESC_MAX_NEW_TOKENS=DESC_MAX_NEW_TOKENS,
+                              DESC_MAX_SENTENCES=DESC_MAX_SENTENCES), versions=lm.versions())
+    return records, meta
+
+
+def submission_rows(questions, records, calibration, content_free):
+    answers = calibrated_answers(records, calibration, content_free)
+    by_id = {r["id"]: r for r in records}
+    return [(q.id, answers[q.id] if q.kind == "mc" else by_id[q.id]["answer"]) for q in questions]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=common.STUDENT_MODEL, help="model dir (relative to the repo) or hub id")
+    parser.add_argument("--out", type=Path, default=common.INFER, help="output folder (checkpoint, submission)")
+    parser.add_argument("--questions", type=Path, default=common.QUESTIONS)
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
+    parser.add_argument("--limit", type=int, default=0, help="answer only the first N questions (measurements)")
+    parser.add_argument("--mc-only", action="store_true", help="skip descriptive questions (measurements)")
+    args = parser.parse_args()
+
+    questions = common.read_questions(args.questions)
+    for q in questions:
+        if q.kind == "desc" and re.search(r"^\s*\d\s", q.text, flags=re.M):
+            print(f"04: {q.id} has numbered lines but no parsable options: answered as descriptive")
+    full = not args.limit and not args.mc_only
+    if args.mc_only:
+        questions = [q for q in questions if q.kind == "mc"]
+    if args.limit:
+        questions = questions[:args.limit]
+    records, meta = run(questions, args.out, args.model, args.dtype)
+    rows = submission_rows(questions, records, CALIBRATION, meta["content_free"])
+    sample_ids = None
+    if full and args.questions == common.QUESTIONS and common.SAMPLE.exists():
+        sample_ids = [r[0] for r in common.read_submission(common.SAMPLE)]
+    problems = common.validate_submission(rows, questions, sample_ids)
+    if problems:
+        raise SystemExit("04: the submission would be invalid:\n  " + "\n  ".join(problems[:20]))
+    common.write_submission(args.out / "submission.csv", rows)
+    lm.write_json(args.out / "meta.json", meta)
+    (args.out / "DONE").touch()
+    if full and args.out == common.INFER:
+        common.write_submission(common.SUBMISSION, rows)
+    print(f"04: answered {len(questions)} questions in {meta['seconds']['answering']:.1f} s "
+          f"({meta['seconds']['per_question']:.2f} s/question) -> {args.out / 'submission.csv'}")
+
+
+if __name__ == "__main__":
+    main()

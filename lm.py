@@ -1,0 +1,151 @@
+"""Loading and batched scoring of the one LLM, shared by the scripts that run it (00, 01, 03, 04, 05).
+
+Does not decide what to ask: prompts live in common.py, orchestration in the numbered scripts.
+"""
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import common
+
+
+def pick_device(device=common.DEVICE):
+    """'auto' -> cuda when available, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("DEVICE is 'cuda' but torch sees no GPU: set FSKU_DEVICE=cpu or install the CUDA build.")
+    return device
+
+
+def pick_dtype(device, dtype=None):
+    """CUDA -> bf16 (fp16 on GPUs without bf16); CPU -> common.CPU_DTYPE unless a dtype name is given."""
+    if dtype:
+        return getattr(torch, dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, common.CPU_DTYPE)
+
+
+def load_tokenizer(model_id):
+    tokenizer = AutoTokenizer.from_pretrained(common.resolve_model(model_id))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_id, device, dtype):
+    """Load a causal LM for inference; says what to do when the model is missing."""
+    path = common.resolve_model(model_id)
+    if not Path(path).exists() and "/" not in model_id:
+        raise SystemExit(f"model {model_id!r} not found: run `make models`, or set FSKU_STUDENT to a directory.")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval()
+
+
+def model_fingerprint(model_id):
+    """A string that changes when the weights change: meta.json of a converted model, else the id."""
+    meta = Path(common.resolve_model(model_id)) / "meta.json"
+    return meta.read_text(encoding="utf-8") if meta.exists() else model_id
+
+
+def shared_vocab_size(tokenizer_a, tokenizer_b):
+    """Size of the shared token->id map of two tokenizers; raises when they disagree on a shared id.
+
+    Vocab sizes may differ by padding rows of the embedding; what must agree is every real token's id.
+    """
+    vocab_a, vocab_b = tokenizer_a.get_vocab(), tokenizer_b.get_vocab()
+    common_tokens = vocab_a.keys() & vocab_b.keys()
+    clashes = [t for t in common_tokens if vocab_a[t] != vocab_b[t]]
+    only_a = len(vocab_a) - len(common_tokens)
+    only_b = len(vocab_b) - len(common_tokens)
+    if clashes or min(only_a, only_b) > 0:
+        example = ", ".join(repr(t) for t in sorted(clashes)[:3])
+        raise SystemExit(f"teacher and student tokenizers differ ({len(clashes)} ids disagree, e.g. {example}; "
+                         f"{only_a}/{only_b} tokens only in one): distillation needs one tokenizer family.")
+    return len(common_tokens)
+
+
+def option_token_ids(tokenizer, n_options):
+    """Token ids of the digits '1'..'n'; each must be a single token."""
+    ids = []
+    for digit in range(1, n_options + 1):
+        pieces = tokenizer.encode(str(digit), add_special_tokens=False)
+        if len(pieces) != 1:
+            raise SystemExit(f"option digit {digit} is {len(pieces)} tokens in this tokenizer: cannot read logits.")
+        ids.append(pieces[0])
+    return ids
+
+
+def render(tokenizer, messages, prefix=""):
+    """Chat-template the messages with the generation prompt, then append the assistant's prefix."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + prefix
+
+
+def _batches(prompts, tokenizer, batch_size):
+    """Yield (indices, encoded batch) with prompts sorted by length so padding stays small."""
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield idx, tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@torch.no_grad()
+def next_token_logprobs(model, tokenizer, prompts, token_ids, batch_size=8, stats=None):
+    """Log-probabilities (full-vocabulary softmax) of token_ids as the next token after each prompt."""
+    results = [None] * len(prompts)
+    for idx, enc in _batches(prompts, tokenizer, batch_size):
+        t0 = time.time()
+        enc = enc.to(model.device)
+        position_ids = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1, :].float()
+        logprobs = torch.log_softmax(logits, dim=-1)[:, token_ids]
+        for row, i in enumerate(idx):
+            results[i] = logprobs[row].tolist()
+        if stats is not None:
+            stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + int(enc.attention_mask.sum())
+            stats["prefill_seconds"] = stats.get("prefill_seconds", 0.0) + time.time() - t0
+    return results
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens, batch_size=8, stats=None):
+    """Greedy continuations of the prompts (text only, special tokens dropped)."""
+    results = [None] * len(prompts)
+    for idx, enc in _batches(prompts, tokenizer, batch_size):
+        t0 = time.time()
+        enc = enc.to(model.device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, enc.input_ids.shape[1]:]
+        for row, i in enumerate(idx):
+            results[i] = tokenizer.decode(new[row], skip_special_tokens=True)
+        if stats is not None:
+            stats["generated_tokens"] = stats.get("generated_tokens", 0) + int((new != tokenizer.pad_token_id).sum())
+            stats["generate_seconds"] = stats.get("generate_seconds", 0.0) + time.time() - t0
+    return results
+
+
+def peak_rss_gib():
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def versions():
+    import transformers
+
+    return dict(torch=torch.__version__, transformers=transformers.__version__)
+
+
+def write_json(path, obj):
+    """Write JSON atomically (tmp + replace)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)

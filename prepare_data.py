@@ -1,0 +1,129 @@
+"""Prepare the corpus and the question set.
+
+Reads the shared corpus (laws, guidelines; default ../shared/corpus, or --corpus-src) and either the user's
+data/test.csv (+ data/sample_submission.csv when present) or, without it, the development questions of
+../shared/eval. Writes data/corpus/ (a checked copy), data/prepared/questions.csv (ID,Question),
+data/prepared/sample_submission.csv (ID,Answer), data/prepared/labels.csv (dev answers only, for `make eval`),
+meta.json and a DONE stamp. Run by `make data`.
+"""
+import argparse
+import csv
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import common
+
+# ----------------------------------------------------------------------------- settings
+CORPUS_PARTS = ["laws", "guidelines", "laws_extended"]  # folders copied from the corpus source
+CORPUS_SUFFIXES = {".md", ".txt"}
+DEV_MC = "fsku_dev_mc.csv"
+DEV_DESC = "fsku_dev_subjective.csv"
+LABEL_FIELDS = ["ID", "kind", "Answer", "domain", "sub_domain", "reference", "Keyword"]
+# -----------------------------------------------------------------------------
+
+
+def copy_corpus(src, dst):
+    """Copy the corpus folders, checking every file is non-empty UTF-8; return {part: (files, chars)}."""
+    if not src.is_dir():
+        raise SystemExit(f"corpus source {src} not found: pass --corpus-src DIR (a folder with laws/).")
+    stats = {}
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part in CORPUS_PARTS:
+        files = sorted(p for p in (src / part).glob("*") if p.suffix in CORPUS_SUFFIXES)
+        if part == "laws" and not files:
+            raise SystemExit(f"{src / part} has no .md/.txt files: the corpus is empty.")
+        chars = 0
+        for path in files:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"{path} is not UTF-8 ({e}): convert it to UTF-8.") from e
+            if not text.strip():
+                raise SystemExit(f"{path} is empty: remove it or restore its text.")
+            (tmp / part).mkdir(parents=True, exist_ok=True)
+            (tmp / part / path.name).write_text(text, encoding="utf-8")
+            chars += len(text)
+        stats[part] = dict(files=len(files), chars=chars)
+    if (src / "MANIFEST.tsv").exists():
+        shutil.copy2(src / "MANIFEST.tsv", tmp / "MANIFEST.tsv")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return stats
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path, fieldnames, rows):
+    """Write a UTF-8 CSV atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def dev_question_set(eval_dir):
+    """Development questions in the competition layout, and their labels kept apart."""
+    for name in (DEV_MC, DEV_DESC):
+        if not (eval_dir / name).exists():
+            raise SystemExit(f"{eval_dir / name} not found and no data/test.csv given: nothing to answer.")
+    questions, labels = [], []
+    for row in read_csv(eval_dir / DEV_MC):
+        questions.append(dict(ID=row["ID"], Question=row["Question"]))
+        labels.append(dict(row, kind="mc", Keyword=""))
+    for row in read_csv(eval_dir / DEV_DESC):
+        questions.append(dict(ID=row["ID"], Question=row["Question"]))
+        labels.append(dict(row, kind="desc", domain="서술형", sub_domain="", reference=""))
+    return questions, labels
+
+
+def user_question_set(test_csv, sample_csv):
+    """The competition's test.csv, checked by the shared parser, and its sample submission's IDs."""
+    parsed = common.read_questions(test_csv)
+    questions = [dict(ID=r["ID"], Question=r["Question"]) for r in read_csv(test_csv)]
+    if sample_csv.exists():
+        sample_ids = [(r.get("ID") or "").strip() for r in read_csv(sample_csv)]
+        if sample_ids != [q.id for q in parsed]:
+            raise SystemExit(f"{sample_csv} IDs do not match {test_csv} (count or order): fix or remove it.")
+    return questions
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus-src", type=Path, default=common.SHARED / "corpus")
+    parser.add_argument("--eval-dir", type=Path, default=common.SHARED / "eval")
+    args = parser.parse_args()
+
+    corpus_stats = copy_corpus(args.corpus_src, common.CORPUS)
+    common.PREPARED.mkdir(parents=True, exist_ok=True)
+    if common.USER_TEST.exists():
+        source, questions, labels = "test", user_question_set(common.USER_TEST, common.USER_SAMPLE), []
+    else:
+        source, (questions, labels) = "dev", dev_question_set(args.eval_dir)
+    write_csv(common.QUESTIONS, ["ID", "Question"], questions)
+    parsed = common.read_questions(common.QUESTIONS)  # the same check the answering step will make
+    write_csv(common.SAMPLE, ["ID", "Answer"], [dict(ID=q.id, Answer="") for q in parsed])
+    if labels:
+        write_csv(common.LABELS, LABEL_FIELDS, labels)
+    elif common.LABELS.exists():
+        common.LABELS.unlink()
+    kinds = Counter(q.kind for q in parsed)
+    options = Counter(len(q.options) for q in parsed if q.kind == "mc")
+    meta = dict(source=source, questions=len(parsed), kinds=dict(kinds), options=dict(options),
+                corpus=corpus_stats, corpus_src=os.path.relpath(args.corpus_src, common.ROOT))
+    (common.PREPARED / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    (common.PREPARED / "DONE").touch()
+    print(f"data: {len(parsed)} {source} questions ({kinds['mc']} multiple choice, {kinds['desc']} descriptive); "
+          f"corpus {sum(s['files'] for s in corpus_stats.values())} files")
+
+
+if __name__ == "__main__":
+    main()
