@@ -77,7 +77,7 @@ def calibrated_answers(records, mode, content_free=None):
 
 def clean_description(text, question):
     """Plain Korean prose: no markdown, at most DESC_MAX_SENTENCES sentences, never empty."""
-    text = re.sub(r"[*#`>|]+", " ", text)
+    text = re.sub(r"[*#`>|]+", "", text)
     text = re.sub(r"^\s*(?:[-•]|\d+[.)])\s*", "", text, flags=re.M)
     text = re.sub(r"\s+", " ", text).strip()
     sentences = re.split(r"(?<=[.!?다요])\s+", text)
@@ -128,7 +128,7 @@ def answer_mc(model, tokenizer, questions, stats):
 def answer_desc(model, tokenizer, questions, stats):
     prompts = [lm.render(tokenizer, common.desc_messages(q.text)) for q in questions]
     texts = lm.generate(model, tokenizer, prompts, DESC_MAX_NEW_TOKENS, DESC_BATCH, stats)
-    return [dict(id=q.id, kind="desc", raw=t, answer=clean_description(t, q.text)) for q, t in zip(questions, texts)]
+    return [dict(id=q.id, kind="desc", raw=t) for q, t in zip(questions, texts)]
 
 
 def content_free_logprobs(model, tokenizer, option_counts):
@@ -193,7 +193,8 @@ def run(questions, out_dir, model_id, dtype_name=None):
 def submission_rows(questions, records, calibration, content_free):
     answers = calibrated_answers(records, calibration, content_free)
     by_id = {r["id"]: r for r in records}
-    return [(q.id, answers[q.id] if q.kind == "mc" else by_id[q.id]["answer"]) for q in questions]
+    return [(q.id, answers[q.id] if q.kind == "mc" else clean_description(by_id[q.id]["raw"], q.text))
+            for q in questions]
 
 
 def main():

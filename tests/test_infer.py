@@ -1,0 +1,139 @@
+"""04_infer.py: option calibration, descriptive clean-up, batched scoring and resume on a tiny random model."""
+import csv
+import importlib
+import json
+import math
+
+import pytest
+import torch
+
+import common
+import lm
+
+infer = importlib.import_module("04_infer")
+
+
+def record(qid, probs):
+    return dict(id=qid, kind="mc", logprobs=[math.log(p) for p in probs])
+
+
+def test_batch_calibration_removes_a_shared_option_prior():
+    # Every question puts most mass on option 1; the true answer is the option the question lifts above the prior.
+    prior = [0.7, 0.1, 0.1, 0.1]
+    records = []
+    for i in range(infer.BATCH_MIN):
+        boost = i % 4
+        probs = [p * (3.0 if k == boost else 1.0) for k, p in enumerate(prior)]
+        records.append(record(f"q{i}", [p / sum(probs) for p in probs]))
+    none = infer.calibrated_answers(records, "none")
+    batch = infer.calibrated_answers(records, "batch")
+    assert set(none.values()) == {"1"}
+    assert all(batch[f"q{i}"] == str(i % 4 + 1) for i in range(infer.BATCH_MIN))
+
+
+def test_content_free_calibration_divides_by_the_given_prior():
+    records = [record("a", [0.5, 0.3, 0.1, 0.1])]
+    content_free = {"4": [math.log(p) for p in (0.8, 0.1, 0.05, 0.05)]}
+    # 0.5/0.8 < 0.3/0.1: option 2 wins once the prior is removed
+    assert infer.calibrated_answers(records, "content_free", content_free) == {"a": "2"}
+
+
+def test_batch_calibration_falls_back_to_content_free_on_few_questions():
+    records = [record("a", [0.5, 0.3, 0.1, 0.1])]
+    content_free = {"4": [math.log(p) for p in (0.8, 0.1, 0.05, 0.05)]}
+    assert infer.calibrated_answers(records, "batch", content_free) == {"a": "2"}
+    assert infer.calibrated_answers(records, "batch") == {"a": "1"}  # no prior at all: plain argmax
+
+
+def test_calibration_per_option_count():
+    records = [record("four", [0.1, 0.2, 0.3, 0.4]), record("five", [0.1, 0.1, 0.1, 0.1, 0.6])]
+    assert infer.calibrated_answers(records, "none") == {"four": "4", "five": "5"}
+
+
+def test_unknown_calibration_is_a_clear_error():
+    with pytest.raises(SystemExit, match="unknown CALIBRATION"):
+        infer.calibrated_answers([record("a", [0.5, 0.5])], "median")
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("**접근통제**는 중요합니다. 둘째 문장입니다. 셋째입니다. 넷째는 잘립니다.", "접근통제는 중요합니다. 둘째 문장입니다. 셋째입니다."),
+    ("- 첫째 항목\n- 둘째 항목", "첫째 항목 둘째 항목"),
+    ("### 제목\n1. 내용", "제목 내용"),
+])
+def test_clean_description(raw, expected):
+    assert infer.clean_description(raw, "질문") == expected
+
+
+def test_clean_description_is_never_empty():
+    assert infer.clean_description(" ** ", "CISO의 독립성을 설명하세요.") == "CISO의 독립성"
+    assert infer.clean_description("", "설명하세요.") == "설명하세요."
+
+
+def test_batched_logprobs_match_one_by_one(tiny_model_dir):
+    tokenizer = lm.load_tokenizer(tiny_model_dir)
+    model = lm.load_model(tiny_model_dir, "cpu", torch.float32)
+    prompts = [lm.render(tokenizer, common.mc_messages("질문" * n, ["가", "나", "다", "라"]), "정답: ")
+               for n in (1, 5, 12)]
+    ids = lm.option_token_ids(tokenizer, 4)
+    batched = lm.next_token_logprobs(model, tokenizer, prompts, ids, batch_size=3)
+    single = [lm.next_token_logprobs(model, tokenizer, [p], ids, batch_size=1)[0] for p in prompts]
+    assert torch.allclose(torch.tensor(batched), torch.tensor(single), atol=1e-4)
+    # they are log-probabilities of a full-vocabulary softmax: each below 0, their mass below 1
+    assert all(sum(math.exp(x) for x in row) < 1 for row in batched)
+
+
+def write_questions(path, n_mc=5, n_desc=2):
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ID", "Question"])
+        for i in range(n_mc):
+            options = 4 + i % 2
+            w.writerow([f"M{i}", f"문제 {i} 옳은 것은?\n" + "\n".join(f"{k} 보기{k}" for k in range(1, options + 1))])
+        for i in range(n_desc):
+            w.writerow([f"D{i}", f"개념 {i}을 설명하세요."])
+    return path
+
+
+def test_run_answers_every_question_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(infer, "CHECKPOINT_EVERY", 2)
+    questions = common.read_questions(write_questions(tmp_path / "q.csv"))
+    out = tmp_path / "run"
+    records, meta = infer.run(questions, out, str(tiny_model_dir), "float32")
+    rows = infer.submission_rows(questions, records, "batch", meta["content_free"])
+    assert common.validate_submission(rows, questions) == []
+    assert meta["answered_now"] == 7 and meta["prefill_tokens_per_s"] > 0
+    assert sorted(meta["content_free"]) == ["4", "5"]
+
+    # A kill mid-write leaves a torn last line: those questions are redone, the rest come from the checkpoint.
+    checkpoint = out / meta["predictions"]
+    lines = checkpoint.read_text(encoding="utf-8").splitlines()
+    checkpoint.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10], encoding="utf-8")
+    again, meta2 = infer.run(questions, out, str(tiny_model_dir), "float32")
+    assert meta2["answered_now"] == 4
+    for a, b in zip(records, again):
+        assert a["id"] == b["id"]
+        if a["kind"] == "mc":
+            assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-5)
+        else:
+            assert a["raw"] == b["raw"]  # greedy decoding is deterministic
+
+
+def test_checkpoint_key_changes_with_the_prompt(tiny_model_dir, monkeypatch):
+    key = infer.config_key(str(tiny_model_dir), "float32")
+    monkeypatch.setattr(common, "MC_INSTRUCTION", "다른 지시문")
+    assert infer.config_key(str(tiny_model_dir), "float32") != key
+
+
+def test_main_writes_a_valid_submission(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
+    questions = write_questions(tmp_path / "q.csv", n_mc=3, n_desc=1)
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["04_infer.py", "--model", str(tiny_model_dir), "--out", str(out),
+                                     "--questions", str(questions), "--dtype", "float32"])
+    infer.main()
+    rows = common.read_submission(out / "submission.csv")
+    assert [r[0] for r in rows] == ["M0", "M1", "M2", "D0"]
+    assert common.validate_submission(rows, common.read_questions(questions)) == []
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert (out / "DONE").exists() and meta["questions"] == 4 and meta["seconds"]["per_question"] > 0
