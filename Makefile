@@ -42,6 +42,18 @@ data: $(DATA) ## corpus into data/corpus, question set (data/test.csv or the dev
 $(DATA): prepare_data.py common.py $(SETUP) $(TEST_CSV)
 	$(PY) $<
 
+.PHONY: index eval-retrieval
+INDEX := outputs/02_index/DONE
+index: $(INDEX) ## chunk the laws + guidelines, Korean BM25 and dense FAISS index -> outputs/02_index
+
+$(INDEX): 02_build_index.py common.py lm.py $(DATA) $(STUDENT)
+	$(PY) $<
+
+eval-retrieval: reports/retrieval.md ## recall@1/5/20 and MRR of BM25, dense, fused on the dev set -> reports/retrieval.md
+
+reports/retrieval.md: eval_retrieval.py $(INDEX)
+	$(PY) $< --out $@ --command "make eval-retrieval"
+
 submission: submission.csv ## answer the question set with the student -> submission.csv
 
 submission.csv: 04_infer.py common.py lm.py $(DATA) $(STUDENT)

@@ -36,6 +36,7 @@ PREPARED = DATA / "prepared"
 QUESTIONS = PREPARED / "questions.csv"  # ID,Question: the active question set
 SAMPLE = PREPARED / "sample_submission.csv"
 LABELS = PREPARED / "labels.csv"  # development answers, absent when the competition test is used
+INDEX = OUTPUTS / "02_index"  # chunks, BM25 tokens, dense FAISS index (02_build_index.py)
 INFER = OUTPUTS / "04_infer"
 SUBMISSION = ROOT / "submission.csv"
 
