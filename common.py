@@ -24,7 +24,7 @@ DATA = ROOT / "data"
 MODELS = ROOT / "models"
 OUTPUTS = ROOT / "outputs"
 REPORTS = ROOT / "reports"
-SHARED = Path(os.environ.get("FSKU_SHARED", ROOT.parent / "shared"))  # read-only data beside the checkout
+SHARED = Path(os.environ.get("FSKU_SHARED", ROOT.parent / "shared"))  # dev data beside the checkout (verify: allow)
 
 USER_TEST = DATA / "test.csv"  # the competition file, put here by the user (never committed)
 USER_SAMPLE = DATA / "sample_submission.csv"
