@@ -544,6 +544,12 @@ def main():
     if dirty:
         raise SystemExit("06: the working tree is dirty; a clone of HEAD would not contain these changes. "
                          "Commit or stash them first:\n  " + "\n  ".join(dirty[:20]))
+    needed = [common.QUESTIONS, Path(common.resolve_model(common.STUDENT_MODEL)) / "config.json"]
+    needed += [] if args.limit else [common.SUBMISSION]  # full profile: this checkout's answers are the reference
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise SystemExit(f"06: missing {missing}: run `make data`, `make student`"
+                         f"{'' if args.limit else ' and `make submission`'} first.")
     workdir = Path(tempfile.mkdtemp(prefix="fsku-verify-"))
     problems, meta = reproduce(args.limit, workdir, args.shared, args.wheels)
     if meta.get("counts"):

@@ -93,13 +93,15 @@ reports/REPORT.md: 06_package.py common.py inference.py $(wildcard [0-9][0-9]_*.
 		$(filter-out reports/REPORT.md,$(wildcard reports/*.md)) $(SETUP)
 	$(PY) $< report
 
-package: 06_package.py 06_verify.py reports/REPORT.md $(DATA) $(STUDENT) ## dist/<name>/: code, pins, model, index, corpus, licences, report, inference.py; checked
+# package and verify check their inputs themselves rather than rebuild them (a rebuilt data stamp would make
+# every run downstream stale); they say which target to run when something is missing.
+package: 06_package.py 06_verify.py reports/REPORT.md ## dist/<name>/: code, pins, model, index, corpus, licences, report, inference.py; checked
 	$(PY) $< package
 
 check: 06_verify.py $(SETUP) ## every check on this checkout: paths, pins, model, REPORT.md, submission.csv
 	$(PY) $<
 
-verify: 06_verify.py $(DATA) $(STUDENT) $(if $(filter 0,$(VERIFY_LIMIT)),submission.csv) ## clean tree: clone HEAD, fresh venv, make submission offline, compare answers
+verify: 06_verify.py $(SETUP) ## clean tree: clone HEAD, fresh venv, make submission offline, compare answers
 	$(PY) $< --reproduce --limit $(VERIFY_LIMIT)
 
 test: $(SETUP) ## fast tests: tiny random models, no downloads (minutes)
