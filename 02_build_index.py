@@ -331,10 +331,10 @@ def make_kiwi():
     return Kiwi()  # default worker count: lists of texts are analysed in parallel
 
 
-def morphemes(kiwi, texts):
+def morphemes(kiwi, texts, progress=False):
     """BM25 tokens per text: kiwipiepy morphemes whose tag starts with one of KEEP_POS, lower-cased."""
-    out = []
-    for tokens in kiwi.tokenize(list(texts)):
+    texts, out = list(texts), []
+    for tokens in tqdm(kiwi.tokenize(texts), total=len(texts), desc="02 morphemes", unit="chunk", disable=not progress):
         out.append([t.form.lower() for t in tokens if t.tag.startswith(KEEP_POS)])
     return out
 
@@ -376,11 +376,13 @@ def encoder_fingerprint(model_dir):
 def embed_inputs(tokenizer, texts):
     """Token ids of EMBED_TEMPLATE around each text, the text cut to EMBED_MAX_TOKENS tokens at a token edge."""
     prefix, suffix = EMBED_TEMPLATE.split("{text}")
+    frame = len(tokenizer(prefix + suffix, add_special_tokens=False)["input_ids"])
+    limit = max(1, min(EMBED_MAX_TOKENS, tokenizer.model_max_length - frame - 2))
     out = []
     for text in texts:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if len(enc["input_ids"]) > EMBED_MAX_TOKENS:
-            text = text[:enc["offset_mapping"][EMBED_MAX_TOKENS - 1][1]]
+        if len(enc["input_ids"]) > limit:
+            text = text[:enc["offset_mapping"][limit - 1][1]]
         out.append(tokenizer(prefix + text + suffix, add_special_tokens=False)["input_ids"])
     return out
 
@@ -667,7 +669,7 @@ def main():
     print(f"02: {len(chunks)} chunks from {len({c.source for c in chunks})} files in {timings['chunking']} s")
 
     t0 = time.time()
-    tokens = morphemes(make_kiwi(), [c.text for c in tqdm(chunks, desc="02 morphemes", unit="chunk")])
+    tokens = morphemes(make_kiwi(), [c.text for c in chunks], progress=True)
     timings["bm25_tokenize"] = round(time.time() - t0, 1)
     t0 = time.time()
     BM25(tokens, BM25_BACKEND)
