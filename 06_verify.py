@@ -551,24 +551,26 @@ def main():
         raise SystemExit(f"06: missing {missing}: run `make data`, `make student`"
                          f"{'' if args.limit else ' and `make submission`'} first.")
     workdir = Path(tempfile.mkdtemp(prefix="fsku-verify-"))
+    t0 = time.time()
     problems, meta = reproduce(args.limit, workdir, args.shared, args.wheels)
+    meta.setdefault("problems", problems)
+    write_text(VERIFY_OUT / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))
     if meta.get("counts"):
         report = verify_report(meta)
         write_text(VERIFY_OUT / "verify.md", report)
-        write_text(VERIFY_OUT / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))
         if not args.limit:
             write_text(VERIFY_REPORT, report)
         c, s = meta["counts"], meta["seconds"]
         print(f"06: verify compared {c['mc_same']}/{c['mc']} multiple-choice and {c['desc_same']}/{c['desc']} "
               f"descriptive answers identical in {s['total']:.1f} s "
               f"({', '.join(f'{k} {v}' for k, v in s.items() if k != 'total')})")
-        allowed = meta["allowed_paths"]
     else:
-        allowed = []
-    if problems and not args.keep:
+        print(f"06: verify stopped after {time.time() - t0:.1f} s (seconds per step: {meta.get('seconds')})")
+    if problems or args.keep:
         print(f"06: kept {workdir} for inspection (delete it when done)")
-    elif not args.keep:
+    else:
         shutil.rmtree(workdir, ignore_errors=True)
+    allowed = meta.get("allowed_paths", [])
     finish(problems, allowed, "fresh-environment reproduction")
 
 
