@@ -419,6 +419,7 @@ def link_working_models(clone):
     """Point the reference clone's model folders at this checkout's (no second conversion); return their stamps."""
     stamps = []
     for folder in sorted(p for p in common.MODELS.iterdir() if p.is_dir() and (p / "DONE").exists()):
+        (clone / "models").mkdir(exist_ok=True)
         (clone / "models" / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
         stamps.append(f"models/{folder.name}/DONE")
     return stamps

@@ -351,6 +351,90 @@ def test_package_is_built_and_passes_its_checks(tmp_path, monkeypatch, tiny_mode
     assert verify.check_all(dest, require_submission=False)[0]
 
 
+# ----------------------------------------------------------------------------- reproduction flow on a fake pipeline
+FAKE_MAKEFILE = """\
+SHELL := bash
+.PHONY: setup student data submission
+setup:
+	touch setup-ran
+student:
+	mkdir -p models/student-base && echo '{"model_type": "qwen2"}' > models/student-base/config.json
+data:
+	mkdir -p data/prepared && cp data/test.csv data/prepared/questions.csv
+	cp data/sample_submission.csv data/prepared/sample_submission.csv
+submission:
+	python3 -c "$$ANSWER" $(MODEL_WHEELS)
+"""
+FAKE_ANSWER = """\
+import csv, os, sys
+rows = list(csv.DictReader(open("data/prepared/questions.csv", encoding="utf-8")))
+mc = "2" if len(sys.argv) > 1 and os.environ.get("FAKE_DRIFT") else "1"
+os.makedirs("outputs/04_infer", exist_ok=True)
+with open("outputs/04_infer/submission.csv", "w", encoding="utf-8", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["ID", "Answer"])
+    w.writerows([(r["ID"], mc if chr(10) + "1 " in r["Question"] else "설명") for r in rows])
+"""
+
+
+@pytest.fixture
+def fake_repo(tmp_path, monkeypatch):
+    """A committed repo whose make targets fake the pipeline in milliseconds; common points at it."""
+    repo = tmp_path / "repo"
+    (repo / "reports").mkdir(parents=True)
+    (repo / "Makefile").write_text(FAKE_MAKEFILE, encoding="utf-8")
+    (repo / "requirements.txt").write_text("numpy==2.2.6\n", encoding="utf-8")
+    (repo / "reports" / "REPORT.md").write_text("# report\n", encoding="utf-8")
+    (repo / ".gitignore").write_text("data/\nmodels/\noutputs/\nsetup-ran\nsubmission.csv\n", encoding="utf-8")
+    for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    (repo / "models" / "student-base").mkdir(parents=True)
+    (repo / "models" / "student-base" / "DONE").touch()
+    (repo / "data" / "prepared").mkdir(parents=True)
+    write_csv(repo / "data" / "prepared" / "questions.csv", ["ID", "Question"], QUESTIONS)
+    for name, value in (("ROOT", repo), ("MODELS", repo / "models"), ("QUESTIONS", repo / "data/prepared/questions.csv"),
+                        ("STUDENT_MODEL", "models/student-base")):
+        monkeypatch.setattr(common, name, value)
+    monkeypatch.setattr(verify, "VERIFY_OUT", tmp_path / "out")
+    monkeypatch.setenv("ANSWER", FAKE_ANSWER)
+    return repo
+
+
+def test_reproduce_flow_passes_on_a_deterministic_pipeline(fake_repo, tmp_path):
+    problems, meta = verify.reproduce(4, tmp_path / "work", tmp_path, tmp_path)
+    assert problems == [], problems
+    assert meta["counts"] == dict(mc=2, mc_same=2, desc=2, desc_same=2)
+    assert set(meta["seconds"]) >= {"clone", "setup", "student", "data", "submission", "reference", "total"}
+    assert (tmp_path / "work" / "fresh" / "setup-ran").exists()  # the fresh clone built its own environment
+    assert not (tmp_path / "work" / "reference" / "setup-ran").exists()  # the reference reused this checkout's
+    assert "| multiple-choice answers identical | 2 / 2 |" in verify.verify_report(meta)
+
+
+def test_reproduce_flow_reports_a_drifting_answer(fake_repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_DRIFT", "1")  # only the fresh clone gets MODEL_WHEELS, so only its answers change
+    problems, meta = verify.reproduce(4, tmp_path / "work", tmp_path, tmp_path)
+    assert meta["counts"]["mc_same"] == 0 and len([p for p in problems if "multiple-choice" in p]) == 2
+
+
+def test_reproduce_flow_stops_at_a_failing_step(fake_repo, tmp_path):
+    (fake_repo / "Makefile").write_text(FAKE_MAKEFILE.replace("touch setup-ran", "exit 3"), encoding="utf-8")
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "y"], cwd=fake_repo,
+                   check=True)
+    problems, meta = verify.reproduce(4, tmp_path / "work", tmp_path, tmp_path)
+    assert len(problems) == 1 and "`make setup` failed" in problems[0] and "setup" in meta["seconds"]
+
+
+def test_inference_entry_point_steps(tmp_path, monkeypatch):
+    inference = importlib.import_module("inference")
+    assert [s[0] for s in inference.STEPS][-1] == "04_infer.py"
+    assert "--corpus-src" not in inference.step_command(["prepare_data.py"]) or inference.PACKAGE_CORPUS.is_dir()
+    monkeypatch.setattr(inference, "PACKAGE_CORPUS", tmp_path)
+    command = inference.step_command(["prepare_data.py"])
+    assert command[-2:] == ["--corpus-src", str(tmp_path)] and command[0].endswith("python")
+    problems, _ = verify.check_code(common.ROOT, [common.ROOT.joinpath("inference.py").relative_to(common.ROOT)])
+    assert problems == []
+
+
 # ----------------------------------------------------------------------------- the real thing
 @pytest.mark.slow
 def test_make_verify_tiny_profile():
@@ -367,3 +451,4 @@ def test_make_verify_tiny_profile():
     meta = json.loads((verify.VERIFY_OUT / "meta.json").read_text(encoding="utf-8"))
     assert meta["counts"]["mc"] + meta["counts"]["desc"] == 3 and meta["problems"] == []
     print(f"make verify VERIFY_LIMIT=3: {time.time() - t0:.0f} s")
+
