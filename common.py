@@ -37,6 +37,9 @@ QUESTIONS = PREPARED / "questions.csv"  # ID,Question: the active question set
 SAMPLE = PREPARED / "sample_submission.csv"
 LABELS = PREPARED / "labels.csv"  # development answers, absent when the competition test is used
 INDEX = OUTPUTS / "02_index"  # chunks, BM25 tokens, dense FAISS index (02_build_index.py)
+PAIRS = OUTPUTS / "00_pairs"  # generated questions, teacher/student answer pairs (00_generate_pairs.py)
+DISTILLED = MODELS / "student-distilled"  # LoRA adapter of 01_train_distillm.py
+DISTILLED_MERGED = MODELS / "student-distilled-merged"  # adapter merged into the base: a `04_infer --model` dir
 INFER = OUTPUTS / "04_infer"
 SUBMISSION = ROOT / "submission.csv"
 

@@ -1,0 +1,277 @@
+"""01_train_distillm.py: losses against hand-computed formulas, stop-gradient, masking and template, chunking,
+adaptive alpha and gradual beta, a few LoRA steps on a tiny random model, adapter save and merge."""
+import importlib
+import math
+
+import pytest
+import torch
+
+import common
+import lm
+from conftest import build_tiny_model
+
+d = importlib.import_module("01_train_distillm")
+
+P = [0.7, 0.2, 0.1]  # teacher, 3-token vocabulary
+Q = [0.2, 0.5, 0.3]  # student
+
+
+def logits(probs):
+    return torch.log(torch.tensor([probs], dtype=torch.float64))
+
+
+def test_skl_matches_the_formula():
+    a = 0.1
+    expected = sum(p * (math.log(p) - math.log(a * p + (1 - a) * q)) for p, q in zip(P, Q))
+    assert d.skl(logits(P), logits(Q), a).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_srkl_matches_the_formula():
+    a = 0.1
+    expected = sum(q * (math.log(q) - math.log((1 - a) * p + a * q)) for p, q in zip(P, Q))
+    assert d.srkl(logits(P), logits(Q), a).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_baselines_match_the_formulas():
+    fkl = sum(p * math.log(p / q) for p, q in zip(P, Q))
+    tv = 0.5 * sum(abs(p - q) for p, q in zip(P, Q))
+    lam = 0.9
+    m = [lam * p + (1 - lam) * q for p, q in zip(P, Q)]
+    js = lam * sum(p * math.log(p / mi) for p, mi in zip(P, m)) + (1 - lam) * sum(q * math.log(q / mi)
+                                                                                  for q, mi in zip(Q, m))
+    assert d.forward_kl(logits(P), logits(Q)).item() == pytest.approx(fkl, rel=1e-6)
+    assert d.tvd(logits(P), logits(Q)).item() == pytest.approx(tv, rel=1e-6)
+    assert d.gjsd(logits(P), logits(Q), lam).item() == pytest.approx(js, rel=1e-6)
+    assert d.nll(logits(Q), torch.tensor([1])).item() == pytest.approx(-math.log(0.5), rel=1e-6)
+
+
+def test_temperature_softens_both_distributions():
+    tau = 2.0
+    p = [x ** (1 / tau) for x in P]
+    q = [x ** (1 / tau) for x in Q]
+    p, q = [x / sum(p) for x in p], [x / sum(q) for x in q]
+    expected = sum(a * math.log(a / b) for a, b in zip(p, q))
+    assert d.forward_kl(logits(P), logits(Q), tau).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_skew_divergences_reduce_to_kl_at_alpha_zero_and_vanish_when_equal():
+    kl_pq = d.forward_kl(logits(P), logits(Q)).item()
+    assert d.skl(logits(P), logits(Q), 1e-9).item() == pytest.approx(kl_pq, rel=1e-6)
+    assert d.skl(logits(P), logits(P), 0.1).item() == pytest.approx(0.0, abs=1e-9)
+    assert d.srkl(logits(Q), logits(Q), 0.1).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_srkl_stops_the_gradient_through_the_mixture():
+    # d/dz of sum_v q (log q - log((1-a) p + a sg[q])) with q = softmax(z): only the outer q and log q carry the
+    # gradient. Reference: the same expression with the mixture built from a constant copy of q.
+    a = 0.3
+    z = logits(Q).clone().requires_grad_(True)
+    d.srkl(logits(P), z, a).sum().backward()
+    q_const = torch.tensor([Q], dtype=torch.float64)
+    z_ref = logits(Q).clone().requires_grad_(True)
+    q = torch.softmax(z_ref, -1)
+    mix = (1 - a) * torch.tensor([P], dtype=torch.float64) + a * q_const
+    (q * (torch.log(q) - torch.log(mix))).sum().backward()
+    assert torch.allclose(z.grad, z_ref.grad, atol=1e-10)
+    z_full = logits(Q).clone().requires_grad_(True)  # without the stop-gradient the gradient differs
+    qf = torch.softmax(z_full, -1)
+    (qf * (torch.log(qf) - torch.log((1 - a) * torch.tensor([P], dtype=torch.float64) + a * qf))).sum().backward()
+    assert not torch.allclose(z.grad, z_full.grad, atol=1e-6)
+
+
+def test_skl_gradient_flows_through_the_student_only():
+    zt = logits(P).clone().requires_grad_(True)
+    zs = logits(Q).clone().requires_grad_(True)
+    d.skl(zt, zs, 0.1).sum().backward()
+    assert zs.grad.abs().sum() > 0
+
+
+def test_loss_terms_weights():
+    assert d.loss_terms("distillm_v2", 1.5) == [("chosen", "skl", 0.5), ("rejected", "srkl", 1.5)]
+    assert [t[1] for t in d.loss_terms("distillm_v1", 1.0)] == ["srkl", "srkl"]
+    with pytest.raises(SystemExit, match="unknown LOSS_TYPE"):
+        d.loss_terms("dpo", 1.0)
+
+
+def test_gradual_beta_schedule():
+    assert d.scheduled_beta(1.0, 0, 100, True) == 1.0
+    assert d.scheduled_beta(1.0, 25, 100, True) == pytest.approx(1.25)
+    assert d.scheduled_beta(1.0, 50, 100, True) == pytest.approx(1.5)
+    assert d.scheduled_beta(1.0, 99, 100, True) == pytest.approx(1.5)
+    assert d.scheduled_beta(0.7, 99, 100, False) == 0.7
+
+
+def test_adaptive_alpha_formula_and_clipping():
+    gap = torch.tensor([0.5, 0.2, 0.05, 0.0])
+    alpha = d.adaptive_alpha(0.1, gap, torch.tensor(0.2))
+    expected = [min(max(1 - 0.9 * 0.2 / (g + 1e-5), 0.01), 0.1) for g in gap.tolist()]
+    assert alpha.tolist() == pytest.approx(expected, rel=1e-5)
+    assert alpha[0] == pytest.approx(0.1) and alpha[-1] == pytest.approx(0.01)
+
+
+def test_alpha_state_keeps_a_running_mean_per_side():
+    state = d.AlphaState(momentum=0.5)
+    state.alphas("chosen", 0.1, torch.tensor([0.2, 0.4]))
+    assert state.mean["chosen"].item() == pytest.approx(0.3)
+    state.alphas("chosen", 0.1, torch.tensor([0.1, 0.1]))
+    assert state.mean["chosen"].item() == pytest.approx(0.2)
+    assert "rejected" not in state.mean
+
+
+# ----------------------------------------------------------------------------- template, masking, truncation
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    t = lm.load_tokenizer(tiny_model_dir)
+    t.padding_side = "right"
+    return t
+
+
+MC = dict(prompt=common.mc_messages("다음 중 전자금융거래법 정의로 옳은 것은?", ["금융", "보안", "정보", "답"]),
+          prefix=common.MC_ANSWER_PREFIX, chosen="3", rejected="1")
+DESC = dict(prompt=common.desc_messages("개인정보 보호법 목적을 설명하세요."), prefix="",
+            chosen="개인정보 보호법은 금융보안 전문가 답하세요.<|im_end|>", rejected=" 핵심 용어 ")
+
+
+def test_template_applied_once_and_matches_the_full_conversation(tok):
+    enc = d.encode_example(tok, MC["prompt"], MC["prefix"], MC["chosen"])
+    full = tok.apply_chat_template(MC["prompt"] + [{"role": "assistant", "content": MC["prefix"] + "3"}],
+                                   tokenize=False)
+    assert tok.decode(enc["input_ids"]) + "\n" == full  # the template writes "<|im_end|>\n" after a turn
+    assert tok.decode(enc["input_ids"]).count("<|im_start|>system") == 1
+
+
+def test_response_span_is_content_plus_one_end_of_turn(tok):
+    enc = d.encode_example(tok, DESC["prompt"], DESC["prefix"], DESC["chosen"])
+    resp = [i for i, l in zip(enc["input_ids"], enc["labels"]) if l != -100]
+    text = tok.decode(resp)
+    assert text == "개인정보 보호법은 금융보안 전문가 답하세요.<|im_end|>"  # the duplicated end-of-turn is removed
+    assert text.count("<|im_end|>") == 1 and "<|im_start|>" not in text and "system" not in text
+    assert resp[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_mc_response_starts_with_the_digit_04_reads(tok):
+    enc = d.encode_example(tok, MC["prompt"], MC["prefix"], "3")
+    first = enc["labels"].index(next(l for l in enc["labels"] if l != -100))
+    prompt_text = lm.render(tok, MC["prompt"], common.MC_ANSWER_PREFIX)
+    assert enc["input_ids"][:first] == tok(prompt_text, add_special_tokens=False).input_ids
+    assert enc["input_ids"][first] == lm.option_token_ids(tok, 4)[2]
+
+
+def test_prompt_tokens_are_masked(tok):
+    enc = d.encode_example(tok, DESC["prompt"], "", DESC["rejected"])
+    n_prompt = len(tok(lm.render(tok, DESC["prompt"]), add_special_tokens=False).input_ids)
+    assert enc["labels"][:n_prompt] == [-100] * n_prompt
+    assert all(l != -100 for l in enc["labels"][n_prompt:])
+
+
+def test_truncation_keeps_the_end_of_the_prompt(tok):
+    full = d.encode_example(tok, MC["prompt"], MC["prefix"], "3", max_length=10_000)
+    short = d.encode_example(tok, MC["prompt"], MC["prefix"], "3", max_length=12)
+    assert len(short["input_ids"]) == 12
+    assert short["input_ids"] == full["input_ids"][-12:]
+    assert short["labels"][-2:] == full["labels"][-2:]
+
+
+def test_long_response_is_cut_without_end_of_turn(tok):
+    enc = d.encode_example(tok, DESC["prompt"], "", "금융보안 " * 50, max_length=512, max_response=8)
+    resp = [i for i in enc["labels"] if i != -100]
+    assert len(resp) == 8 and tok.convert_tokens_to_ids("<|im_end|>") not in resp
+
+
+def test_collate_pads_right_and_masks_padding(tok):
+    batch = d.collate([d.encode_pair(tok, MC), d.encode_pair(tok, DESC)], tok.pad_token_id)
+    for side in ("chosen", "rejected"):
+        ids, att, labels = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "labels"))
+        assert ids.shape == att.shape == labels.shape
+        assert (labels[att == 0] == -100).all() and (ids[att == 0] == tok.pad_token_id).all()
+
+
+def test_response_positions_shift_by_one():
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, 5, -100, -100]])
+    rows, pos, targets = d.response_positions(labels)
+    assert rows.tolist() == [0, 0, 1] and pos.tolist() == [1, 2, 0] and targets.tolist() == [7, 8, 5]
+
+
+# ----------------------------------------------------------------------------- on a tiny model
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    teacher_dir = build_tiny_model(tmp_path_factory.mktemp("tiny-teacher"), seed=1)
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    return student, teacher, teacher_dir
+
+
+@pytest.fixture(scope="module")
+def batch(tok):
+    return d.collate([d.encode_pair(tok, MC), d.encode_pair(tok, DESC)], tok.pad_token_id)
+
+
+@pytest.mark.parametrize("loss_type", d.LOSS_TYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_chunked_loss_and_gradient_equal_the_naive_version(models, batch, tok, loss_type, adaptive):
+    student, teacher, _ = models
+    results = []
+    for chunk in (0, 3):
+        student.zero_grad()
+        cfg = d.LossConfig(loss_type=loss_type, chunk=chunk, adaptive_alpha=adaptive,
+                           vocab_size=len(tok.get_vocab()))
+        loss, _ = d.distill_loss(student, teacher, batch, cfg, alpha_state=d.AlphaState())
+        loss.backward()
+        results.append((loss.item(), student.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_adaptive_alpha_takes_effect(models, batch):
+    student, teacher, _ = models
+    fixed, _ = d.distill_loss(student, teacher, batch, d.LossConfig(chunk=4))
+    adaptive, parts = d.distill_loss(student, teacher, batch, d.LossConfig(chunk=4, adaptive_alpha=True),
+                                     alpha_state=d.AlphaState())
+    # two samples: the one below the mean gap gets alpha 0.01, the other keeps 0.1
+    assert parts["chosen_alpha"] == pytest.approx((0.1 + 0.01) / 2, rel=1e-4)
+    assert adaptive.item() != pytest.approx(fixed.item(), rel=1e-4)
+
+
+def test_padding_does_not_change_the_loss(models, tok):
+    student, teacher, _ = models
+    cfg = d.LossConfig(chunk=4)
+    alone = d.collate([d.encode_pair(tok, MC)], tok.pad_token_id)
+    padded = d.collate([d.encode_pair(tok, MC), d.encode_pair(tok, DESC)], tok.pad_token_id)
+    with torch.no_grad():
+        loss_alone, p_alone = d.distill_loss(student, teacher, alone, cfg)
+        _, p_pair = d.distill_loss(student, teacher, {k: v[:1] for k, v in padded.items()}, cfg)
+    assert p_alone["chosen_skl"] == pytest.approx(p_pair["chosen_skl"], rel=1e-4)
+
+
+def test_a_few_lora_steps_lower_the_loss(tiny_model_dir, models, batch, tok):
+    _, teacher, _ = models
+    student = d.lora_student(tiny_model_dir, torch.float32, gradient_checkpointing=True).train()
+    optim = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    cfg = d.LossConfig(chunk=4, vocab_size=len(tok.get_vocab()))
+    losses = []
+    for _ in range(8):
+        loss, _ = d.distill_loss(student, teacher, batch, cfg)
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_trainer_saves_a_standard_adapter_and_merges(tiny_model_dir, models, tmp_path, monkeypatch):
+    import json
+
+    _, _, teacher_dir = models
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in [MC, DESC] * 2) + "\n", encoding="utf-8")
+    monkeypatch.setattr(d, "LORA_DROPOUT", 0.0)
+    out = tmp_path / "adapter"
+    meta = d.train(pairs, out, tmp_path / "run", d.LossConfig(chunk=4), 2, str(tiny_model_dir), str(teacher_dir))
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert (out / "DONE").exists() and meta["n_pairs"] == 4 and len(meta["pairs_sha256"]) == 64
+    assert json.loads((out / "meta.json").read_text())["loss_config"]["loss_type"] == "distillm_v2"
+    merged = d.merge_adapter(out, str(tiny_model_dir), tmp_path / "merged")
+    model = lm.load_model(str(merged), "cpu", torch.float32)  # what 04_infer.py --model does
+    assert model.config.vocab_size == 300 and (merged / "meta.json").exists() and (merged / "tokenizer.json").exists()
