@@ -59,6 +59,48 @@ eval-retrieval: reports/retrieval.md ## recall@1/5/20 and MRR of BM25, dense, fu
 reports/retrieval.md: eval_retrieval.py $(INDEX)
 	$(PY) $< --out $@ --command "make eval-retrieval"
 
+.PHONY: pairs distill sweep distill-measure distill-report
+PAIRS := outputs/00_pairs/DONE
+ADAPTER := models/student-distilled/DONE
+DISTILL := outputs/distill
+DISTILL_BASELINE := kd
+pairs: $(PAIRS) ## teacher-written questions from the corpus, teacher + student answers -> outputs/00_pairs
+
+$(PAIRS): 00_generate_pairs.py common.py lm.py $(DATA) $(STUDENT) $(TEACHER)
+	$(PY) $<
+
+distill: $(ADAPTER) ## DistiLLM-2 LoRA adapter (models/student-distilled) + merged model dir for 04_infer --model
+
+$(ADAPTER): 01_train_distillm.py common.py lm.py $(PAIRS) $(TEACHER)
+	$(PY) $< --merge models/student-distilled-merged
+
+$(DISTILL)/adapter-$(DISTILL_BASELINE)/DONE: 01_train_distillm.py common.py lm.py $(PAIRS) $(TEACHER)
+	$(PY) $< --loss-type $(DISTILL_BASELINE) --out $(DISTILL)/adapter-$(DISTILL_BASELINE) \
+		--merge $(DISTILL)/merged-$(DISTILL_BASELINE)
+$(DISTILL)/distillm_v2/DONE: 04_infer.py common.py lm.py $(DATA) $(ADAPTER)
+	$(PY) $< --model models/student-distilled-merged --out $(DISTILL)/distillm_v2
+$(DISTILL)/$(DISTILL_BASELINE)/DONE: 04_infer.py common.py lm.py $(DATA) $(DISTILL)/adapter-$(DISTILL_BASELINE)/DONE
+	$(PY) $< --model $(DISTILL)/merged-$(DISTILL_BASELINE) --out $(DISTILL)/$(DISTILL_BASELINE)
+
+distill-measure: $(DISTILL)/measure-naive.json $(DISTILL)/measure-chunked.json ## s/step + peak RSS, naive vs chunked loss
+
+$(DISTILL)/measure-naive.json: 01_train_distillm.py common.py lm.py $(STUDENT) $(TEACHER)
+	$(PY) $< --chunk 0 --measure $@
+$(DISTILL)/measure-chunked.json: 01_train_distillm.py common.py lm.py $(STUDENT) $(TEACHER)
+	$(PY) $< --measure $@
+
+distill-report: reports/distill.md ## dev score: student, distillm_v2, kd, teacher; pair throughput; loss memory -> reports/distill.md
+
+reports/distill.md: sweep_distill.py evaluate.py reports/distill-notes.md outputs/baseline/student/DONE \
+		outputs/baseline/teacher/DONE $(DISTILL)/distillm_v2/DONE $(DISTILL)/$(DISTILL_BASELINE)/DONE \
+		$(DISTILL)/measure-naive.json $(DISTILL)/measure-chunked.json
+	$(PY) $< --report --notes reports/distill-notes.md --out $@ --command "make distill-report"
+
+sweep: reports/sweep.md ## grid over alpha, beta, tau, loss type (top of sweep_distill.py) -> reports/sweep.md
+
+reports/sweep.md: sweep_distill.py 01_train_distillm.py 04_infer.py evaluate.py common.py lm.py $(PAIRS) $(DATA)
+	$(PY) $< --sweep --out $@ --command "make sweep"
+
 submission: submission.csv ## answer the question set with the student -> submission.csv
 
 submission.csv: 04_infer.py common.py lm.py $(DATA) $(STUDENT)

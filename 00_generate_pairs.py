@@ -1,0 +1,427 @@
+"""Generate training prompts from the corpus with the teacher, then answer each with teacher and student.
+
+Reads data/corpus/{laws,guidelines}/ (`make data`; chunked by 02_build_index.py's legal-structure chunker when
+it imports, else by a plain `##### 제N조` article split) and both models. Never reads the development or the
+competition questions: prompts come from the corpus only (the rules disqualify training on the test).
+Per sampled chunk the teacher writes one multiple-choice question in the competition's layout (4 or 5 options,
+options shuffled so the key position carries no bias) and one descriptive question; malformed and duplicate ones
+are dropped. Teacher and student then answer every kept prompt under the same conditions (same prompt, with the
+source passage as context for a CONTEXT_RATE share; same sampling settings). Writes outputs/00_pairs/:
+pairs.jsonl ({id, kind, prompt (chat messages), prefix, chosen = teacher answer, rejected = student answer,
+source, settings}), attempts.jsonl (every chunk and kind tried, with the reason a question was dropped),
+meta.json and DONE. Both JSONL files are appended batch by batch: a killed run resumes where it stopped.
+Run by `make pairs`.
+"""
+import hashlib
+import importlib
+import inspect
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import common
+import lm
+
+# ----------------------------------------------------------------------------- settings
+N_CHUNKS = 96  # corpus chunks to write questions from (CPU default; a GPU run: 2000-5000)
+KINDS = ("mc", "desc")  # one question of each kind per chunk
+OPTION_COUNTS = (4, 5)  # the competition's multiple-choice layouts
+CORPUS_PARTS = ["laws", "guidelines"]
+MIN_CHUNK_CHARS = 150  # shorter chunks (one-line articles, deleted ones) make poor questions
+PASSAGE_MAX_TOKENS = 320  # passage tokens shown to the question writer
+CONTEXT_RATE = 0.5  # share of prompts answered with the source passage in the prompt (same for both models)
+CONTEXT_MAX_TOKENS = 96  # passage tokens in an answering prompt (keeps training sequences <= 256 tokens on CPU)
+WRITE_TEMPERATURE, WRITE_TOP_P = 0.7, 0.9  # teacher sampling when writing questions
+WRITE_MAX_NEW_TOKENS = {"mc": 200, "desc": 64}
+ANSWER_TEMPERATURE, ANSWER_TOP_P = 0.7, 0.9  # teacher and student sampling when answering (same settings)
+ANSWER_MAX_NEW_TOKENS = 96  # descriptive answers: two or three sentences
+BATCH = 8  # chunks per batch (question writing, answering, one checkpoint append)
+DTYPE = "bfloat16"  # CPU; CUDA uses lm.pick_dtype
+# -----------------------------------------------------------------------------
+
+MC_WRITER = ("아래 조문의 내용만 근거로 금융보안 시험용 객관식 문제 1개를 한국어로 만드세요. 보기는 정확히 {n}개, "
+             "정답은 하나입니다. 설명 없이 아래 형식만 출력하세요.\n\n문제: <질문>\n{option_lines}정답: <번호>\n\n"
+             "조문:\n{passage}")
+DESC_WRITER = ("아래 조문의 내용만 근거로 2~3문장으로 답할 수 있는 서술형 문제 1개를 한국어로 만드세요. 설명 없이 "
+               "아래 형식만 출력하세요.\n\n문제: <질문>\n\n조문:\n{passage}")
+CONTEXT_HEADER = "참고 자료:"
+ARTICLE_RE = re.compile(r"^#####\s*(제\s*\d+\s*조(?:\s*의\s*\d+)?)\s*(?:\((.*)\))?\s*$")
+WRITTEN_OPTION_RE = re.compile(r"^\s*[(\[]?([1-9])\s*[.)\]]?\s+(\S.*?)\s*$")
+KEY_RE = re.compile(r"정답\s*[:：]?\s*[(\[]?([1-9])")
+HANGUL_RE = re.compile(r"[가-힣]")
+
+
+# ----------------------------------------------------------------------------- corpus chunks
+def chunk_id(text):
+    """Stable id of a chunk: its content hash (independent of how many chunks come before it)."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def article_chunks(text, source):
+    """Plain fallback chunker: one chunk per `##### 제N조 (제목)` article of a law file, headed by the law name."""
+    law = Path(source).stem.split("__")[0]
+    chunks, current = [], None
+    for line in text.split("\n"):
+        m = ARTICLE_RE.match(line)
+        if m:
+            current = [f"{law} {m.group(1)}" + (f" ({m.group(2)})" if m.group(2) else "")]
+            chunks.append(current)
+        elif re.match(r"^#{1,4}\s", line):
+            current = None
+        elif current is not None and line.strip():
+            current.append(line.strip())
+    return [dict(source=source, text="\n".join(c)) for c in chunks if len(c) > 1]
+
+
+def load_chunks(tokenizer, corpus=common.CORPUS, parts=CORPUS_PARTS):
+    """Corpus chunks [{id, source, text}]: 02_build_index.chunk_corpus when available, else article_chunks."""
+    try:
+        index = importlib.import_module("02_build_index")
+        raw = index.chunk_corpus(corpus, parts, index.tokenizer_spans(tokenizer))
+        chunks = [dict(source=c.source, text=c.text) for c in raw]
+    except (ImportError, AttributeError):
+        chunks = []
+        for part in parts:
+            for path in sorted((Path(corpus) / part).glob("*.md")):
+                chunks += article_chunks(path.read_text(encoding="utf-8"), f"{part}/{path.name}")
+    if not chunks:
+        raise SystemExit(f"00: no chunks in {corpus} ({parts}): run `make data`.")
+    return [dict(c, id=chunk_id(c["text"])) for c in chunks]
+
+
+def pick_chunks(chunks, n, seed=common.SEED):
+    """n chunks sampled reproducibly among those long enough and not 부칙 (addenda are dates, not rules)."""
+    usable = [c for c in chunks if len(c["text"]) >= MIN_CHUNK_CHARS and "부칙" not in c["text"].split("\n")[0]]
+    usable = sorted({c["id"]: c for c in usable}.values(), key=lambda c: c["id"])
+    return random.Random(seed).sample(usable, min(n, len(usable)))
+
+
+def clip_tokens(tokenizer, text, max_tokens):
+    """The first max_tokens tokens of text (whole text when shorter)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens]).rstrip() + " …"
+
+
+# ----------------------------------------------------------------------------- question writing and checking
+def writer_messages(kind, passage, n_options):
+    if kind == "mc":
+        option_lines = "".join(f"{i} <보기>\n" for i in range(1, n_options + 1))
+        content = MC_WRITER.format(n=n_options, option_lines=option_lines, passage=passage)
+    else:
+        content = DESC_WRITER.format(passage=passage)
+    return [{"role": "system", "content": common.SYSTEM_PROMPT}, {"role": "user", "content": content}]
+
+
+def norm_key(text):
+    """Duplicate key: letters and digits only, lower case."""
+    return re.sub(r"[\W_]+", "", text).lower()
+
+
+def parse_mc(text, n_options):
+    """(stem, options, key) of a written multiple-choice question, or (None, reason) when malformed."""
+    lines = [x.strip() for x in text.replace("\r", "").split("\n") if x.strip()]
+    stem, options, key = [], [], None
+    for line in lines:
+        k, opt = KEY_RE.match(line), WRITTEN_OPTION_RE.match(line)
+        if k and line.startswith("정답"):
+            key = int(k.group(1))
+            break
+        if opt and int(opt.group(1)) == len(options) + 1:
+            options.append(opt.group(2))
+        elif not options:
+            stem.append(re.sub(r"^\**(문제|질문)\s*\d*\s*[:：.]\**\s*", "", line))
+    stem = " ".join(s for s in stem if s).strip()
+    if len(options) != n_options:
+        return None, f"{len(options)} options instead of {n_options}"
+    if key is None or not 1 <= key <= n_options:
+        return None, "no answer key"
+    if len(stem) < 10 or not HANGUL_RE.search(stem) or "<" in stem:
+        return None, "stem too short, not Korean or a template placeholder"
+    if any(not o or "<보기>" in o or len(o) > 200 for o in options):
+        return None, "empty, placeholder or overlong option"
+    if len({norm_key(o) for o in options}) < n_options:
+        return None, "repeated options"
+    return (stem, options, key), None
+
+
+def parse_desc(text):
+    """The written descriptive question, or (None, reason)."""
+    lines = [x.strip() for x in text.replace("\r", "").split("\n") if x.strip()]
+    if not lines:
+        return None, "empty"
+    q = re.sub(r"^\**(문제|질문)\s*\d*\s*[:：.]\**\s*", "", lines[0]).strip()
+    if len(q) < 10 or len(q) > 300 or not HANGUL_RE.search(q) or "<" in q:
+        return None, "too short, too long, not Korean or a placeholder"
+    return q, None
+
+
+def shuffle_options(options, key, rng):
+    """Options in a random order and the new key: the writer's key positions are not uniform."""
+    order = list(range(len(options)))
+    rng.shuffle(order)
+    return [options[i] for i in order], order.index(key - 1) + 1
+
+
+def mc_question_text(stem, options):
+    """The question in the competition's layout: stem, then lines "N option"."""
+    return "\n".join([stem] + [f"{i} {o}" for i, o in enumerate(options, 1)])
+
+
+def with_context(messages, passage):
+    """Messages with the passage above the user's question (fallback when common has no context layout)."""
+    header = getattr(common, "CONTEXT_HEADER", CONTEXT_HEADER)
+    user = dict(messages[-1], content=f"{header}\n{passage}\n\n{messages[-1]['content']}")
+    return messages[:-1] + [user]
+
+
+def question_messages(q, context=""):
+    """04_infer.py's prompt of a parsed question; with a passage in common's retrieval layout when common's prompt
+    functions take a context, so training prompts look like the retrieval-augmented ones at inference."""
+    fn, args = (common.mc_messages, (q.stem, q.options)) if q.kind == "mc" else (common.desc_messages, (q.text,))
+    if not context:
+        return fn(*args)
+    if "context" in inspect.signature(fn).parameters:
+        return fn(*args, context=context)
+    return with_context(fn(*args), context)
+
+
+def build_prompt(qid, kind, question, passage, rng):
+    """Prompt record of a checked question: chat messages, assistant prefix, whether the passage is shown."""
+    q = common.parse_question(qid, question)
+    if kind == "mc" and q.kind != "mc":
+        return None
+    context = rng.random() < CONTEXT_RATE
+    return dict(id=qid, kind=kind, question=question, n_options=len(q.options),
+                prompt=question_messages(q, passage if context else ""),
+                prefix=common.MC_ANSWER_PREFIX if kind == "mc" else "", context=context)
+
+
+# ----------------------------------------------------------------------------- generation
+def seed_of(*parts):
+    return int(hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed):
+    """Sampled continuations (text, special tokens dropped) of rendered prompts, one batch, left padding."""
+    if not prompts:
+        return []
+    torch.manual_seed(seed)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return [tokenizer.decode(row[enc.input_ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
+
+
+def sample_digits(model, tokenizer, prompts, n_options, temperature, seed):
+    """Option numbers sampled from the next-token distribution over the option digits after the prefix (the
+    position 04_infer.py reads); returns (answers, renormalised option probabilities)."""
+    answers, probs = [], []
+    gen = torch.Generator().manual_seed(seed)
+    for prompt, n in zip(prompts, n_options):
+        lp = torch.tensor(lm.next_token_logprobs(model, tokenizer, [prompt], lm.option_token_ids(tokenizer, n))[0])
+        p = torch.softmax(lp, -1)
+        pick = torch.softmax(lp / temperature, -1) if temperature > 0 else None
+        choice = int(torch.multinomial(pick, 1, generator=gen)) if pick is not None else int(p.argmax())
+        answers.append(str(choice + 1))
+        probs.append([round(x, 4) for x in p.tolist()])
+    return answers, probs
+
+
+def answer(model, tokenizer, records, seed):
+    """Each prompt record answered by one model: MC -> digit, descriptive -> sampled short text."""
+    out = {}
+    mc = [r for r in records if r["kind"] == "mc"]
+    if mc:
+        prompts = [lm.render(tokenizer, r["prompt"], r["prefix"]) for r in mc]
+        digits, probs = sample_digits(model, tokenizer, prompts, [r["n_options"] for r in mc], ANSWER_TEMPERATURE,
+                                      seed)
+        out.update({r["id"]: (d, p) for r, d, p in zip(mc, digits, probs)})
+    desc = [r for r in records if r["kind"] == "desc"]
+    if desc:
+        prompts = [lm.render(tokenizer, r["prompt"], r["prefix"]) for r in desc]
+        texts = sample(model, tokenizer, prompts, ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, ANSWER_TOP_P, seed)
+        out.update({r["id"]: (t, None) for r, t in zip(desc, texts)})
+    return out
+
+
+def write_questions(teacher, tokenizer, jobs, seed):
+    """Teacher-written raw text per job (chunk, kind, n_options), one generation batch per kind."""
+    texts = {}
+    for kind in KINDS:
+        todo = [j for j in jobs if j["kind"] == kind]
+        prompts = [lm.render(tokenizer, writer_messages(kind, j["passage"], j["n_options"])) for j in todo]
+        outs = sample(teacher, tokenizer, prompts, WRITE_MAX_NEW_TOKENS[kind], WRITE_TEMPERATURE, WRITE_TOP_P, seed)
+        texts.update({j["id"]: t for j, t in zip(todo, outs)})
+    return texts
+
+
+# ----------------------------------------------------------------------------- checkpoint
+def read_jsonl(path):
+    """Records of a JSONL file (a torn last line from a kill is ignored)."""
+    records = []
+    if Path(path).exists():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def drop_torn_tail(path):
+    """Cut a partial last line (a kill during an append) so the next append starts on a fresh line."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def append_jsonl(path, records):
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+
+
+def settings():
+    return {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, str, tuple, list, dict))
+            and not k.endswith(("_RE", "_WRITER", "_HEADER"))}
+
+
+def checked_question(job, raw, rng):
+    """(question text, duplicate key, answer key) of a written question, or (None, None, reason) when malformed;
+    multiple-choice options are shuffled."""
+    if job["kind"] == "mc":
+        parsed, reason = parse_mc(raw, job["n_options"])
+        if not parsed:
+            return None, None, reason
+        options, key = shuffle_options(parsed[1], parsed[2], rng)
+        return mc_question_text(parsed[0], options), norm_key(parsed[0]), key
+    question, reason = parse_desc(raw)
+    return (question, norm_key(question), None) if question else (None, None, reason)
+
+
+def process_batch(chunks, teacher, student, tokenizer, seen, rng, stats):
+    """Write, check and answer the questions of a batch of chunks; returns (pairs, attempts)."""
+    jobs = []
+    for c in chunks:
+        passage = clip_tokens(tokenizer, c["text"], PASSAGE_MAX_TOKENS)
+        for kind in KINDS:
+            jobs.append(dict(id=f"{c['id']}-{kind}", chunk=c, kind=kind, passage=passage,
+                             n_options=rng.choice(OPTION_COUNTS) if kind == "mc" else 0))
+    t0 = time.time()
+    raw = write_questions(teacher, tokenizer, jobs, seed_of("write", jobs[0]["id"]))
+    stats["write_seconds"] += time.time() - t0
+    attempts, prompts = [], []
+    for j in jobs:
+        question, stem_key, key_or_reason = checked_question(j, raw[j["id"]], rng)
+        key = key_or_reason if question is not None else None
+        record, reason = None, key_or_reason if question is None else None
+        if question is not None and stem_key in seen:
+            reason = "duplicate"
+        elif question is not None:
+            context = clip_tokens(tokenizer, j["chunk"]["text"], CONTEXT_MAX_TOKENS)
+            record = build_prompt(j["id"], j["kind"], question, context, rng)
+            reason = None if record else "does not parse in the competition layout"
+        if record:
+            seen.add(stem_key)
+            record.update(key=key, source=j["chunk"]["source"], chunk_id=j["chunk"]["id"])
+            prompts.append(record)
+        attempts.append(dict(id=j["id"], kind=j["kind"], kept=record is not None, reason=reason,
+                             raw=raw[j["id"]][:600]))
+    t0 = time.time()
+    teacher_answers = answer(teacher, tokenizer, prompts, seed_of("answer", jobs[0]["id"]))
+    stats["teacher_answer_seconds"] += time.time() - t0
+    t0 = time.time()
+    student_answers = answer(student, tokenizer, prompts, seed_of("answer", jobs[0]["id"]))
+    stats["student_answer_seconds"] += time.time() - t0
+    stats["answers"] += len(prompts)
+    pairs = []
+    answer_settings = dict(temperature=ANSWER_TEMPERATURE, top_p=ANSWER_TOP_P, max_new_tokens=ANSWER_MAX_NEW_TOKENS)
+    for r in prompts:
+        (chosen, t_probs), (rejected, s_probs) = teacher_answers[r["id"]], student_answers[r["id"]]
+        if not chosen.strip() or not rejected.strip():
+            attempts.append(dict(id=r["id"], kind=r["kind"], kept=False, reason="empty answer", raw=""))
+            continue
+        pairs.append(dict(id=r["id"], kind=r["kind"], prompt=r["prompt"], prefix=r["prefix"], chosen=chosen,
+                          rejected=rejected, question=r["question"], key=r["key"], context=r["context"],
+                          teacher_probs=t_probs, student_probs=s_probs, source=r["source"], chunk_id=r["chunk_id"],
+                          settings=answer_settings))
+    return pairs, attempts
+
+
+def run(chunks, teacher, student, tokenizer, out_dir, n_chunks=N_CHUNKS):
+    """Process the first n_chunks sampled chunks not yet attempted, appending to out_dir; returns run stats."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs_path, attempts_path = out_dir / "pairs.jsonl", out_dir / "attempts.jsonl"
+    drop_torn_tail(pairs_path)
+    drop_torn_tail(attempts_path)
+    done_chunks = {a["id"].rsplit("-", 1)[0] for a in read_jsonl(attempts_path)}
+    existing = read_jsonl(pairs_path)
+    seen = {norm_key(p["question"].split("\n")[0]) if p["kind"] == "desc" else
+            norm_key(common.split_options(p["question"])[0]) for p in existing}
+    have = {p["id"] for p in existing}
+    todo = [c for c in pick_chunks(chunks, n_chunks) if c["id"] not in done_chunks]
+    stats = dict(write_seconds=0.0, teacher_answer_seconds=0.0, student_answer_seconds=0.0, answers=0,
+                 chunks_done_before=len(done_chunks), chunks_now=len(todo))
+    rng = random.Random(seed_of("options", len(done_chunks)))
+    for start in tqdm(range(0, len(todo), BATCH), desc="00 pairs", unit="batch"):
+        pairs, attempts = process_batch(todo[start:start + BATCH], teacher, student, tokenizer, seen, rng, stats)
+        append_jsonl(pairs_path, [p for p in pairs if p["id"] not in have])  # pairs first, then the attempt log
+        have |= {p["id"] for p in pairs}
+        append_jsonl(attempts_path, attempts)
+    return stats
+
+
+def summary(out_dir, stats, seconds):
+    """meta.json content: counts over the whole file (all runs), throughput of this run."""
+    pairs, attempts = read_jsonl(Path(out_dir) / "pairs.jsonl"), read_jsonl(Path(out_dir) / "attempts.jsonl")
+    reasons = {}
+    for a in attempts:
+        if not a["kept"]:
+            reasons[a["reason"]] = reasons.get(a["reason"], 0) + 1
+    answer_seconds = stats["teacher_answer_seconds"] + stats["student_answer_seconds"]
+    mc = [p for p in pairs if p["kind"] == "mc"]
+    return dict(pairs=len(pairs), mc_pairs=len(mc), desc_pairs=len(pairs) - len(mc), attempts=len(attempts),
+                dropped=reasons, with_context=sum(p["context"] for p in pairs),
+                teacher_matches_key=round(sum(p["chosen"] == str(p["key"]) for p in mc) / max(len(mc), 1), 3),
+                student_matches_key=round(sum(p["rejected"] == str(p["key"]) for p in mc) / max(len(mc), 1), 3),
+                this_run=dict(stats, seconds=round(seconds, 1),
+                              answers_per_minute=round(2 * stats["answers"] / answer_seconds * 60, 1)
+                              if answer_seconds else None,
+                              questions_per_minute=round(2 * stats["chunks_now"] / stats["write_seconds"] * 60, 1)
+                              if stats["write_seconds"] else None),
+                peak_rss_gib=round(lm.peak_rss_gib(), 2), settings=settings(), versions=lm.versions())
+
+
+def main():
+    t0 = time.time()
+    print(f"00: settings {json.dumps(settings(), ensure_ascii=False)}")
+    device = lm.pick_device()
+    dtype = lm.pick_dtype(device, DTYPE if device == "cpu" else None)
+    tokenizer = lm.load_tokenizer(common.STUDENT_MODEL)
+    lm.shared_vocab_size(tokenizer, lm.load_tokenizer(common.TEACHER_MODEL))
+    chunks = load_chunks(tokenizer)
+    teacher = lm.load_model(common.TEACHER_MODEL, device, dtype)
+    student = lm.load_model(common.STUDENT_MODEL, device, dtype)
+    stats = run(chunks, teacher, student, tokenizer, common.PAIRS)
+    meta = summary(common.PAIRS, stats, time.time() - t0)
+    meta.update(teacher=common.TEACHER_MODEL, student=common.STUDENT_MODEL, corpus_chunks=len(chunks))
+    lm.write_json(common.PAIRS / "meta.json", meta)
+    (common.PAIRS / "DONE").touch()
+    print(f"00: {meta['pairs']} pairs ({meta['mc_pairs']} MC, {meta['desc_pairs']} descriptive) from "
+          f"{meta['attempts']} attempts; this run {stats['answers']} prompts answered by both models "
+          f"({meta['this_run']['answers_per_minute']} answers/min) in {time.time() - t0:.1f} s -> {common.PAIRS}")
+
+
+if __name__ == "__main__":
+    main()

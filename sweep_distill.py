@@ -1,0 +1,205 @@
+"""Hyperparameter sweep of the distillation and the distillation report.
+
+--sweep: for every point of SWEEP_GRID (alpha, beta, tau, loss type) trains an adapter with 01_train_distillm.py
+(SWEEP_STEPS steps), merges it, answers the first SWEEP_EVAL_QUESTIONS development questions with 04_infer.py and
+scores them with evaluate.py; the base student is answered on the same questions. Every point is a folder under
+outputs/01_sweep/ with its own DONE stamps, so a killed sweep resumes. Writes reports/sweep.md. Run by `make sweep`.
+--report: scores the base student and teacher (outputs/baseline), the distilled students (outputs/distill/*) on
+the development set, and collects pair-generation throughput (outputs/00_pairs/meta.json), training meta and the
+naive vs chunked loss measurement; writes reports/distill.md. Run by `make distill-report`.
+Copy the winning values into the settings block of 01_train_distillm.py: `make distill` trains with those.
+"""
+import argparse
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import common
+import evaluate
+
+# ----------------------------------------------------------------------------- settings
+SWEEP_GRID = dict(loss_type=["distillm_v2"], alpha=[0.1, 0.3], beta=[1.0, 1.5], temperature=[1.0])
+SWEEP_EXTRA = [dict(loss_type="kd", alpha=0.1, beta=1.0, temperature=1.0)]  # baselines run once
+SWEEP_STEPS = 20  # optimizer steps per point (CPU); a GPU sweep uses the full MAX_STEPS
+SWEEP_EVAL_QUESTIONS = 200  # first development questions (multiple choice only) per point
+SWEEP_KEEP_MERGED = False  # merged models are 1 GB each on the student: delete after scoring
+DISTILL_RUNS = ["distillm_v2", "kd"]  # outputs/distill/<name>: 04_infer.py runs of merged distilled students
+# -----------------------------------------------------------------------------
+
+SWEEP_DIR = common.OUTPUTS / "01_sweep"
+DISTILL_DIR = common.OUTPUTS / "distill"
+BASELINE_DIR = common.OUTPUTS / "baseline"
+
+
+def grid_points(grid=SWEEP_GRID, extra=SWEEP_EXTRA):
+    """Every combination of the grid plus the extra points, each with a folder name."""
+    keys = list(grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] + list(extra)
+    for p in points:
+        p["name"] = f"{p['loss_type']}-a{p['alpha']}-b{p['beta']}-t{p['temperature']}"
+    return points
+
+
+def run(cmd):
+    print("sweep: " + " ".join(map(str, cmd)), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True)
+
+
+def train_and_answer(point, steps, n_questions):
+    """Adapter, merged model and 04 answers of one grid point (each step skipped when its DONE exists)."""
+    folder = SWEEP_DIR / point["name"]
+    adapter, merged, answers = folder / "adapter", folder / "merged", folder / "eval"
+    if not (answers / "DONE").exists():
+        if not (merged / "DONE").exists():
+            run([sys.executable, common.ROOT / "01_train_distillm.py", "--loss-type", point["loss_type"],
+                 "--alpha1", point["alpha"], "--alpha2", point["alpha"], "--beta", point["beta"],
+                 "--temperature", point["temperature"], "--max-steps", steps, "--out", adapter, "--merge", merged])
+        run([sys.executable, common.ROOT / "04_infer.py", "--model", merged, "--out", answers, "--mc-only",
+             "--limit", n_questions])
+    if not SWEEP_KEEP_MERGED and merged.exists():
+        shutil.rmtree(merged)
+    return answers
+
+
+def base_answers(n_questions):
+    answers = SWEEP_DIR / "base-student" / "eval"
+    if not (answers / "DONE").exists():
+        run([sys.executable, common.ROOT / "04_infer.py", "--model", common.STUDENT_MODEL, "--out", answers,
+             "--mc-only", "--limit", n_questions])
+    return answers
+
+
+def scored(run_dir, labels):
+    answers, meta, _ = evaluate.load_run(run_dir)
+    return evaluate.score(answers, labels), meta
+
+
+def training_meta(folder):
+    path = Path(folder) / "meta.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def sweep_report(points, labels, command):
+    base, _ = scored(base_answers(SWEEP_EVAL_QUESTIONS), labels)
+    rows = []
+    for p in points:
+        s, _ = scored(train_and_answer(p, SWEEP_STEPS, SWEEP_EVAL_QUESTIONS), labels)
+        t = training_meta(SWEEP_DIR / p["name"] / "adapter")
+        rows.append((s["mc_acc"], p, t))
+    lines = ["# Distillation sweep", "", f"Produced by `{command}`. Each point: {SWEEP_STEPS} LoRA steps on "
+             f"outputs/00_pairs, scored on the first {SWEEP_EVAL_QUESTIONS} development questions (multiple choice "
+             "only, 04_infer.py calibration). Small CPU budget: differences of a few questions are noise "
+             f"(one question = {1 / max(base['n_mc'], 1):.3f}).", "",
+             f"Base student on the same questions: MC accuracy **{base['mc_acc']:.3f}**.", "",
+             "| loss | alpha | beta | tau | MC accuracy | final train loss | s/step |", "|---|---|---|---|---|---|---|"]
+    for acc, p, t in sorted(rows, key=lambda r: -r[0]):
+        lines.append(f"| {p['loss_type']} | {p['alpha']} | {p['beta']} | {p['temperature']} | {acc:.3f} | "
+                     f"{evaluate.fmt(t.get('train_loss'), 4)} | {t.get('seconds', {}).get('per_step', '–')} |")
+    return lines + [""]
+
+
+def gap_closed(student, teacher, distilled):
+    """Share of the teacher-student gap a distilled student closes (None when there is no gap)."""
+    return None if teacher is None or student is None or teacher == student else (distilled - student) / (
+        teacher - student)
+
+
+def measurement_lines():
+    rows = []
+    for name in ("naive", "chunked"):
+        path = DISTILL_DIR / f"measure-{name}.json"
+        if path.exists():
+            rows.append((name, json.loads(path.read_text(encoding="utf-8"))))
+    if not rows:
+        return ["Loss-step measurement not run (`make distill-measure`).", ""]
+    m0 = rows[0][1]
+    lines = [f"## Loss step: naive full logits vs chunked (batch {m0['batch']} x {m0['length']} tokens)", "",
+             f"Random token ids, the second half of each sequence is the answer; {m0['batch'] // 2} teacher-answer + "
+             f"{m0['batch'] // 2} student-answer sequences, `{m0['loss_type']}`, LoRA r{m0.get('lora_r', 16)}, "
+             f"student {m0['student_dtype']}, teacher bf16 no-grad, gradient checkpointing "
+             f"{m0['gradient_checkpointing']}. Mean over steps after the first (warm-up). "
+             "Command: `make distill-measure` (`01_train_distillm.py --measure FILE [--chunk 0]`).", "",
+             "| loss | s/step | step times (s) | peak RSS GiB |", "|---|---|---|---|"]
+    for name, m in rows:
+        lines.append(f"| {name} (chunk={m['chunk']}) | {m['seconds_per_step']} | {m['step_seconds']} | "
+                     f"{m['peak_rss_gib']} |")
+    if len(rows) == 2:
+        ratio = rows[1][1]["peak_rss_gib"] / rows[0][1]["peak_rss_gib"]
+        lines += ["", f"Peak memory chunked / naive: **{ratio:.2f}** (target <= 0.5). Peak RSS includes both models' "
+                  "weights (about 4.3 GiB in bf16), which no loss implementation removes.", ""]
+    return lines + [""]
+
+
+def distill_report(labels, command):
+    runs = [("base student", BASELINE_DIR / "student"), ("teacher", BASELINE_DIR / "teacher")]
+    runs += [(f"student + {name}", DISTILL_DIR / name) for name in DISTILL_RUNS]
+    scores = {}
+    lines = ["# Distillation: DistiLLM-2 vs a baseline loss", "", f"Produced by `{command}`.", "",
+             "## Development score", "", "| model | score | MC accuracy | descriptive | gap closed (score) | "
+             "gap closed (MC) |", "|---|---|---|---|---|---|"]
+    for name, folder in runs:
+        if not (folder / "DONE").exists():
+            lines.append(f"| {name} | not run ({folder.relative_to(common.ROOT)}) | | | | |")
+            continue
+        s, _ = scored(folder, labels)
+        scores[name] = s
+    st, te = scores.get("base student"), scores.get("teacher")
+    for name, s in scores.items():
+        closed = gap_closed(st and st.get("score"), te and te.get("score"), s.get("score")) if st and te else None
+        closed_mc = gap_closed(st and st["mc_acc"], te and te["mc_acc"], s["mc_acc"]) if st and te else None
+        lines.append(f"| {name} | {evaluate.fmt(s.get('score'))} | {evaluate.fmt(s['mc_acc'])} | "
+                     f"{evaluate.fmt(s.get('desc_score'))} | {evaluate.fmt(closed, 2)} | {evaluate.fmt(closed_mc, 2)} |")
+    lines += [""]
+    pairs_meta = training_meta(common.PAIRS)
+    if pairs_meta:
+        r = pairs_meta["this_run"]
+        lines += ["## Pairs (00_generate_pairs.py, `make pairs`)", "",
+                  f"{pairs_meta['pairs']} pairs ({pairs_meta['mc_pairs']} multiple choice, {pairs_meta['desc_pairs']} "
+                  f"descriptive; {pairs_meta['with_context']} with the source passage in the prompt) from "
+                  f"{pairs_meta['attempts']} question attempts; dropped: {json.dumps(pairs_meta['dropped'], ensure_ascii=False)}.",
+                  f"Teacher answer = the writer's key on {pairs_meta['teacher_matches_key']:.0%} of the multiple-choice "
+                  f"pairs, student answer on {pairs_meta['student_matches_key']:.0%}.",
+                  f"Last run: {r['answers']} prompts answered by both models, {r['answers_per_minute']} answers/minute "
+                  f"(teacher {r['teacher_answer_seconds']:.0f} s + student {r['student_answer_seconds']:.0f} s), "
+                  f"question writing {r['questions_per_minute']} questions/minute, {r['seconds']:.0f} s in all, "
+                  f"peak RSS {pairs_meta['peak_rss_gib']} GiB (both models loaded).", ""]
+    lines += ["## Training runs", "", "| adapter | loss | steps | pairs | s/step | first loss | last loss | peak RSS GiB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for folder in [common.DISTILLED] + [DISTILL_DIR / f"adapter-{n}" for n in DISTILL_RUNS]:
+        t = training_meta(folder)
+        if t:
+            h = t.get("history", [])
+            lines.append(f"| {folder.relative_to(common.ROOT)} | {t['loss_config']['loss_type']} | {t['max_steps']} | "
+                         f"{t['n_pairs']} | {t['seconds']['per_step']} | {evaluate.fmt(h[0]['loss'] if h else None, 4)} | "
+                         f"{evaluate.fmt(h[-1]['loss'] if h else None, 4)} | {t['peak_rss_gib']} |")
+    return lines + [""] + measurement_lines()
+
+
+def write(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    print(f"sweep_distill: wrote {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--notes", type=Path, default=None, help="markdown appended to the report (analysis)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--command", default="make sweep")
+    args = parser.parse_args()
+    labels = evaluate.read_labels()
+    lines = sweep_report(grid_points(), labels, args.command) if args.sweep else distill_report(labels, args.command)
+    if args.notes and args.notes.exists():
+        lines += [args.notes.read_text(encoding="utf-8")]
+    write(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
