@@ -28,7 +28,7 @@ import common
 import lm
 
 # ----------------------------------------------------------------------------- settings
-N_CHUNKS = 96  # corpus chunks to write questions from (CPU default; a GPU run: 2000-5000)
+N_CHUNKS = dict(cpu=64, cuda=2500)  # corpus chunks to write questions from, per device (2 questions each)
 KINDS = ("mc", "desc")  # one question of each kind per chunk
 OPTION_COUNTS = (4, 5)  # the competition's multiple-choice layouts
 CORPUS_PARTS = ["laws", "guidelines"]
@@ -223,11 +223,12 @@ def sample_digits(model, tokenizer, prompts, n_options, temperature, seed):
     position 04_infer.py reads); returns (answers, renormalised option probabilities)."""
     answers, probs = [], []
     gen = torch.Generator().manual_seed(seed)
-    for prompt, n in zip(prompts, n_options):
-        lp = torch.tensor(lm.next_token_logprobs(model, tokenizer, [prompt], lm.option_token_ids(tokenizer, n))[0])
+    token_ids = lm.option_token_ids(tokenizer, max(n_options))
+    for logprobs, n in zip(lm.next_token_logprobs(model, tokenizer, prompts, token_ids, BATCH), n_options):
+        lp = torch.tensor(logprobs[:n])
         p = torch.softmax(lp, -1)
-        pick = torch.softmax(lp / temperature, -1) if temperature > 0 else None
-        choice = int(torch.multinomial(pick, 1, generator=gen)) if pick is not None else int(p.argmax())
+        choice = int(torch.multinomial(torch.softmax(lp / temperature, -1), 1, generator=gen)) if temperature > 0 \
+            else int(p.argmax())
         answers.append(str(choice + 1))
         probs.append([round(x, 4) for x in p.tolist()])
     return answers, probs
@@ -358,7 +359,7 @@ def process_batch(chunks, teacher, student, tokenizer, seen, rng, stats):
     return pairs, attempts
 
 
-def run(chunks, teacher, student, tokenizer, out_dir, n_chunks=N_CHUNKS):
+def run(chunks, teacher, student, tokenizer, out_dir, n_chunks):
     """Process the first n_chunks sampled chunks not yet attempted, appending to out_dir; returns run stats."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -413,7 +414,7 @@ def main():
     chunks = load_chunks(tokenizer)
     teacher = lm.load_model(common.TEACHER_MODEL, device, dtype)
     student = lm.load_model(common.STUDENT_MODEL, device, dtype)
-    stats = run(chunks, teacher, student, tokenizer, common.PAIRS)
+    stats = run(chunks, teacher, student, tokenizer, common.PAIRS, N_CHUNKS[device])
     meta = summary(common.PAIRS, stats, time.time() - t0)
     meta.update(teacher=common.TEACHER_MODEL, student=common.STUDENT_MODEL, corpus_chunks=len(chunks))
     lm.write_json(common.PAIRS / "meta.json", meta)

@@ -53,8 +53,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 LEARNING_RATE = 2e-4
 BATCH_PAIRS = 2  # pairs per device step (each pair is a teacher answer and a student answer sequence)
-GRAD_ACCUM = 4  # effective batch 8 pairs
-MAX_STEPS = 30  # optimizer steps (CPU default; a GPU run with thousands of pairs: ~2 epochs)
+GRAD_ACCUM = 2  # effective batch 4 pairs
+MAX_STEPS = 24  # optimizer steps: ~1 epoch of the CPU pairs (a GPU run with thousands of pairs: ~2 epochs)
 WARMUP_RATIO = 0.1
 WEIGHT_DECAY = 0.0
 GRADIENT_CHECKPOINTING = True

@@ -148,3 +148,13 @@ def test_duplicates_are_dropped(tiny, tmp_path, monkeypatch):
     attempts = g.read_jsonl(tmp_path / "attempts.jsonl")
     assert len(g.read_jsonl(tmp_path / "pairs.jsonl")) == 2
     assert sum(a["reason"] == "duplicate" for a in attempts) == 4
+
+
+def test_sweep_grid_and_gap_closed():
+    sweep = importlib.import_module("sweep_distill")
+    points = sweep.grid_points(dict(loss_type=["distillm_v2"], alpha=[0.1, 0.3], beta=[1.0], temperature=[1.0, 2.0]),
+                               [dict(loss_type="kd", alpha=0.1, beta=1.0, temperature=1.0)])
+    assert len(points) == 5 and len({p["name"] for p in points}) == 5
+    assert points[-1]["name"] == "kd-a0.1-b1.0-t1.0"
+    assert sweep.gap_closed(0.25, 0.45, 0.35) == pytest.approx(0.5)
+    assert sweep.gap_closed(0.3, 0.3, 0.4) is None
