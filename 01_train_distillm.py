@@ -487,7 +487,8 @@ def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id):
     trainer = make_trainer_class()(model=student, args=args, train_dataset=PairDataset(encoded),
                                    data_collator=lambda ex: collate(ex, tokenizer.pad_token_id), teacher=teacher,
                                    loss_config=cfg)
-    resume = any(Path(run_dir).glob("checkpoint-*"))
+    resume = fresh_or_resumable(run_dir, dict(loss_config=asdict(cfg), settings=settings_dict(), max_steps=max_steps,
+                                              pairs_sha256=file_sha256(pairs_path), student=student_id))
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=resume or None)
     train_seconds = time.time() - t_train
@@ -500,6 +501,20 @@ def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id):
     if trainer.is_world_process_zero():
         save_adapter(trainer.model, tokenizer, out_dir, meta)
     return meta
+
+
+def fresh_or_resumable(run_dir, config):
+    """True when run_dir holds Trainer checkpoints of this exact config; checkpoints of another config are
+    removed (resuming them would silently finish someone else's run)."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    stamp = run_dir / "config.json"
+    if run_dir.exists() and (not stamp.exists() or json.loads(stamp.read_text(encoding="utf-8")) != config):
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(config, sort_keys=True), encoding="utf-8")
+    return any(run_dir.glob("checkpoint-*"))
 
 
 def settings_dict():

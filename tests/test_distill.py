@@ -275,3 +275,11 @@ def test_trainer_saves_a_standard_adapter_and_merges(tiny_model_dir, models, tmp
     merged = d.merge_adapter(out, str(tiny_model_dir), tmp_path / "merged")
     model = lm.load_model(str(merged), "cpu", torch.float32)  # what 04_infer.py --model does
     assert model.config.vocab_size == 300 and (merged / "meta.json").exists() and (merged / "tokenizer.json").exists()
+
+
+def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
+    run = tmp_path / "run"
+    assert d.fresh_or_resumable(run, dict(a=1)) is False
+    (run / "checkpoint-10").mkdir()
+    assert d.fresh_or_resumable(run, dict(a=1)) is True
+    assert d.fresh_or_resumable(run, dict(a=2)) is False and not (run / "checkpoint-10").exists()
