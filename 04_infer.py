@@ -138,9 +138,15 @@ def answer_desc(model, tokenizer, questions, contexts, stats):
     return [dict(id=q.id, kind="desc", raw=t) for q, t in zip(questions, texts)]
 
 
-def retrieve(index, tokenizer, questions):
-    """(context text, cited chunk keys) per question from the first-stage retriever; ("", []) for no hit."""
-    hits = index.search_many([q.text for q in questions], k=RAG_PASSAGES, method=RAG_METHOD)
+def retrieve(index, tokenizer, questions, ranked=None):
+    """(context text, cited chunk keys) per question: the reranked chunks of 03_rerank.py where the question has
+    them, else the first-stage retriever's; ("", []) for no hit."""
+    ranked = ranked or {}
+    first = [q for q in questions if q.id not in ranked]
+    searched = dict(zip([q.id for q in first], index.search_many([q.text for q in first], k=RAG_PASSAGES,
+                                                                   method=RAG_METHOD))) if first else {}
+    hits = [searched[q.id] if q.id in searched else [(index.chunks[i], 0.0) for i in ranked[q.id][:RAG_PASSAGES]]
+            for q in questions]
     build_index = importlib.import_module("02_build_index")
     return [(build_index.format_context(h, tokenizer, RAG_PASSAGES, RAG_MAX_TOKENS), [c.key for c, _ in h])
             for h in hits]
@@ -160,7 +166,18 @@ def index_settings():
     meta = json.loads((common.INDEX / "meta.json").read_text(encoding="utf-8"))
     built = {k: meta.get(k) for k in ("settings", "corpus", "dense_variant")}
     fingerprint = hashlib.sha256(json.dumps(built, sort_keys=True).encode("utf-8")).hexdigest()[:12]
-    return dict(index=fingerprint, passages=RAG_PASSAGES, max_tokens=RAG_MAX_TOKENS, method=RAG_METHOD)
+    rerank = json.loads((common.RERANK / "meta.json").read_text(encoding="utf-8"))["key"] \
+        if (common.RERANK / "DONE").exists() else None
+    return dict(index=fingerprint, passages=RAG_PASSAGES, max_tokens=RAG_MAX_TOKENS, method=RAG_METHOD,
+                rerank=rerank)
+
+
+def reranked_chunks():
+    """Chunk ids per question id from 03_rerank.py's ranked.jsonl, {} when reranking has not run."""
+    if not (common.RERANK / "DONE").exists():
+        return {}
+    rerank = importlib.import_module("03_rerank")
+    return {qid: r["chunks"] for qid, r in rerank.load_ranked(common.RERANK / "ranked.jsonl").items()}
 
 
 def content_free_logprobs(model, tokenizer, option_counts):
@@ -191,6 +208,7 @@ def run(questions, out_dir, model_id, dtype_name=None, rag=False):
     tokenizer = lm.load_tokenizer(model_id)
     model = lm.load_model(model_id, device, dtype)
     index = open_index(model, tokenizer) if rag and todo else None
+    ranked = reranked_chunks() if index else {}
     load_seconds = time.time() - t0
     stats = {}
     option_counts = sorted({len(q.options) for q in questions if q.kind == "mc"})
@@ -202,7 +220,7 @@ def run(questions, out_dir, model_id, dtype_name=None, rag=False):
             for start in range(0, len(pending), CHECKPOINT_EVERY):
                 chunk = pending[start:start + CHECKPOINT_EVERY]
                 t_chunk = time.time()
-                contexts = retrieve(index, tokenizer, chunk) if index else [("", [])] * len(chunk)
+                contexts = retrieve(index, tokenizer, chunk, ranked) if index else [("", [])] * len(chunk)
                 records = fn(model, tokenizer, chunk, [c for c, _ in contexts], stats)
                 for record, (_, cited) in zip(records, contexts):
                     record["seconds"] = round((time.time() - t_chunk) / len(chunk), 3)
@@ -235,7 +253,8 @@ def submission_rows(questions, records, calibration, content_free):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=common.STUDENT_MODEL, help="model dir (relative to the repo) or hub id")
+    parser.add_argument("--model", default=None, help="model dir (relative to the repo) or hub id; default: "
+                        "common.answer_model(), the final or distilled student when it exists, else the base")
     parser.add_argument("--out", type=Path, default=common.INFER, help="output folder (checkpoint, submission)")
     parser.add_argument("--questions", type=Path, default=common.QUESTIONS)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
@@ -253,7 +272,8 @@ def main():
         questions = [q for q in questions if q.kind == "mc"]
     if args.limit:
         questions = questions[:args.limit]
-    records, meta = run(questions, args.out, args.model, args.dtype, rag=RAG_PASSAGES > 0 and not args.no_rag)
+    records, meta = run(questions, args.out, args.model or common.answer_model(), args.dtype,
+                        rag=RAG_PASSAGES > 0 and not args.no_rag)
     rows = submission_rows(questions, records, CALIBRATION, meta["content_free"])
     sample_ids = None
     if full and args.questions == common.QUESTIONS and common.SAMPLE.exists():

@@ -40,6 +40,8 @@ INDEX = OUTPUTS / "02_index"  # chunks, BM25 tokens, dense FAISS index (02_build
 PAIRS = OUTPUTS / "00_pairs"  # generated questions, teacher/student answer pairs (00_generate_pairs.py)
 DISTILLED = MODELS / "student-distilled"  # LoRA adapter of 01_train_distillm.py
 DISTILLED_MERGED = MODELS / "student-distilled-merged"  # adapter merged into the base: a `04_infer --model` dir
+RERANK = OUTPUTS / "03_rerank"  # reranked chunk ids per question (03_rerank.py)
+FINAL = MODELS / "student-final"  # the chosen (merged, quantized) student for submission (05_quantize.py)
 INFER = OUTPUTS / "04_infer"
 SUBMISSION = ROOT / "submission.csv"
 
@@ -150,6 +152,17 @@ def read_questions(path):
         seen.add(qid)
         questions.append(parse_question(qid, text))
     return questions
+
+
+def answer_model():
+    """The model that answers and reranks: FSKU_STUDENT when set, else the first finished of the final and the
+    distilled student, else STUDENT_MODEL (the base student)."""
+    if "FSKU_STUDENT" in os.environ:
+        return STUDENT_MODEL
+    for candidate in (FINAL, DISTILLED_MERGED):
+        if (candidate / "DONE").exists():
+            return str(candidate.relative_to(ROOT))
+    return STUDENT_MODEL
 
 
 def resolve_model(model_id):

@@ -39,3 +39,34 @@ def build_tiny_model(path, vocab_size=300, seed=0):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+TINY_LAWS = ["전자서명은 서명자의 신원을 나타내는 정보이다.", "개인정보처리자는 개인정보를 보호하여야 한다.",
+             "전자금융거래의 안전성을 확보하여야 한다.", "금융회사는 보안 사고를 금융위원회에 보고한다."]
+
+
+@pytest.fixture
+def tiny_index(tiny_model_dir, tmp_path, monkeypatch):
+    """A four-article index built with the tiny model, installed as common.INDEX."""
+    import importlib
+    import json
+
+    import torch
+
+    import common
+    import lm
+
+    ix = importlib.import_module("02_build_index")
+    model = lm.load_model(str(tiny_model_dir), "cpu", torch.float32)
+    tokenizer = lm.load_tokenizer(str(tiny_model_dir))
+    chunks = [ix.Chunk(id=i, source=f"laws/t{i}.md", law="테스트법", kind="법률", article=f"제{i + 1}조", title="",
+                       part=1, parts=1, text=t) for i, t in enumerate(TINY_LAWS)]
+    vectors = ix.embed(model, tokenizer, TINY_LAWS)[ix.DENSE_VARIANT]
+    folder = tmp_path / "02_index"
+    folder.mkdir()
+    ix.write_index(folder, chunks, ix.morphemes(ix.make_kiwi(), TINY_LAWS), vectors)
+    meta = dict(settings=dict(BM25_BACKEND="rank_bm25"), corpus="toy", dense_variant=ix.DENSE_VARIANT)
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    (folder / "DONE").touch()
+    monkeypatch.setattr(common, "INDEX", folder)
+    return folder

@@ -9,6 +9,7 @@ import torch
 
 import common
 import lm
+from conftest import TINY_LAWS
 
 infer = importlib.import_module("04_infer")
 
@@ -139,29 +140,6 @@ def test_main_writes_a_valid_submission(tiny_model_dir, tmp_path, monkeypatch):
     assert (out / "DONE").exists() and meta["questions"] == 4 and meta["seconds"]["per_question"] > 0
 
 
-LAWS = ["전자서명은 서명자의 신원을 나타내는 정보이다.", "개인정보처리자는 개인정보를 보호하여야 한다.",
-        "전자금융거래의 안전성을 확보하여야 한다.", "금융회사는 보안 사고를 금융위원회에 보고한다."]
-
-
-@pytest.fixture
-def tiny_index(tiny_model_dir, tmp_path, monkeypatch):
-    """A four-article index built with the tiny model, installed as common.INDEX."""
-    ix = importlib.import_module("02_build_index")
-    model = lm.load_model(str(tiny_model_dir), "cpu", torch.float32)
-    tokenizer = lm.load_tokenizer(str(tiny_model_dir))
-    chunks = [ix.Chunk(id=i, source=f"laws/t{i}.md", law="테스트법", kind="법률", article=f"제{i + 1}조", title="",
-                       part=1, parts=1, text=t) for i, t in enumerate(LAWS)]
-    vectors = ix.embed(model, tokenizer, LAWS)[ix.DENSE_VARIANT]
-    folder = tmp_path / "02_index"
-    folder.mkdir()
-    ix.write_index(folder, chunks, ix.morphemes(ix.make_kiwi(), LAWS), vectors)
-    meta = dict(settings=dict(BM25_BACKEND="rank_bm25"), corpus="toy", dense_variant=ix.DENSE_VARIANT)
-    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    (folder / "DONE").touch()
-    monkeypatch.setattr(common, "INDEX", folder)
-    return folder
-
-
 def test_retrieved_context_goes_into_the_prompt_and_the_key(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
     monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
     seen = []
@@ -171,7 +149,7 @@ def test_retrieved_context_goes_into_the_prompt_and_the_key(tiny_model_dir, tiny
     questions = common.read_questions(write_questions(tmp_path / "q.csv", n_mc=2, n_desc=1))
     records, meta = infer.run(questions, tmp_path / "rag", str(tiny_model_dir), "float32", rag=True)
     assert meta["rag"]["passages"] == infer.RAG_PASSAGES
-    assert all(len(r["context"]) == min(infer.RAG_PASSAGES, len(LAWS)) for r in records)
+    assert all(len(r["context"]) == min(infer.RAG_PASSAGES, len(TINY_LAWS)) for r in records)
     question_prompts = [p for p in seen if "옳은 것은" in p or "설명하세요" in p]
     assert question_prompts and all(common.CONTEXT_HEADER in p and "[1] " in p for p in question_prompts)
     _, plain = infer.run(questions, tmp_path / "rag", str(tiny_model_dir), "float32", rag=False)
