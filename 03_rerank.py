@@ -203,7 +203,7 @@ def run(questions, out_dir, model_id, mode=MODE, dtype_name=None):
             order, scores, failed = rerank_question(model, tokenizer, q.text, hits, mode, stats)
             failures += failed
             records.append(dict(id=q.id, chunks=[hits[i][0].id for i in order], first_stage=[c.id for c, _ in hits],
-                                llm_scores=scores, fallback=failed))
+                                first_scores=[s for _, s in hits], llm_scores=scores, fallback=failed))
         with open(checkpoint, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         done.update((r["id"], r) for r in records)

@@ -161,15 +161,15 @@ def open_index(model, tokenizer):
     return build_index.load_index().attach_encoder(model, tokenizer)
 
 
-def index_settings():
+def index_settings(rerank=True):
     """What of the index changes the prompts: its meta (corpus, chunking, encoder) and the RAG settings."""
     meta = json.loads((common.INDEX / "meta.json").read_text(encoding="utf-8"))
     built = {k: meta.get(k) for k in ("settings", "corpus", "dense_variant")}
     fingerprint = hashlib.sha256(json.dumps(built, sort_keys=True).encode("utf-8")).hexdigest()[:12]
-    rerank = json.loads((common.RERANK / "meta.json").read_text(encoding="utf-8"))["key"] \
-        if (common.RERANK / "DONE").exists() else None
+    rerank_key = json.loads((common.RERANK / "meta.json").read_text(encoding="utf-8"))["key"] \
+        if rerank and (common.RERANK / "DONE").exists() else None
     return dict(index=fingerprint, passages=RAG_PASSAGES, max_tokens=RAG_MAX_TOKENS, method=RAG_METHOD,
-                rerank=rerank)
+                rerank=rerank_key)
 
 
 def reranked_chunks():
@@ -192,13 +192,13 @@ def content_free_logprobs(model, tokenizer, option_counts):
     return out
 
 
-def run(questions, out_dir, model_id, dtype_name=None, rag=False):
+def run(questions, out_dir, model_id, dtype_name=None, rag=False, rerank=True):
     """Answer the questions with checkpointing into out_dir; return (records by id, meta)."""
     device = lm.pick_device()
     dtype = lm.pick_dtype(device, dtype_name)
     dtype_name = str(dtype).replace("torch.", "")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rag_settings = index_settings() if rag and (common.INDEX / "meta.json").exists() else None
+    rag_settings = index_settings(rerank) if rag and (common.INDEX / "meta.json").exists() else None
     key = config_key(model_id, dtype_name, rag_settings)
     checkpoint = out_dir / f"predictions-{key}.jsonl"
     done = load_checkpoint(checkpoint)
@@ -208,7 +208,7 @@ def run(questions, out_dir, model_id, dtype_name=None, rag=False):
     tokenizer = lm.load_tokenizer(model_id)
     model = lm.load_model(model_id, device, dtype)
     index = open_index(model, tokenizer) if rag and todo else None
-    ranked = reranked_chunks() if index else {}
+    ranked = reranked_chunks() if index and rerank else {}
     load_seconds = time.time() - t0
     stats = {}
     option_counts = sorted({len(q.options) for q in questions if q.kind == "mc"})
@@ -261,6 +261,7 @@ def main():
     parser.add_argument("--limit", type=int, default=0, help="answer only the first N questions (measurements)")
     parser.add_argument("--mc-only", action="store_true", help="skip descriptive questions (measurements)")
     parser.add_argument("--no-rag", action="store_true", help="answer without retrieved context")
+    parser.add_argument("--no-rerank", action="store_true", help="first-stage passages even when 03 has run")
     args = parser.parse_args()
 
     questions = common.read_questions(args.questions)
@@ -273,7 +274,7 @@ def main():
     if args.limit:
         questions = questions[:args.limit]
     records, meta = run(questions, args.out, args.model or common.answer_model(), args.dtype,
-                        rag=RAG_PASSAGES > 0 and not args.no_rag)
+                        rag=RAG_PASSAGES > 0 and not args.no_rag, rerank=not args.no_rerank)
     rows = submission_rows(questions, records, CALIBRATION, meta["content_free"])
     sample_ids = None
     if full and args.questions == common.QUESTIONS and common.SAMPLE.exists():

