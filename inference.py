@@ -1,7 +1,7 @@
 """Single inference entry point: data/test.csv (+ data/sample_submission.csv) -> submission.csv, offline.
 
-Reads the competition's data/test.csv and sample_submission.csv, the shipped model (common.STUDENT_MODEL), the
-shipped index when there is one, and the corpus (the package's corpus/ folder, else the shared data). Runs the
+Reads the competition's data/test.csv and sample_submission.csv, the shipped models (common.answer_model() and
+the base student), the shipped index (outputs/02_index) when there is one, and the corpus (the package's corpus/ folder, else the shared data). Runs the
 answering steps in STEPS, in order, with this Python interpreter, the hub offline and relative paths only; then
 checks submission.csv against the questions and the sample submission (06_verify.check_submission) and exits
 non-zero listing every problem. Writes data/prepared/, outputs/ and submission.csv. The package's entry point:
@@ -18,7 +18,8 @@ import common
 # ----------------------------------------------------------------------------- settings
 STEPS = [  # script and arguments, in order; a stage that lands adds its answering-time script here
     ["prepare_data.py"],  # data/test.csv -> data/prepared/ (questions.csv, sample_submission.csv)
-    ["04_infer.py"],  # answers -> submission.csv
+    ["03_rerank.py"],  # the shipped index's candidates per question, reranked by the answering model
+    ["04_infer.py"],  # answers, with the reranked passages in the prompt -> submission.csv
 ]
 PACKAGE_CORPUS = common.ROOT / "corpus"  # written by `make package`; absent in a development checkout
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -286,7 +286,8 @@ Top-1 option agreement bfloat16 vs float32: **99.0%** over 100 questions.
 |---|---|
 | make setup (pip with a warm cache) | 67 |
 """
-EVAL_MD = "# Development-set evaluation\n\n## Summary\n\n| run | score | MC accuracy |\n|---|---|---|\n| 04_infer | 0.250 | 0.300 |\n"
+EVAL_MD = ("# Development-set evaluation\n\n## Summary\n\n| run | score | MC accuracy |\n|---|---|---|\n"
+           "| 04_infer | 0.250 | 0.300 |\n")
 
 
 def test_report_is_generated_from_the_stage_reports(tmp_path):
@@ -337,7 +338,8 @@ def test_package_is_built_and_passes_its_checks(tmp_path, monkeypatch, tiny_mode
     (repo / "outputs" / "02_index" / "DONE").write_text("", encoding="utf-8")
     for name, value in (("ROOT", repo), ("CORPUS", repo / "data" / "corpus"), ("DATA", repo / "data"),
                         ("REPORTS", repo / "reports"), ("INDEX", repo / "outputs" / "02_index"),
-                        ("STUDENT_MODEL", "models/student-base")):
+                        ("STUDENT_MODEL", "models/student-base"), ("DISTILLED_MERGED", repo / "models" / "distilled"),
+                        ("FINAL", repo / "models" / "final")):
         monkeypatch.setattr(common, name, value, raising=False)
     dest = tmp_path / "dist" / "pkg"
     meta = package.build_package(dest)
@@ -392,9 +394,10 @@ def fake_repo(tmp_path, monkeypatch):
     (repo / "models" / "student-base").mkdir(parents=True)
     (repo / "models" / "student-base" / "DONE").touch()
     (repo / "data" / "prepared").mkdir(parents=True)
-    write_csv(repo / "data" / "prepared" / "questions.csv", ["ID", "Question"], QUESTIONS)
-    for name, value in (("ROOT", repo), ("MODELS", repo / "models"), ("QUESTIONS", repo / "data/prepared/questions.csv"),
-                        ("STUDENT_MODEL", "models/student-base")):
+    write_csv(repo / "data" / "prepared" / "q.csv", ["ID", "Question"], QUESTIONS)
+    for name, value in (("ROOT", repo), ("MODELS", repo / "models"), ("QUESTIONS", repo / "data" / "prepared" / "q.csv"),
+                        ("STUDENT_MODEL", "models/student-base"), ("INDEX", repo / "outputs" / "02_index"),
+                        ("DISTILLED_MERGED", repo / "models" / "distilled"), ("FINAL", repo / "models" / "final")):
         monkeypatch.setattr(common, name, value)
     monkeypatch.setattr(verify, "VERIFY_OUT", tmp_path / "out")
     monkeypatch.setenv("ANSWER", FAKE_ANSWER)
@@ -402,8 +405,14 @@ def fake_repo(tmp_path, monkeypatch):
 
 
 def test_reproduce_flow_passes_on_a_deterministic_pipeline(fake_repo, tmp_path):
+    (fake_repo / "outputs" / "02_index").mkdir(parents=True)
+    (fake_repo / "outputs" / "02_index" / "chunks.jsonl").write_text("{}\n", encoding="utf-8")
+    (fake_repo / "outputs" / "02_index" / "DONE").touch()
     problems, meta = verify.reproduce(4, tmp_path / "work", tmp_path, tmp_path)
     assert problems == [], problems
+    assert meta["reused"] == ["outputs/02_index"]  # tiny profile: the index is passed in, not rebuilt
+    assert (tmp_path / "work" / "fresh" / "outputs" / "02_index" / "chunks.jsonl").is_file()
+    assert (tmp_path / "work" / "reference" / "outputs" / "02_index").is_symlink()
     assert meta["counts"] == dict(mc=2, mc_same=2, desc=2, desc_same=2)
     assert set(meta["seconds"]) >= {"clone", "setup", "student", "data", "submission", "reference", "total"}
     assert (tmp_path / "work" / "fresh" / "setup-ran").exists()  # the fresh clone built its own environment
