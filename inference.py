@@ -1,11 +1,12 @@
 """Single inference entry point: data/test.csv (+ data/sample_submission.csv) -> submission.csv, offline.
 
 Reads the competition's data/test.csv and sample_submission.csv, the shipped models (common.answer_model() and
-the base student), the shipped index (outputs/02_index) when there is one, and the corpus (the package's corpus/ folder, else the shared data). Runs the
-answering steps in STEPS, in order, with this Python interpreter, the hub offline and relative paths only; then
-checks submission.csv against the questions and the sample submission (06_verify.check_submission) and exits
-non-zero listing every problem. Writes data/prepared/, outputs/ and submission.csv. The package's entry point:
-`python inference.py`. In a development checkout `make submission` runs the same steps through the Makefile.
+the base student), the shipped index (outputs/02_index) when there is one, and the corpus (the package's corpus/
+folder, else the shared data). Runs the answering steps in STEPS, in order, with this Python interpreter, the hub
+offline and relative paths only; then checks submission.csv against the questions and the sample submission
+(06_verify.check_submission) and exits non-zero listing every problem. Writes data/prepared/, outputs/ and
+submission.csv. The package's entry point: `python inference.py`. In a development checkout `make submission`
+runs the same steps through the Makefile.
 """
 import importlib
 import os
