@@ -366,11 +366,12 @@ class BM25:
 
 
 # ----------------------------------------------------------------------------- dense
-def encoder_fingerprint(model_dir):
-    """Changes when the encoder weights or the embedding recipe change."""
+def encoder_fingerprint(model_id, dtype):
+    """Changes when the encoder weights (the converted model's meta.json, else its id), the embedding recipe or
+    the dtype change; not with the checkout's location, so a clone can reuse a copied cache."""
     import lm
 
-    return "\n".join([str(model_dir), lm.model_fingerprint(str(model_dir)), EMBED_TEMPLATE, str(EMBED_MAX_TOKENS)])
+    return "\n".join([lm.model_fingerprint(model_id), EMBED_TEMPLATE, str(EMBED_MAX_TOKENS), str(dtype)])
 
 
 def embed_inputs(tokenizer, texts):
@@ -679,7 +680,7 @@ def main():
     device = lm.pick_device()
     enc_tokenizer = lm.load_tokenizer(encoder_dir) if ENCODER else tokenizer
     model = lm.load_model(encoder_dir, device, lm.pick_dtype(device))
-    fingerprint = encoder_fingerprint(common.resolve_model(encoder_dir)) + f"\n{model.dtype}"
+    fingerprint = encoder_fingerprint(encoder_dir, model.dtype)
     vectors = embed_chunks(model, enc_tokenizer, [c.text for c in chunks], out / "emb_cache.npz", fingerprint)
     timings["embedding"] = round(time.time() - t0, 1)
 
