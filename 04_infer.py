@@ -161,13 +161,14 @@ def open_index(model, tokenizer):
     return build_index.load_index().attach_encoder(model, tokenizer)
 
 
-def index_settings(rerank=True):
-    """What of the index changes the prompts: its meta (corpus, chunking, encoder) and the RAG settings."""
+def index_settings(ranked):
+    """What changes the prompts besides the question: the index (corpus, chunking, encoder), the RAG settings and
+    the reranked chunk ids in use ({} for none)."""
     meta = json.loads((common.INDEX / "meta.json").read_text(encoding="utf-8"))
     built = {k: meta.get(k) for k in ("settings", "corpus", "dense_variant")}
     fingerprint = hashlib.sha256(json.dumps(built, sort_keys=True).encode("utf-8")).hexdigest()[:12]
-    rerank_key = json.loads((common.RERANK / "meta.json").read_text(encoding="utf-8"))["key"] \
-        if rerank and (common.RERANK / "DONE").exists() else None
+    rerank_key = hashlib.sha256(json.dumps(ranked, sort_keys=True).encode("utf-8")).hexdigest()[:12] \
+        if ranked else None
     return dict(index=fingerprint, passages=RAG_PASSAGES, max_tokens=RAG_MAX_TOKENS, method=RAG_METHOD,
                 rerank=rerank_key)
 
@@ -192,13 +193,15 @@ def content_free_logprobs(model, tokenizer, option_counts):
     return out
 
 
-def run(questions, out_dir, model_id, dtype_name=None, rag=False, rerank=True):
-    """Answer the questions with checkpointing into out_dir; return (records by id, meta)."""
+def run(questions, out_dir, model_id, dtype_name=None, rag=False, ranked=None):
+    """Answer the questions with checkpointing into out_dir; return (records by id, meta). With rag, the context of
+    a question is its reranked chunk ids in ranked ({id: [chunk ids]}) when given, else the first stage's."""
     device = lm.pick_device()
     dtype = lm.pick_dtype(device, dtype_name)
     dtype_name = str(dtype).replace("torch.", "")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rag_settings = index_settings(rerank) if rag and (common.INDEX / "meta.json").exists() else None
+    ranked = {q.id: ranked[q.id] for q in questions if q.id in ranked} if ranked else {}
+    rag_settings = index_settings(ranked) if rag and (common.INDEX / "meta.json").exists() else None
     key = config_key(model_id, dtype_name, rag_settings)
     checkpoint = out_dir / f"predictions-{key}.jsonl"
     done = load_checkpoint(checkpoint)
@@ -208,7 +211,6 @@ def run(questions, out_dir, model_id, dtype_name=None, rag=False, rerank=True):
     tokenizer = lm.load_tokenizer(model_id)
     model = lm.load_model(model_id, device, dtype)
     index = open_index(model, tokenizer) if rag and todo else None
-    ranked = reranked_chunks() if index and rerank else {}
     load_seconds = time.time() - t0
     stats = {}
     option_counts = sorted({len(q.options) for q in questions if q.kind == "mc"})
@@ -273,8 +275,9 @@ def main():
         questions = [q for q in questions if q.kind == "mc"]
     if args.limit:
         questions = questions[:args.limit]
+    ranked = None if args.no_rerank else reranked_chunks()
     records, meta = run(questions, args.out, args.model or common.answer_model(), args.dtype,
-                        rag=RAG_PASSAGES > 0 and not args.no_rag, rerank=not args.no_rerank)
+                        rag=RAG_PASSAGES > 0 and not args.no_rag, ranked=ranked)
     rows = submission_rows(questions, records, CALIBRATION, meta["content_free"])
     sample_ids = None
     if full and args.questions == common.QUESTIONS and common.SAMPLE.exists():

@@ -120,8 +120,8 @@ $(RERANK): 03_rerank.py common.py lm.py 02_build_index.py $(DATA) $(STUDENT) $(I
 
 rerank-report: reports/rerank.md ## recall@1/3/5, MRR: first stage vs pointwise vs listwise; cost -> reports/rerank.md
 
-reports/rerank.md: eval_rerank.py 03_rerank.py eval_retrieval.py $(INDEX) $(RERANK) $(BASELINE)/rag/DONE
-	$(PY) $< --out $@ --score-runs $(BASELINE)/rag outputs/04_infer
+reports/rerank.md: eval_rerank.py 03_rerank.py 04_infer.py eval_retrieval.py common.py lm.py $(INDEX)
+	$(PY) $< --out $@ --command "make rerank-report"
 
 $(BASELINE)/rag/DONE: 04_infer.py common.py lm.py 02_build_index.py $(DATA) $(STUDENT) $(INDEX)
 	$(PY) $< --out $(BASELINE)/rag --no-rerank

@@ -4,13 +4,12 @@ Reads outputs/02_index/ (`make index`), data/prepared/{questions,labels}.csv and
 first EVAL_QUESTIONS development questions whose `reference` names a law article (eval_retrieval.py parses it),
 reranks their first-stage candidates pointwise and listwise with 03_rerank.py (checkpointed under
 outputs/eval_rerank/), and reports recall@1/3/5 and MRR of the first stage, each reranker alone and blended,
-the seconds and tokens per question on this CPU, and the projected cost for 515 questions on a GPU. When
---score-runs are given (04_infer.py outputs without and with reranking), their development scores are added.
+the seconds and tokens per question on this CPU, the projected cost for 515 questions on a GPU, and the
+multiple-choice accuracy of the answers on the same questions with first-stage vs reranked passages.
 Run by `make rerank-report`.
 """
 import argparse
 import importlib
-import json
 import time
 from pathlib import Path
 
@@ -52,7 +51,6 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--command", default="make rerank-report")
-    parser.add_argument("--score-runs", nargs=2, metavar=("FIRST_STAGE_RUN", "RERANKED_RUN"))
     args = parser.parse_args()
 
     index = build_index.load_index()
@@ -93,8 +91,7 @@ def main():
     lines += ["", "The projection multiplies the measured tokens per question by 515 and divides by an assumed "
               "4090 prefill rate (" + ", ".join(f"{k} {v:,} tokens/s" for k, v in GPU_PREFILL_TOKENS_PER_S.items())
               + "); it is an estimate for the time budget, not a GPU measurement.", ""]
-    if args.score_runs:
-        lines += score_lines(args.score_runs)
+    lines += score_lines(questions, results, model_id)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
@@ -102,17 +99,23 @@ def main():
     print(f"rerank: wrote {args.out}")
 
 
-def score_lines(runs):
+def score_lines(questions, results, model_id):
+    """MC accuracy of the answering model on the measured questions with first-stage vs reranked passages."""
+    infer = importlib.import_module("04_infer")
     evaluate = importlib.import_module("evaluate")
     labels = evaluate.read_labels()
-    lines = ["## Development score without and with reranking", "",
-             "| run | score | MC accuracy | descriptive | s/question |", "|---|---|---|---|---|"]
-    for run_dir in runs:
-        answers, meta, _ = evaluate.load_run(run_dir)
-        s = evaluate.score(answers, labels)
-        lines.append(f"| {Path(run_dir).name} (rerank {json.dumps((meta.get('rag') or {}).get('rerank'))}) | "
-                     f"{evaluate.fmt(s.get('score'))} | {evaluate.fmt(s['mc_acc'])} | "
-                     f"{evaluate.fmt(s.get('desc_score'))} | {evaluate.fmt(meta['seconds']['per_question'], 2)} |")
+    lines = ["## Answers with first-stage vs reranked passages (the same questions)", "",
+             f"{infer.RAG_PASSAGES} passages in the prompt, blend {rerank.BLEND}, calibration `{infer.CALIBRATION}` "
+             "(batch calibration falls back to the content-free prior on fewer than "
+             f"{infer.BATCH_MIN} questions).", "",
+             "| passages | MC accuracy | questions | s/question |", "|---|---|---|---|"]
+    variants = [("first stage", None)] + [(mode, {r["id"]: r["chunks"] for r in results[mode]}) for mode in MODES]
+    for name, ranked in variants:
+        records, meta = infer.run(questions, OUT / f"answers-{name.replace(' ', '-')}", model_id, rag=True,
+                                  ranked=ranked)
+        answers = dict(infer.submission_rows(questions, records, infer.CALIBRATION, meta["content_free"]))
+        acc = sum(answers[q.id] == labels[q.id]["Answer"] for q in questions) / len(questions)
+        lines.append(f"| {name} | {acc:.3f} | {len(questions)} | {meta['seconds']['per_question']:.2f} |")
     return lines + [""]
 
 

@@ -123,3 +123,19 @@ def test_run_writes_every_question_and_resumes(tiny_model_dir, tiny_index, tmp_p
     assert meta2["reranked_now"] == 0 and again == records
     ranked = rerank.load_ranked(tmp_path / "rr" / f"ranked-{meta['key']}.jsonl")
     assert json.dumps(ranked["Q0"]) == json.dumps(records[0])
+
+
+def test_rerank_report_metrics_by_hand():
+    eval_rerank = importlib.import_module("eval_rerank")
+
+    class Keyed:
+        def __init__(self, key):
+            self.key = key
+
+    chunks = [Keyed(("법", "법률", f"제{i}조")) for i in range(6)]
+    items = [dict(golds=[("법", "법률", "제2조")]), dict(golds=[("법", "법률", "제5조")]), dict(golds=[("x",)])]
+    ranks = eval_rerank.ranks_of([[2, 0], [0, 1, 3, 4, 5], [1]], items, chunks)
+    assert ranks == [1, 5, None]
+    m = eval_rerank.summary(ranks)
+    assert (m["recall@1"], m["recall@3"], m["recall@5"]) == (1 / 3, 1 / 3, 2 / 3)
+    assert m["MRR"] == pytest.approx((1 + 1 / 5) / 3)
