@@ -28,7 +28,7 @@ import common
 import lm
 
 # ----------------------------------------------------------------------------- settings
-N_CHUNKS = dict(cpu=64, cuda=2500)  # corpus chunks to write questions from, per device (2 questions each)
+N_CHUNKS = dict(cpu=40, cuda=2500)  # corpus chunks to write questions from, per device (2 questions each)
 KINDS = ("mc", "desc")  # one question of each kind per chunk
 OPTION_COUNTS = (4, 5)  # the competition's multiple-choice layouts
 CORPUS_PARTS = ["laws", "guidelines"]
@@ -95,10 +95,11 @@ def load_chunks(tokenizer, corpus=common.CORPUS, parts=CORPUS_PARTS):
 
 
 def pick_chunks(chunks, n, seed=common.SEED):
-    """n chunks sampled reproducibly among those long enough and not 부칙 (addenda are dates, not rules)."""
+    """The first n chunks of a fixed shuffle of those long enough and not 부칙 (addenda are dates, not rules)."""
     usable = [c for c in chunks if len(c["text"]) >= MIN_CHUNK_CHARS and "부칙" not in c["text"].split("\n")[0]]
     usable = sorted({c["id"]: c for c in usable}.values(), key=lambda c: c["id"])
-    return random.Random(seed).sample(usable, min(n, len(usable)))
+    random.Random(seed).shuffle(usable)  # a fixed order: a larger n extends a smaller n's selection
+    return usable[:n]
 
 
 def clip_tokens(tokenizer, text, max_tokens):
