@@ -42,7 +42,7 @@ ENCODER = None  # None: the student LLM (single-LLM rule); or a directory of a s
 EMBED_TEMPLATE = '이 글: "{text}"\n이 글의 뜻을 한 단어로 말하면: "'  # PromptEOL (Jiang et al. 2023), Korean
 DENSE_VARIANT = "mean@mid"  # pooling@layer: last_token|mean @ last|mid; all four are cached and measured
 EMBED_BATCH = 8  # texts per forward pass
-EMBED_MAX_TOKENS = 512  # text tokens per embedded input (chunks are <= WINDOW_TOKENS + header)
+EMBED_MAX_TOKENS = 128  # text tokens embedded per chunk/query (header + start): 2 CPU cores shared, see report
 EMBED_SAVE_EVERY = 25  # batches between cache saves, so a killed build resumes
 FUSION = "rrf"  # rrf | weighted: the default is the dev-set winner (reports/retrieval.md)
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
@@ -371,21 +371,24 @@ def encoder_fingerprint(model_id, dtype):
     the dtype change; not with the checkout's location, so a clone can reuse a copied cache."""
     import lm
 
-    return "\n".join([lm.model_fingerprint(model_id), EMBED_TEMPLATE, str(EMBED_MAX_TOKENS), str(dtype)])
+    return "\n".join([lm.model_fingerprint(model_id), EMBED_TEMPLATE, str(dtype)])
 
 
-def embed_inputs(tokenizer, texts):
-    """Token ids of EMBED_TEMPLATE around each text, the text cut to EMBED_MAX_TOKENS tokens at a token edge."""
+def embed_text(tokenizer, text):
+    """The part of text that is embedded: its first EMBED_MAX_TOKENS tokens (cut at a token edge), fewer when the
+    model's context is shorter."""
     prefix, suffix = EMBED_TEMPLATE.split("{text}")
     frame = len(tokenizer(prefix + suffix, add_special_tokens=False)["input_ids"])
     limit = max(1, min(EMBED_MAX_TOKENS, tokenizer.model_max_length - frame - 2))
-    out = []
-    for text in texts:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if len(enc["input_ids"]) > limit:
-            text = text[:enc["offset_mapping"][limit - 1][1]]
-        out.append(tokenizer(prefix + text + suffix, add_special_tokens=False)["input_ids"])
-    return out
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text[:enc["offset_mapping"][limit - 1][1]] if len(enc["input_ids"]) > limit else text
+
+
+def embed_inputs(tokenizer, texts):
+    """Token ids of EMBED_TEMPLATE around each (cut) text."""
+    prefix, suffix = EMBED_TEMPLATE.split("{text}")
+    return [tokenizer(prefix + embed_text(tokenizer, t) + suffix, add_special_tokens=False)["input_ids"]
+            for t in texts]
 
 
 def embed(model, tokenizer, texts, batch_size=EMBED_BATCH, progress=False):
@@ -427,6 +430,11 @@ def chunk_hash(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
+def embedding_key(tokenizer, text):
+    """Cache key of a text's embedding: the hash of what is actually embedded (the cut text)."""
+    return chunk_hash(embed_text(tokenizer, text))
+
+
 def load_cache(path, fingerprint):
     """{chunk hash: {variant: vector}} from emb_cache.npz when it was made by the same encoder recipe."""
     if not Path(path).exists():
@@ -450,7 +458,8 @@ def save_cache(path, fingerprint, cache):
 def embed_chunks(model, tokenizer, texts, cache_path, fingerprint):
     """{variant: matrix} for the chunk texts, embedding only those missing from the cache (saved as it goes)."""
     cache = load_cache(cache_path, fingerprint)
-    missing = sorted({chunk_hash(t): t for t in texts if chunk_hash(t) not in cache}.items(), key=lambda x: len(x[1]))
+    keys = [embedding_key(tokenizer, t) for t in texts]
+    missing = sorted({k: t for k, t in zip(keys, texts) if k not in cache}.items(), key=lambda x: len(x[1]))
     print(f"02: {len(texts) - len(missing)} chunk embeddings from the cache, {len(missing)} to compute")
     step = EMBED_BATCH * EMBED_SAVE_EVERY
     with tqdm(total=len(missing), desc="02 embedding", unit="chunk") as bar:
@@ -461,7 +470,7 @@ def embed_chunks(model, tokenizer, texts, cache_path, fingerprint):
                 cache[h] = {v: vectors[v][row] for v in DENSE_VARIANTS}
             save_cache(cache_path, fingerprint, cache)
             bar.update(len(part))
-    return {v: np.stack([cache[chunk_hash(t)][v] for t in texts]) for v in DENSE_VARIANTS}
+    return {v: np.stack([cache[k][v] for k in keys]) for v in DENSE_VARIANTS}
 
 
 def flat_index(vectors):

@@ -282,7 +282,7 @@ def main():
     encoder_ms = (time.time() - t0) * 1000 / max(len(items), 1)
     cache = np.load(args.index / "emb_cache.npz", allow_pickle=False)
     row_of = {str(h): i for i, h in enumerate(cache["hashes"])}
-    chunk_rows = [row_of[ix.chunk_hash(c.text)] for c in index.chunks]
+    chunk_rows = [row_of[ix.embedding_key(enc_tokenizer, c.text)] for c in index.chunks]
     dense_hits = {}
     for variant in ix.DENSE_VARIANTS:
         flat = ix.flat_index(cache[variant][chunk_rows])
