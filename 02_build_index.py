@@ -668,7 +668,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "DONE").unlink(missing_ok=True)
     print(f"02: settings {json.dumps(settings(), ensure_ascii=False)}")
-    timings = {}
+    timings, load_start = {}, os.getloadavg()[0]
     encoder_dir = ENCODER or common.STUDENT_MODEL
     tokenizer = lm.load_tokenizer(common.STUDENT_MODEL)
 
@@ -703,7 +703,7 @@ def main():
                 chunk_tokens=dict(mean=round(float(np.mean(lengths)), 1), max=int(max(lengths))),
                 windowed_articles=len({(c.source, c.article) for c in chunks if c.parts > 1}),
                 seconds=timings, bytes=sizes, index_bytes=index_bytes, device=device, dtype=str(model.dtype),
-                peak_rss_gib=round(lm.peak_rss_gib(), 2),
+                peak_rss_gib=round(lm.peak_rss_gib(), 2), loadavg=[round(load_start, 1), round(os.getloadavg()[0], 1)],
                 versions=dict(lm.versions(), faiss=faiss.__version__, kiwipiepy=kiwipiepy.__version__,
                               numpy=np.__version__, torch=torch.__version__))
     lm.write_json(out / "meta.json", meta)

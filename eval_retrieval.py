@@ -14,6 +14,7 @@ import csv
 import hashlib
 import importlib
 import json
+import os
 import re
 import statistics
 import time
@@ -383,7 +384,9 @@ def main():
         "student tokens.",
         f"- Build on this CPU ({meta['device']}, {meta['dtype']}): chunking {s['chunking']} s, morphemes "
         f"{s['bm25_tokenize']} s, BM25 index {s['bm25_index']} s, embeddings {s['embedding']} s "
-        "(0 when all chunks came from the cache); total " + f"{s['total']} s.",
+        "(0 when all chunks came from the cache); total " + f"{s['total']} s"
+        + (f" (1-minute load average {meta['loadavg'][0]} at the start, {meta['loadavg'][1]} at the end: other "
+           "jobs shared the 2 cores)." if "loadavg" in meta else "."),
         f"- Size: {meta['index_bytes'] / 2**20:.1f} MiB (" + ", ".join(
             f"{n} {v / 2**20:.1f} MiB" for n, v in b.items()) + "; emb_cache.npz holds all four dense variants).",
         f"- Encoder: `{meta['encoder']}` ("
@@ -412,7 +415,7 @@ def main():
                          + " | ".join(f"{m[f'recall@{k}']:.3f}" for k in KS) + f" | {m['MRR']:.3f} |")
     lines += [
         "",
-        "## Query latency (per question, this CPU, index corpus)",
+        f"## Query latency (per question, this CPU, index corpus; load average {os.getloadavg()[0]:.1f} here)",
         f"- BM25 (kiwi morphemes + scoring + top-{MRR_DEPTH}): {latency(lat['bm25'])}; of which kiwi "
         f"{latency(kiwi_ms)}.",
     ]
