@@ -13,8 +13,10 @@ import hashlib
 import importlib
 import json
 import math
+import os
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,7 +30,8 @@ DESC_BATCH = 8  # generation batch (decode is ~8x faster per token at batch 8 th
 DESC_MAX_NEW_TOKENS = 128  # the reference answers are one or two sentences
 DESC_MAX_SENTENCES = 3
 CHECKPOINT_EVERY = 32  # questions per checkpoint append
-CALIBRATION = "batch"  # none | content_free | batch: correction of the option prior (reports/baseline.md)
+CALIBRATION = "auto"  # none | content_free | batch | auto: correction of the option prior (reports/baseline.md)
+AUTO_SKEW = 0.5  # auto: batch calibration when one option wins more than this share of the raw answers, else none
 CONTENT_FREE_STEMS = ["N/A", "[빈칸]", ""]  # content-free prompts for content_free calibration (Zhao et al. 2021)
 BATCH_MIN = 50  # fewer questions of one option count than this: batch calibration uses the content-free prior
 RAG_PASSAGES = 3  # retrieved passages put before each question (02_build_index.py); --no-rag answers without
@@ -69,8 +72,19 @@ def option_prior(records, mode, content_free=None):
     return priors
 
 
+def auto_mode(records):
+    """'batch' when the raw answers pile onto one option (the 0.5B student: 96% option 1), else 'none' (the 1.5B
+    teacher loses accuracy to any correction). Label-free: it looks only at the model's own answers."""
+    mc = [r for r in records if r["kind"] == "mc"]
+    if not mc:
+        return "none"
+    raw = Counter(max(range(len(r["logprobs"])), key=r["logprobs"].__getitem__) for r in mc)
+    return "batch" if raw.most_common(1)[0][1] / len(mc) > AUTO_SKEW else "none"
+
+
 def calibrated_answers(records, mode, content_free=None):
     """Map question id -> option number (1-based) after subtracting the log prior."""
+    mode = auto_mode(records) if mode == "auto" else mode
     mc = [r for r in records if r["kind"] == "mc"]
     priors = option_prior(mc, mode, content_free)
     answers = {}
@@ -193,6 +207,9 @@ def content_free_logprobs(model, tokenizer, option_counts):
     return out
 
 
+MEASURED = ("prefill_tokens_per_s", "generated_tokens_per_s", "peak_rss_gib", "load_average")
+
+
 def run(questions, out_dir, model_id, dtype_name=None, rag=False, ranked=None):
     """Answer the questions with checkpointing into out_dir; return (records by id, meta). With rag, the context of
     a question is its reranked chunk ids in ranked ({id: [chunk ids]}) when given, else the first stage's."""
@@ -240,9 +257,17 @@ def run(questions, out_dir, model_id, dtype_name=None, rag=False, ranked=None):
                 if stats.get("prefill_seconds") else None,
                 generated_tokens_per_s=round(stats["generated_tokens"] / stats["generate_seconds"], 1)
                 if stats.get("generate_seconds") else None,
-                peak_rss_gib=round(lm.peak_rss_gib(), 2), predictions=checkpoint.name,
+                peak_rss_gib=round(lm.peak_rss_gib(), 2), load_average=round(os.getloadavg()[0], 2),
+                predictions=checkpoint.name,
                 settings=dict(MC_BATCH=MC_BATCH, DESC_BATCH=DESC_BATCH, DESC_MAX_NEW_TOKENS=DESC_MAX_NEW_TOKENS,
                               DESC_MAX_SENTENCES=DESC_MAX_SENTENCES), versions=lm.versions())
+    previous = out_dir / "meta.json"
+    if not todo and previous.exists():  # all from the checkpoint: keep the measurements of the run that did the work
+        old = json.loads(previous.read_text(encoding="utf-8"))
+        if old.get("key") == key:
+            for field in MEASURED:
+                meta[field] = old.get(field)
+            meta["seconds"]["answering"] = old["seconds"]["answering"]
     return records, meta
 
 

@@ -143,10 +143,13 @@ $(BASELINE)/student-fp32/DONE: 04_infer.py common.py lm.py $(DATA) $(STUDENT)
 $(BASELINE)/student-bf16/DONE: 04_infer.py common.py lm.py $(DATA) $(STUDENT)
 	$(PY) $< --model models/student-base --out $(BASELINE)/student-bf16 --dtype bfloat16 --limit 100 --mc-only --no-rag
 
+$(BASELINE)/teacher-bf16/DONE: 04_infer.py common.py lm.py $(DATA) $(TEACHER)
+	$(PY) $< --model models/teacher-base --out $(BASELINE)/teacher-bf16 --dtype bfloat16 --limit 100 --mc-only --no-rag
+
 reports/baseline.md: evaluate.py $(BASELINE)/student/DONE $(BASELINE)/teacher/DONE \
-		$(BASELINE)/student-fp32/DONE $(BASELINE)/student-bf16/DONE
+		$(BASELINE)/student-fp32/DONE $(BASELINE)/student-bf16/DONE $(BASELINE)/teacher-bf16/DONE
 	$(PY) $< --run $(BASELINE)/student --run $(BASELINE)/teacher \
-		--dtype-pair $(BASELINE)/student-fp32 $(BASELINE)/student-bf16 --out $@ \
+		--speed $(BASELINE)/student-fp32 $(BASELINE)/student-bf16 $(BASELINE)/teacher-bf16 --out $@ \
 		--command "make baseline-report"
 
 report: reports/REPORT.md ## reports/REPORT.md generated from the stage reports in reports/ (never by hand)

@@ -23,7 +23,7 @@ import common
 SCORER_ENCODER = "char-ngram"
 NGRAMS = (2, 3)
 W_MC, W_DESC, W_COS, W_KW = 0.5, 0.5, 0.6, 0.4
-CALIBRATIONS = ["none", "content_free", "batch"]
+CALIBRATIONS = ["none", "content_free", "batch", "auto"]
 # -----------------------------------------------------------------------------
 
 infer = importlib.import_module("04_infer")
@@ -146,7 +146,8 @@ def calibration_table(records, meta, labels):
         acc = sum(answers[i] == labels[i]["Answer"] for i in answers) / len(answers)
         spread = Counter(answers.values())
         top_option, top_count = spread.most_common(1)[0]
-        rows.append((mode, acc, len(answers), f"{top_option} ({top_count / len(answers):.0%})"))
+        name = f"auto → {infer.auto_mode(records)}" if mode == "auto" else mode
+        rows.append((name, acc, len(answers), f"{top_option} ({top_count / len(answers):.0%})"))
     return rows
 
 
@@ -180,7 +181,9 @@ def run_section(name, answers, meta, records, labels):
              f"| prefill tokens/s | {fmt(meta.get('prefill_tokens_per_s'), 0)} |",
              f"| generated tokens/s (batch {meta['settings']['DESC_BATCH']}) | "
              f"{fmt(meta.get('generated_tokens_per_s'), 1)} |",
-             f"| peak RSS (GiB) | {fmt(meta['peak_rss_gib'], 2)} |", "",
+             f"| peak RSS (GiB) | {fmt(meta['peak_rss_gib'], 2)} |",
+             f"| load average at the end (2 cores; > 2 means other jobs shared the CPU) | "
+             f"{fmt(meta.get('load_average'), 1)} |", "",
              "| domain | accuracy | questions |", "|---|---|---|"]
     lines += [f"| {d} | {acc:.3f} | {n} |" for d, (acc, n) in s["per_domain"].items()]
     lines += ["", "| calibration | MC accuracy | questions | most frequent answer |", "|---|---|---|---|"]
@@ -191,14 +194,15 @@ def run_section(name, answers, meta, records, labels):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", required=True, help="a 04_infer.py output folder (repeatable)")
-    parser.add_argument("--dtype-pair", nargs=2, metavar=("FP32_RUN", "OTHER_RUN"),
-                        help="two runs of the same model to compare option logits across dtypes")
+    parser.add_argument("--speed", nargs="+", metavar="RUN",
+                        help="runs on the same questions for the speed table; the first two are one model in fp32 "
+                             "and in another dtype, compared option by option")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--command", default="make eval", help="the command that produced the report")
     args = parser.parse_args()
 
     labels = read_labels()
-    title = "Baseline: no retrieval" if args.dtype_pair else "Development-set evaluation"
+    title = "Baseline: no retrieval" if args.speed else "Development-set evaluation"
     lines = [f"# {title}", "", f"Produced by `{args.command}`. Labels: `{common.LABELS.relative_to(common.ROOT)}` "
              f"(FSKU development set, never used for training or prompts). Chance on 4 options is 0.25.", "",
              f"Descriptive cosine encoder: `{SCORER_ENCODER}` (TF-IDF over character {NGRAMS[0]}-{NGRAMS[-1]}-grams: "
@@ -213,16 +217,20 @@ def main():
         summary.append(f"| {Path(run_dir).name} | {fmt(s.get('score'))} | {fmt(s['mc_acc'])} | "
                        f"{fmt(s.get('desc_score'))} | {fmt(meta['seconds']['per_question'], 2)} |")
     lines += summary + [""] + sections
-    if args.dtype_pair:
-        d = dtype_agreement(*args.dtype_pair)
-        lines += ["## CPU dtype check (same model, first questions, multiple choice only)", "",
-                  "| dtype | s/question | prefill tokens/s | peak RSS GiB |", "|---|---|---|---|"]
-        for m in (d["meta_a"], d["meta_b"]):
-            lines.append(f"| {m['dtype']} | {fmt(m['seconds']['per_question'], 2)} | "
-                         f"{fmt(m.get('prefill_tokens_per_s'), 0)} | {fmt(m['peak_rss_gib'], 2)} |")
+    if args.speed:
+        d = dtype_agreement(*args.speed[:2])
+        lines += ["## Speed on this CPU and the CPU dtype check (first questions, multiple choice only)", "",
+                  "| run | model | dtype | s/question | prefill tokens/s | peak RSS GiB | load average |",
+                  "|---|---|---|---|---|---|---|"]
+        for run_dir in args.speed:
+            m = json.loads((Path(run_dir) / "meta.json").read_text(encoding="utf-8"))
+            lines.append(f"| {Path(run_dir).name} | `{m['model']}` | {m['dtype']} | "
+                         f"{fmt(m['seconds']['per_question'], 2)} | {fmt(m.get('prefill_tokens_per_s'), 0)} | "
+                         f"{fmt(m['peak_rss_gib'], 2)} | {fmt(m.get('load_average'), 1)} |")
         lines += ["", f"Top-1 option agreement {d['meta_b']['dtype']} vs {d['meta_a']['dtype']}: "
                   f"**{d['agree']:.1%}** over {d['n']} questions; mean of the largest |Δp| per question "
-                  f"{d['max_dp']:.3f}.", ""]
+                  f"{d['max_dp']:.3f}. A load average above 2 means other jobs shared the two cores during the "
+                  "run: the times are then upper bounds.", ""]
         lines += setup_lines()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")

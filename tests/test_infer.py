@@ -138,6 +138,11 @@ def test_main_writes_a_valid_submission(tiny_model_dir, tmp_path, monkeypatch):
     assert common.validate_submission(rows, common.read_questions(questions)) == []
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     assert (out / "DONE").exists() and meta["questions"] == 4 and meta["seconds"]["per_question"] > 0
+    infer.main()  # everything from the checkpoint: the measurements of the first run are kept
+    again = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert again["answered_now"] == 0
+    assert [again[f] for f in infer.MEASURED] == [meta[f] for f in infer.MEASURED]
+    assert again["prefill_tokens_per_s"] > 0
 
 
 def test_retrieved_context_goes_into_the_prompt_and_the_key(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
@@ -161,3 +166,11 @@ def test_missing_index_says_what_to_do(tiny_model_dir, tmp_path, monkeypatch):
     questions = common.read_questions(write_questions(tmp_path / "q.csv", n_mc=1, n_desc=0))
     with pytest.raises(SystemExit, match="make index"):
         infer.run(questions, tmp_path / "out", str(tiny_model_dir), "float32", rag=True)
+
+
+def test_auto_calibration_corrects_only_a_piled_up_prior():
+    piled = [record(f"p{i}", [0.7, 0.1, 0.1, 0.1] if i % 4 else [0.2, 0.6, 0.1, 0.1]) for i in range(60)]
+    spread = [record(f"s{i}", [0.1] * (i % 4) + [0.7] + [0.1] * (3 - i % 4)) for i in range(60)]
+    assert infer.auto_mode(piled) == "batch" and infer.auto_mode(spread) == "none"
+    assert infer.calibrated_answers(spread, "auto") == infer.calibrated_answers(spread, "none")
+    assert infer.calibrated_answers(piled, "auto") == infer.calibrated_answers(piled, "batch")
