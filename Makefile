@@ -13,6 +13,8 @@ STUDENT := models/student-base/DONE
 TEACHER := models/teacher-base/DONE
 DATA := data/prepared/DONE
 BASELINE := outputs/baseline
+INDEX := outputs/02_index/DONE
+RERANK := outputs/03_rerank/DONE
 # The competition file, when the user has put it at data/test.csv (rebuilds the data when it appears).
 TEST_CSV := $(wildcard data/test.csv data/sample_submission.csv)
 # Model wheel cache; `make verify` passes this checkout's into the fresh clone (nothing downloaded twice).
@@ -49,7 +51,6 @@ $(DATA): prepare_data.py common.py $(SETUP) $(TEST_CSV)
 	$(PY) $<
 
 .PHONY: index eval-retrieval rag-report rerank rerank-report
-INDEX := outputs/02_index/DONE
 index: $(INDEX) ## chunk the laws + guidelines, Korean BM25 and dense FAISS index -> outputs/02_index
 
 $(INDEX): 02_build_index.py common.py lm.py $(DATA) $(STUDENT)
@@ -112,7 +113,6 @@ eval: reports/eval.md ## competition score of submission.csv on the development 
 reports/eval.md: evaluate.py submission.csv
 	$(PY) $< --run outputs/04_infer --out $@
 
-RERANK := outputs/03_rerank/DONE
 rerank: $(RERANK) ## the student reranks each question's first-stage candidates -> outputs/03_rerank/ranked.jsonl
 
 $(RERANK): 03_rerank.py common.py lm.py 02_build_index.py $(DATA) $(STUDENT) $(INDEX)
