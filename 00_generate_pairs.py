@@ -9,8 +9,8 @@ are dropped. Teacher and student then answer every kept prompt under the same co
 source passage as context for a CONTEXT_RATE share; same sampling settings). Writes outputs/00_pairs/:
 pairs.jsonl ({id, kind, prompt (chat messages), prefix, chosen = teacher answer, rejected = student answer,
 source, settings}), attempts.jsonl (every chunk and kind tried, with the reason a question was dropped),
-meta.json and DONE. Both JSONL files are appended batch by batch: a killed run resumes where it stopped.
-Run by `make pairs`.
+timings.jsonl (seconds per batch), meta.json and DONE. The JSONL files are appended batch by batch: a killed
+run resumes where it stopped. Run by `make pairs`.
 """
 import hashlib
 import importlib
@@ -377,10 +377,14 @@ def run(chunks, teacher, student, tokenizer, out_dir, n_chunks):
                  chunks_done_before=len(done_chunks), chunks_now=len(todo))
     rng = random.Random(seed_of("options", len(done_chunks)))
     for start in tqdm(range(0, len(todo), BATCH), desc="00 pairs", unit="batch"):
+        before = dict(stats)
         pairs, attempts = process_batch(todo[start:start + BATCH], teacher, student, tokenizer, seen, rng, stats)
         append_jsonl(pairs_path, [p for p in pairs if p["id"] not in have])  # pairs first, then the attempt log
         have |= {p["id"] for p in pairs}
         append_jsonl(attempts_path, attempts)
+        timing = {k: round(stats[k] - before[k], 2) for k in ("write_seconds", "teacher_answer_seconds",
+                                                              "student_answer_seconds", "answers")}
+        append_jsonl(out_dir / "timings.jsonl", [dict(timing, chunks=len(todo[start:start + BATCH]))])
     return stats
 
 
@@ -391,17 +395,25 @@ def summary(out_dir, stats, seconds):
     for a in attempts:
         if not a["kept"]:
             reasons[a["reason"]] = reasons.get(a["reason"], 0) + 1
-    answer_seconds = stats["teacher_answer_seconds"] + stats["student_answer_seconds"]
+    timings = read_jsonl(Path(out_dir) / "timings.jsonl")  # per batch, over every run (resumed runs too)
+    total = {k: sum(t[k] for t in timings) for k in ("write_seconds", "teacher_answer_seconds",
+                                                     "student_answer_seconds", "answers", "chunks")}
+    answer_seconds = total["teacher_answer_seconds"] + total["student_answer_seconds"]
     mc = [p for p in pairs if p["kind"] == "mc"]
     return dict(pairs=len(pairs), mc_pairs=len(mc), desc_pairs=len(pairs) - len(mc), attempts=len(attempts),
                 dropped=reasons, with_context=sum(p["context"] for p in pairs),
                 teacher_matches_key=round(sum(p["chosen"] == str(p["key"]) for p in mc) / max(len(mc), 1), 3),
                 student_matches_key=round(sum(p["rejected"] == str(p["key"]) for p in mc) / max(len(mc), 1), 3),
-                this_run=dict(stats, seconds=round(seconds, 1),
-                              answers_per_minute=round(2 * stats["answers"] / answer_seconds * 60, 1)
-                              if answer_seconds else None,
-                              questions_per_minute=round(2 * stats["chunks_now"] / stats["write_seconds"] * 60, 1)
-                              if stats["write_seconds"] else None),
+                this_run=dict(stats, seconds=round(seconds, 1)),
+                timed_batches=dict(total, batches=len(timings),
+                                   answers_per_minute=round(2 * total["answers"] / answer_seconds * 60, 1)
+                                   if answer_seconds else None,
+                                   teacher_answers_per_minute=round(total["answers"] / total[
+                                       "teacher_answer_seconds"] * 60, 1) if total["teacher_answer_seconds"] else None,
+                                   student_answers_per_minute=round(total["answers"] / total[
+                                       "student_answer_seconds"] * 60, 1) if total["student_answer_seconds"] else None,
+                                   questions_per_minute=round(len(KINDS) * total["chunks"] / total["write_seconds"]
+                                                              * 60, 1) if total["write_seconds"] else None),
                 peak_rss_gib=round(lm.peak_rss_gib(), 2), settings=settings(), versions=lm.versions())
 
 
@@ -422,7 +434,7 @@ def main():
     (common.PAIRS / "DONE").touch()
     print(f"00: {meta['pairs']} pairs ({meta['mc_pairs']} MC, {meta['desc_pairs']} descriptive) from "
           f"{meta['attempts']} attempts; this run {stats['answers']} prompts answered by both models "
-          f"({meta['this_run']['answers_per_minute']} answers/min) in {time.time() - t0:.1f} s -> {common.PAIRS}")
+          f"({meta['timed_batches']['answers_per_minute']} answers/min) in {time.time() - t0:.1f} s -> {common.PAIRS}")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def test_resume_appends_only_new_chunks(tiny, tmp_path, monkeypatch):
             assert p["chosen"] in {"1", "2", "3", "4", "5"} and p["prefix"] == common.MC_ANSWER_PREFIX
     assert g.run(chunks, model, model, tok, tmp_path, n_chunks=4)["chunks_now"] == 0
     meta = g.summary(tmp_path, stats, 1.0)
-    assert meta["pairs"] == 8 and meta["attempts"] == 8
+    assert meta["pairs"] == 8 and meta["attempts"] == 8 and meta["timed_batches"]["batches"] == 2
 
 
 def test_duplicates_are_dropped(tiny, tmp_path, monkeypatch):
