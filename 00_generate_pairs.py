@@ -418,6 +418,12 @@ def summary(out_dir, stats, seconds):
 
 
 def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunks", type=int, default=None, help="chunks to process (default N_CHUNKS[device]); "
+                        "the selection is prefix-stable, so a smaller number finishes a run that was cut short")
+    args = parser.parse_args()
     t0 = time.time()
     print(f"00: settings {json.dumps(settings(), ensure_ascii=False)}")
     device = lm.pick_device()
@@ -427,7 +433,7 @@ def main():
     chunks = load_chunks(tokenizer)
     teacher = lm.load_model(common.TEACHER_MODEL, device, dtype)
     student = lm.load_model(common.STUDENT_MODEL, device, dtype)
-    stats = run(chunks, teacher, student, tokenizer, common.PAIRS, N_CHUNKS[device])
+    stats = run(chunks, teacher, student, tokenizer, common.PAIRS, args.chunks or N_CHUNKS[device])
     meta = summary(common.PAIRS, stats, time.time() - t0)
     meta.update(teacher=common.TEACHER_MODEL, student=common.STUDENT_MODEL, corpus_chunks=len(chunks))
     lm.write_json(common.PAIRS / "meta.json", meta)

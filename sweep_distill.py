@@ -133,39 +133,58 @@ def measurement_lines():
     return lines + [""]
 
 
+def subset_scores(folder, ids, labels):
+    """Score of a 04 run on the question ids only, multiple choice re-calibrated on that subset from the raw
+    log-probabilities, so runs answered on different subsets (--limit, --mc-only) compare fairly."""
+    answers, meta, records = evaluate.load_run(folder)
+    records = [r for r in records if r["id"] in ids]
+    subset = {r["id"]: answers[r["id"]] for r in records if r["kind"] == "desc"}
+    subset.update(evaluate.infer.calibrated_answers(records, meta["calibration"], meta.get("content_free")))
+    return evaluate.score(subset, labels)
+
+
 def distill_report(labels, command):
     runs = [("base student", BASELINE_DIR / "student"), ("teacher", BASELINE_DIR / "teacher")]
     runs += [(f"student + {name}", DISTILL_DIR / name) for name in DISTILL_RUNS]
-    scores = {}
+    done = [(name, folder) for name, folder in runs if (folder / "DONE").exists()]
+    ids = None
+    for _, folder in done:
+        run_ids = set(evaluate.load_run(folder)[0])
+        ids = run_ids if ids is None else ids & run_ids
+    scores = {name: subset_scores(folder, ids, labels) for name, folder in done}
+    any_s = next(iter(scores.values()), None)
     lines = ["# Distillation: DistiLLM-2 vs a baseline loss", "", f"Produced by `{command}`.", "",
-             "## Development score", "", "| model | score | MC accuracy | descriptive | gap closed (score) | "
-             "gap closed (MC) |", "|---|---|---|---|---|---|"]
-    for name, folder in runs:
-        if not (folder / "DONE").exists():
-            lines.append(f"| {name} | not run ({folder.relative_to(common.ROOT)}) | | | | |")
-            continue
-        s, _ = scored(folder, labels)
-        scores[name] = s
+             "## Development score", "",
+             f"All runs scored on the same {any_s['n_mc'] if any_s else 0} multiple-choice and "
+             f"{any_s['n_desc'] if any_s else 0} descriptive development questions (the questions every run "
+             "answered), no retrieval (`04_infer.py --no-rag`), multiple choice re-calibrated (batch) on that set. "
+             "Gap closed = (distilled - base student) / (teacher - base student).", "",
+             "| model | score | MC accuracy | descriptive | gap closed (score) | gap closed (MC) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | not run ({folder.relative_to(common.ROOT)}) | | | | |" for name, folder in runs
+              if (name, folder) not in done]
     st, te = scores.get("base student"), scores.get("teacher")
     for name, s in scores.items():
-        closed = gap_closed(st and st.get("score"), te and te.get("score"), s.get("score")) if st and te else None
-        closed_mc = gap_closed(st and st["mc_acc"], te and te["mc_acc"], s["mc_acc"]) if st and te else None
+        closed = gap_closed(st.get("score"), te.get("score"), s.get("score")) if st and te and s.get("score") else None
+        closed_mc = gap_closed(st["mc_acc"], te["mc_acc"], s["mc_acc"]) if st and te else None
         lines.append(f"| {name} | {evaluate.fmt(s.get('score'))} | {evaluate.fmt(s['mc_acc'])} | "
                      f"{evaluate.fmt(s.get('desc_score'))} | {evaluate.fmt(closed, 2)} | {evaluate.fmt(closed_mc, 2)} |")
     lines += [""]
     pairs_meta = training_meta(common.PAIRS)
     if pairs_meta:
-        r = pairs_meta["this_run"]
+        r = pairs_meta["timed_batches"]
         lines += ["## Pairs (00_generate_pairs.py, `make pairs`)", "",
                   f"{pairs_meta['pairs']} pairs ({pairs_meta['mc_pairs']} multiple choice, {pairs_meta['desc_pairs']} "
                   f"descriptive; {pairs_meta['with_context']} with the source passage in the prompt) from "
                   f"{pairs_meta['attempts']} question attempts; dropped: {json.dumps(pairs_meta['dropped'], ensure_ascii=False)}.",
                   f"Teacher answer = the writer's key on {pairs_meta['teacher_matches_key']:.0%} of the multiple-choice "
                   f"pairs, student answer on {pairs_meta['student_matches_key']:.0%}.",
-                  f"Last run: {r['answers']} prompts answered by both models, {r['answers_per_minute']} answers/minute "
-                  f"(teacher {r['teacher_answer_seconds']:.0f} s + student {r['student_answer_seconds']:.0f} s), "
-                  f"question writing {r['questions_per_minute']} questions/minute, {r['seconds']:.0f} s in all, "
-                  f"peak RSS {pairs_meta['peak_rss_gib']} GiB (both models loaded).", ""]
+                  f"Throughput over {r['batches']} timed batches: {r['answers']} prompts answered by both models, "
+                  f"**{r['answers_per_minute']} answers/minute** (teacher {r['teacher_answers_per_minute']}/min, "
+                  f"{r['teacher_answer_seconds']:.0f} s; student {r['student_answers_per_minute']}/min, "
+                  f"{r['student_answer_seconds']:.0f} s); question writing {r['questions_per_minute']} "
+                  f"questions/minute ({r['write_seconds']:.0f} s). Peak RSS {pairs_meta['peak_rss_gib']} GiB (both "
+                  "models loaded). Command: `make pairs`.", ""]
     lines += ["## Training runs", "", "| adapter | loss | steps | pairs | s/step | first loss | last loss | peak RSS GiB |",
               "|---|---|---|---|---|---|---|---|"]
     for folder in [common.DISTILLED] + [DISTILL_DIR / f"adapter-{n}" for n in DISTILL_RUNS]:
