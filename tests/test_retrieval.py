@@ -201,6 +201,7 @@ def okapi_oracle(corpus, query, k1=1.5, b=0.75, epsilon=0.25):
 
 
 def lucene_oracle(corpus, query, k1=1.5, b=0.75):
+    """bm25s "lucene": idf log(1 + (N - df + 0.5) / (df + 0.5)), and no (k1 + 1) factor (as Lucene >= 8)."""
     n, avgdl = len(corpus), sum(map(len, corpus)) / len(corpus)
     scores = []
     for d in corpus:
@@ -210,7 +211,7 @@ def lucene_oracle(corpus, query, k1=1.5, b=0.75):
             if c == 0:
                 continue
             f = d.count(t)
-            s += math.log(1 + (n - c + 0.5) / (c + 0.5)) * f * (k1 + 1) / (f + k1 * (1 - b + b * len(d) / avgdl))
+            s += math.log(1 + (n - c + 0.5) / (c + 0.5)) * f / (f + k1 * (1 - b + b * len(d) / avgdl))
         scores.append(s)
     return np.array(scores)
 
@@ -267,12 +268,14 @@ TEXTS = ["전자서명은 서명자의 신원을 나타내는 정보이다.", "�
          "금융회사는 보안 사고를 금융위원회에 보고한다."]
 
 
-def test_bm25_search_against_scan(kiwi):
+@pytest.mark.parametrize("backend, oracle", [("rank_bm25", okapi_oracle), ("bm25s", lucene_oracle)])
+def test_bm25_search_against_scan(kiwi, backend, oracle):
+    pytest.importorskip(backend)
     tokens = ix.morphemes(kiwi, TEXTS)
-    index = ix.Index(toy_chunks(TEXTS), tokens, kiwi=kiwi)
+    index = ix.Index(toy_chunks(TEXTS), tokens, kiwi=kiwi, backend=backend)
     hits = index.search("개인정보를 보호하는 자", k=3, method="bm25")
     assert hits[0][0].article == "제2조"
-    scan = okapi_oracle(tokens, ix.morphemes(kiwi, ["개인정보를 보호하는 자"])[0])
+    scan = oracle(tokens, ix.morphemes(kiwi, ["개인정보를 보호하는 자"])[0])
     assert [h[1] for h in hits] == pytest.approx(sorted((s for s in scan if s > 0), reverse=True)[:3], rel=1e-5)
     assert index.search("?!", k=3, method="bm25") == []  # nothing retrieved: an empty list, not an error
 
