@@ -40,7 +40,8 @@ BM25_BACKEND = "bm25s"  # bm25s | rank_bm25: same recall, bm25s ~300x faster per
 BM25_K1, BM25_B = 1.5, 0.75
 ENCODER = None  # None: the student LLM (single-LLM rule); or a directory of a separate encoder if rules allow
 EMBED_TEMPLATE = '이 글: "{text}"\n이 글의 뜻을 한 단어로 말하면: "'  # PromptEOL (Jiang et al. 2023), Korean
-DENSE_VARIANT = "mean@mid"  # pooling@layer: last_token|mean @ last|mid; all four are cached and measured
+DENSE_VARIANT = "mean@mid"  # pooling@layer: last_token|mean @ last|mid, measured in reports/retrieval.md
+EMBED_DEPTH = "mid"  # "mid": run only the layers up to the middle one (half the cost; no @last variants); "all"
 EMBED_BATCH = 8  # texts per forward pass
 EMBED_MAX_TOKENS = 96  # text tokens embedded per chunk/query (header + start): 2 shared CPU cores, see report
 EMBED_SAVE_EVERY = 25  # batches between cache saves, so a killed build resumes
@@ -395,12 +396,16 @@ def embed(model, tokenizer, texts, batch_size=EMBED_BATCH, progress=False):
     """{variant: float32 array (len(texts), hidden), L2-normalised} for every pooling@layer in DENSE_VARIANTS.
 
     One forward pass gives all four: the last token's state (PromptEOL) and the mean over all tokens, each at the
-    last layer (after the final norm) and at the middle layer. Right padding, built here, so the caller's
-    tokenizer settings are untouched.
+    last layer (after the final norm) and at the middle layer. With EMBED_DEPTH "mid" the forward stops one layer
+    after the middle one (so the middle state is the same un-normalised one) and the @last variants are zeros.
+    Right padding, built here, so the caller's tokenizer settings are untouched.
     """
     import torch
 
     base = model.base_model
+    mid = (model.config.num_hidden_layers + 1) // 2  # index into hidden_states (0 = embeddings)
+    all_layers = getattr(base, "layers", None)
+    truncate = EMBED_DEPTH == "mid" and all_layers is not None and mid + 1 < len(all_layers)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = embed_inputs(tokenizer, texts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -410,10 +415,16 @@ def embed(model, tokenizer, texts, batch_size=EMBED_BATCH, progress=False):
         width = max(len(ids[i]) for i in batch)
         input_ids = torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in batch])
         mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in batch])
-        with torch.no_grad():
-            hidden = base(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                          output_hidden_states=True).hidden_states
-        layers = {"last": hidden[-1].float().cpu(), "mid": hidden[len(hidden) // 2].float().cpu()}
+        try:
+            if truncate:
+                base.layers = all_layers[:mid + 1]
+            with torch.no_grad():
+                hidden = base(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+                              output_hidden_states=True, use_cache=False).hidden_states
+        finally:
+            if truncate:
+                base.layers = all_layers
+        layers = {"last": hidden[-1].float().cpu() * (0.0 if truncate else 1.0), "mid": hidden[mid].float().cpu()}
         lengths = mask.sum(1)
         for layer, h in layers.items():
             last = h[torch.arange(len(batch)), lengths - 1]
@@ -652,7 +663,8 @@ def settings():
     return dict(CORPUS_PARTS=CORPUS_PARTS, WINDOW_TOKENS=WINDOW_TOKENS, WINDOW_OVERLAP=WINDOW_OVERLAP,
                 ADDENDA=ADDENDA, SKIP_DELETED=SKIP_DELETED, PDF_WRAP_MIN=PDF_WRAP_MIN, KEEP_POS=list(KEEP_POS),
                 BM25_BACKEND=BM25_BACKEND, BM25_K1=BM25_K1, BM25_B=BM25_B, ENCODER=ENCODER,
-                EMBED_TEMPLATE=EMBED_TEMPLATE, DENSE_VARIANT=DENSE_VARIANT, EMBED_BATCH=EMBED_BATCH,
+                EMBED_TEMPLATE=EMBED_TEMPLATE, DENSE_VARIANT=DENSE_VARIANT, EMBED_DEPTH=EMBED_DEPTH,
+                EMBED_BATCH=EMBED_BATCH,
                 EMBED_MAX_TOKENS=EMBED_MAX_TOKENS, FUSION=FUSION, RRF_K=RRF_K,
                 FUSION_WEIGHT_BM25=FUSION_WEIGHT_BM25, CANDIDATES=CANDIDATES)
 

@@ -285,8 +285,13 @@ def main():
     row_of = {str(h): i for i, h in enumerate(cache["hashes"])}
     chunk_rows = [row_of[ix.embedding_key(enc_tokenizer, c.text)] for c in index.chunks]
     dense_hits = {}
+    unmeasured = []
     for variant in ix.DENSE_VARIANTS:
-        flat = ix.flat_index(cache[variant][chunk_rows])
+        matrix = cache[variant][chunk_rows]
+        if (np.linalg.norm(matrix, axis=1) < 0.5).any() or (np.linalg.norm(qvec[variant], axis=1) < 0.5).any():
+            unmeasured.append(variant)  # EMBED_DEPTH "mid": the forward pass stopped before the last layer
+            continue
+        flat = ix.flat_index(matrix)
         scores, idx = flat.search(qvec[variant], MRR_DEPTH)
         for n, it in enumerate(items):
             hits = [(int(i), float(s)) for i, s in zip(idx[n], scores[n])]
@@ -396,8 +401,11 @@ def main():
         "## Recall (index corpus)",
         HEAD,
     ]
-    order = ["bm25", "bm25 (stem only)"] + [f"dense {v}" for v in ix.DENSE_VARIANTS] + fusions
+    order = ["bm25", "bm25 (stem only)"] + [f"dense {v}" for v in ix.DENSE_VARIANTS if v not in unmeasured] + fusions
     lines += [row(n, summary[n]) for n in order]
+    if unmeasured:
+        lines += ["", f"Not measured: dense {', '.join(unmeasured)} (EMBED_DEPTH = \"mid\": the embedding pass stops "
+                  "after the middle layer to halve its cost on this CPU)."]
     lines += [
         "",
         f"Best fusion by {WINNER_METRIC} (then MRR): **{winner}**; default in 02_build_index.py: `{default_fused}`. "
