@@ -62,7 +62,7 @@ STUDENT_TRAIN_DTYPE = "bfloat16"  # CPU bf16 matmul is 2.4x fp32 (README); adapt
 TEACHER_DTYPE = "bfloat16"
 SAVE_STEPS = 10  # Trainer checkpoint interval (resume after a kill)
 LOG_STEPS = 1
-MEASURE_STEPS = 3  # --measure: steps per variant (first one is warm-up, not timed)
+MEASURE_STEPS = 2  # --measure: steps per variant (the first is warm-up; s/step is the mean of the rest)
 MEASURE_BATCH, MEASURE_LENGTH = 4, 256  # --measure: sequences x tokens per step; the second half is the answer
 # -----------------------------------------------------------------------------
 

@@ -80,9 +80,9 @@ $(DISTILL)/adapter-$(DISTILL_BASELINE)/DONE: 01_train_distillm.py common.py lm.p
 	$(PY) $< --loss-type $(DISTILL_BASELINE) --out $(DISTILL)/adapter-$(DISTILL_BASELINE) \
 		--merge $(DISTILL)/merged-$(DISTILL_BASELINE)
 $(DISTILL)/distillm_v2/DONE: 04_infer.py common.py lm.py $(DATA) $(ADAPTER)
-	$(PY) $< --model models/student-distilled-merged --out $(DISTILL)/distillm_v2
+	$(PY) $< --model models/student-distilled-merged --out $(DISTILL)/distillm_v2 --no-rag
 $(DISTILL)/$(DISTILL_BASELINE)/DONE: 04_infer.py common.py lm.py $(DATA) $(DISTILL)/adapter-$(DISTILL_BASELINE)/DONE
-	$(PY) $< --model $(DISTILL)/merged-$(DISTILL_BASELINE) --out $(DISTILL)/$(DISTILL_BASELINE)
+	$(PY) $< --model $(DISTILL)/merged-$(DISTILL_BASELINE) --out $(DISTILL)/$(DISTILL_BASELINE) --no-rag
 
 distill-measure: $(DISTILL)/measure-naive.json $(DISTILL)/measure-chunked.json ## s/step + peak RSS, naive vs chunked loss
 

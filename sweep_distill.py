@@ -26,6 +26,7 @@ SWEEP_EXTRA = [dict(loss_type="kd", alpha=0.1, beta=1.0, temperature=1.0)]  # ba
 SWEEP_STEPS = 20  # optimizer steps per point (CPU); a GPU sweep uses the full MAX_STEPS
 SWEEP_EVAL_QUESTIONS = 200  # first development questions (multiple choice only) per point
 SWEEP_KEEP_MERGED = False  # merged models are 1 GB each on the student: delete after scoring
+REPORT_CALIBRATION = "batch"  # one option-prior correction for every run in reports/distill.md
 DISTILL_RUNS = ["distillm_v2", "kd"]  # outputs/distill/<name>: 04_infer.py runs of merged distilled students
 # -----------------------------------------------------------------------------
 
@@ -58,7 +59,7 @@ def train_and_answer(point, steps, n_questions):
                  "--alpha1", point["alpha"], "--alpha2", point["alpha"], "--beta", point["beta"],
                  "--temperature", point["temperature"], "--max-steps", steps, "--out", adapter, "--merge", merged])
         run([sys.executable, common.ROOT / "04_infer.py", "--model", merged, "--out", answers, "--mc-only",
-             "--limit", n_questions])
+             "--limit", n_questions, "--no-rag"])
     if not SWEEP_KEEP_MERGED and merged.exists():
         shutil.rmtree(merged)
     return answers
@@ -68,7 +69,7 @@ def base_answers(n_questions):
     answers = SWEEP_DIR / "base-student" / "eval"
     if not (answers / "DONE").exists():
         run([sys.executable, common.ROOT / "04_infer.py", "--model", common.STUDENT_MODEL, "--out", answers,
-             "--mc-only", "--limit", n_questions])
+             "--mc-only", "--limit", n_questions, "--no-rag"])
     return answers
 
 
@@ -139,7 +140,7 @@ def subset_scores(folder, ids, labels):
     answers, meta, records = evaluate.load_run(folder)
     records = [r for r in records if r["id"] in ids]
     subset = {r["id"]: answers[r["id"]] for r in records if r["kind"] == "desc"}
-    subset.update(evaluate.infer.calibrated_answers(records, meta["calibration"], meta.get("content_free")))
+    subset.update(evaluate.infer.calibrated_answers(records, REPORT_CALIBRATION, meta.get("content_free")))
     return evaluate.score(subset, labels)
 
 
@@ -157,7 +158,8 @@ def distill_report(labels, command):
              "## Development score", "",
              f"All runs scored on the same {any_s['n_mc'] if any_s else 0} multiple-choice and "
              f"{any_s['n_desc'] if any_s else 0} descriptive development questions (the questions every run "
-             "answered), no retrieval (`04_infer.py --no-rag`), multiple choice re-calibrated (batch) on that set. "
+             "answered), no retrieval (`04_infer.py --no-rag`), multiple choice re-calibrated on that set "
+             f"(`{REPORT_CALIBRATION}`, the same for every run). "
              "Gap closed = (distilled - base student) / (teacher - base student).", "",
              "| model | score | MC accuracy | descriptive | gap closed (score) | gap closed (MC) |",
              "|---|---|---|---|---|---|"]
