@@ -561,6 +561,27 @@ def merge_adapter(adapter_dir, base_id, out_dir):
 
 
 # ----------------------------------------------------------------------------- measurement
+def proc_status_gib(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in GiB; None off Linux."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return None
+
+
+def reset_peak_rss():
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process, so loading the models (which briefly holds the
+    checkpoint and the tensors) does not count as training memory; False when the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def measure(cfg, steps, batch, length, student_id, teacher_id):
     """Seconds per optimizer step and peak RSS of `steps` LoRA steps on random token batches [batch, length]
     (the second half of each sequence is the answer); batch sequences = batch/2 chosen + batch/2 rejected."""
@@ -572,6 +593,9 @@ def measure(cfg, steps, batch, length, student_id, teacher_id):
     optim = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=LEARNING_RATE)
     gen = torch.Generator().manual_seed(common.SEED)
     half = max(batch // 2, 1)
+    loaded_rss = proc_status_gib("VmRSS")
+    hwm_reset = reset_peak_rss()
+    step_peaks = []
     times, losses = [], []
     for step in range(steps):
         data = {}
@@ -588,12 +612,16 @@ def measure(cfg, steps, batch, length, student_id, teacher_id):
         optim.zero_grad()
         times.append(time.time() - t)
         losses.append(loss.item())
+        step_peaks.append(proc_status_gib("VmHWM"))
         print(f"01 measure: chunk={cfg.chunk} step {step} {times[-1]:.1f} s loss {loss.item():.4f} "
-              f"peak RSS {lm.peak_rss_gib():.2f} GiB", flush=True)
+              f"peak RSS {lm.peak_rss_gib():.2f} GiB, during steps {step_peaks[-1]} GiB", flush=True)
     timed = times[1:] or times
     return dict(chunk=cfg.chunk, loss_type=cfg.loss_type, batch=batch, length=length, steps=steps,
                 seconds_per_step=round(sum(timed) / len(timed), 1), step_seconds=[round(x, 1) for x in times],
-                peak_rss_gib=round(lm.peak_rss_gib(), 2), losses=losses, gradient_checkpointing=GRADIENT_CHECKPOINTING,
+                peak_rss_gib=round(lm.peak_rss_gib(), 2), losses=losses, loaded_rss_gib=round(loaded_rss, 2)
+                if loaded_rss else None, step_peak_rss_gib=round(step_peaks[-1], 2) if hwm_reset and step_peaks[-1]
+                else None, step_overhead_gib=round(step_peaks[-1] - loaded_rss, 2) if hwm_reset and loaded_rss
+                else None, gradient_checkpointing=GRADIENT_CHECKPOINTING,
                 student_dtype=STUDENT_TRAIN_DTYPE, versions=library_versions())
 
 
@@ -613,6 +641,7 @@ def parse_args():
     p.add_argument("--max-steps", type=int, default=MAX_STEPS)
     p.add_argument("--merge", type=Path, default=None, help="also write a merged full model directory here")
     p.add_argument("--measure", type=Path, default=None, help="time MEASURE_STEPS steps, write JSON here, no training")
+    p.add_argument("--measure-steps", type=int, default=MEASURE_STEPS)
     return p.parse_args()
 
 
@@ -624,7 +653,8 @@ def main():
     torch.manual_seed(common.SEED)
     print(f"01: {json.dumps(asdict(cfg))} settings {json.dumps(settings_dict())}")
     if args.measure:
-        result = measure(cfg, MEASURE_STEPS, MEASURE_BATCH, MEASURE_LENGTH, common.STUDENT_MODEL, common.TEACHER_MODEL)
+        result = measure(cfg, args.measure_steps, MEASURE_BATCH, MEASURE_LENGTH, common.STUDENT_MODEL,
+                         common.TEACHER_MODEL)
         args.measure.parent.mkdir(parents=True, exist_ok=True)
         lm.write_json(args.measure, result)
         print(f"01: measured chunk={cfg.chunk}: {result['seconds_per_step']} s/step, {result['peak_rss_gib']} GiB")
