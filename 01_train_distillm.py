@@ -593,6 +593,9 @@ def measure(cfg, steps, batch, length, student_id, teacher_id):
     optim = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=LEARNING_RATE)
     gen = torch.Generator().manual_seed(common.SEED)
     half = max(batch // 2, 1)
+    with torch.no_grad():  # page the memory-mapped weights in, so they count as loaded, not as step memory
+        for model in (student, teacher):
+            model(input_ids=torch.ones(1, 8, dtype=torch.long))
     loaded_rss = proc_status_gib("VmRSS")
     hwm_reset = reset_peak_rss()
     step_peaks = []
