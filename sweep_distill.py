@@ -190,6 +190,8 @@ def distill_report(labels, command):
                   f"{pairs_meta['attempts']} question attempts; dropped: {json.dumps(pairs_meta['dropped'], ensure_ascii=False)}.",
                   f"Teacher answer = the writer's key on {pairs_meta['teacher_matches_key']:.0%} of the multiple-choice "
                   f"pairs, student answer on {pairs_meta['student_matches_key']:.0%}.",
+                  pairs_meta.get("note", ""),
+                  "" if not r["batches"] else
                   f"Throughput over {r['batches']} timed batches: {r['answers']} prompts answered by both models, "
                   f"**{r['answers_per_minute']} answers/minute** (teacher {r['teacher_answers_per_minute']}/min, "
                   f"{r['teacher_answer_seconds']:.0f} s; student {r['student_answers_per_minute']}/min, "
