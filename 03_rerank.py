@@ -33,7 +33,7 @@ PASSAGE_TOKENS = 160  # a passage is cut to this many tokens for reranking (cut,
 BLEND = 0.7  # final = BLEND * z(LLM score) + (1 - BLEND) * z(first-stage RRF score); 1 = LLM only
 SHARE_PREFIX = True  # pointwise: run the question prefix once per question, reuse its KV cache
 BATCH = 10  # passages per forward pass
-CHECKPOINT_EVERY = 16  # questions per checkpoint append
+CHECKPOINT_EVERY = 4  # questions per checkpoint append (a question costs ~10 s on this CPU)
 POINTWISE_INSTRUCTION = "문서가 질문에 답하는 데 필요한 내용을 담고 있으면 Yes, 아니면 No로만 답하세요."
 LISTWISE_INSTRUCTION = "질문에 답하는 데 가장 도움이 되는 문서의 기호 하나만 답하세요."
 YES, NO = "Yes", "No"

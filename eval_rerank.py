@@ -16,7 +16,7 @@ from pathlib import Path
 import common
 
 # ----------------------------------------------------------------------------- settings
-EVAL_QUESTIONS = 40  # law questions measured on this CPU (tens of seconds each under load); all of them on a GPU
+EVAL_QUESTIONS = 20  # law questions measured on this CPU (tens of seconds each under load); all of them on a GPU
 KS = (1, 3, 5)
 MODES = ["pointwise", "listwise"]
 BLENDS = [1.0, 0.7, 0.5]  # weight of the LLM score against the first stage (03_rerank.BLEND is the default)
