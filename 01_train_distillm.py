@@ -624,7 +624,7 @@ def measure(cfg, steps, batch, length, student_id, teacher_id):
                 peak_rss_gib=round(lm.peak_rss_gib(), 2), losses=losses, loaded_rss_gib=round(loaded_rss, 2)
                 if loaded_rss else None, step_peak_rss_gib=round(step_peaks[-1], 2) if hwm_reset and step_peaks[-1]
                 else None, step_overhead_gib=round(step_peaks[-1] - loaded_rss, 2) if hwm_reset and loaded_rss
-                else None, gradient_checkpointing=GRADIENT_CHECKPOINTING,
+                else None, weights_paged_in=True, gradient_checkpointing=GRADIENT_CHECKPOINTING,
                 student_dtype=STUDENT_TRAIN_DTYPE, versions=library_versions())
 
 

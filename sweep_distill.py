@@ -132,7 +132,7 @@ def measurement_lines():
     if len(rows) == 2:
         a, b = rows[0][1], rows[1][1]
         lines += ["", f"Process peak chunked / naive: **{b['peak_rss_gib'] / a['peak_rss_gib']:.2f}**."]
-        if a.get("step_overhead_gib") and b.get("step_overhead_gib"):
+        if a.get("weights_paged_in") and b.get("weights_paged_in"):  # older files read RSS before paging in
             lines += [f"Memory a training step adds on top of the loaded models (peak during the steps minus RSS "
                       f"after loading; the kernel's peak mark is reset after loading): chunked / naive "
                       f"**{b['step_overhead_gib'] / a['step_overhead_gib']:.2f}** (target <= 0.5). The weights of both "
