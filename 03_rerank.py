@@ -1,7 +1,7 @@
 """Rerank the first-stage candidates of every question with the answering LLM itself (one LLM: no cross-encoder).
 
 Reads data/prepared/questions.csv (`make data`), outputs/02_index/ (`make index`) and the answering model
-(common.answer_model(): the final or distilled student when it exists, else the base student). For each question
+(common.answer_model(): the final student of 05 when it exists, else the base student). For each question
 the top CANDIDATES fused chunks are scored by the LLM, pointwise (next-token logits of "Yes" vs "No" after a
 relevance question; the question prefix computed once and reused through the KV cache) or listwise (FIRST:
 first-token logits over passage labels in one window), blended with the first-stage order, and the best KEEP

@@ -281,7 +281,7 @@ def submission_rows(questions, records, calibration, content_free):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model dir (relative to the repo) or hub id; default: "
-                        "common.answer_model(), the final or distilled student when it exists, else the base")
+                        "common.answer_model(), the final student of 05 when it exists, else the base")
     parser.add_argument("--out", type=Path, default=common.INFER, help="output folder (checkpoint, submission)")
     parser.add_argument("--questions", type=Path, default=common.QUESTIONS)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")

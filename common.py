@@ -155,13 +155,10 @@ def read_questions(path):
 
 
 def answer_model():
-    """The model that answers and reranks: FSKU_STUDENT when set, else the first finished of the final and the
-    distilled student, else STUDENT_MODEL (the base student)."""
-    if "FSKU_STUDENT" in os.environ:
-        return STUDENT_MODEL
-    for candidate in (FINAL, DISTILLED_MERGED):
-        if (candidate / "DONE").exists():
-            return str(candidate.relative_to(ROOT))
+    """The model that answers and reranks: FSKU_STUDENT when set, else the finished final student (05 picks it by
+    measured score, distilled or not), else STUDENT_MODEL. A distilled student is never used unmeasured."""
+    if "FSKU_STUDENT" not in os.environ and (FINAL / "DONE").exists():
+        return str(FINAL.relative_to(ROOT))
     return STUDENT_MODEL
 
 

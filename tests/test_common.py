@@ -120,3 +120,16 @@ def test_submission_roundtrip_and_header_check(tmp_path):
     assert not (tmp_path / "s.csv.tmp").exists()
     with pytest.raises(SystemExit, match="header must be ID,Answer"):
         common.read_submission(write(tmp_path, "id,answer\nA,1\n", "bad.csv"))
+
+
+def test_answer_model_uses_only_a_finished_final_student(tmp_path, monkeypatch):
+    monkeypatch.delenv("FSKU_STUDENT", raising=False)
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    monkeypatch.setattr(common, "FINAL", tmp_path / "models" / "student-final")
+    assert common.answer_model() == common.STUDENT_MODEL
+    common.FINAL.mkdir(parents=True)
+    assert common.answer_model() == common.STUDENT_MODEL  # no DONE stamp yet
+    (common.FINAL / "DONE").touch()
+    assert common.answer_model() == "models/student-final"
+    monkeypatch.setenv("FSKU_STUDENT", "elsewhere")
+    assert common.answer_model() == common.STUDENT_MODEL
