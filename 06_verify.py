@@ -32,6 +32,7 @@ CODE_NAMES = {"Makefile", "run"}  # run: .ci/run
 TEXT_SUFFIXES = CODE_SUFFIXES | {".md", ".txt", ".csv", ".tsv", ".json", ".jinja"}
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "models", "data", "outputs", "dist", "corpus"}
 PATH_SCAN_SKIP = {"tests"}  # tests plant broken paths on purpose and write only under tmp_path
+SYSTEM_PATHS = ("/proc/", "/sys/", "/dev/")  # kernel interfaces (memory readings, /dev/null), not files to ship
 ALLOW_PRAGMA = "verify: allow"  # a line carrying this comment may name a path outside the package (listed as a note)
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 FRESH_STEPS = ["setup", "student", "data", "submission"]  # make targets run and timed one by one in the fresh clone
@@ -88,6 +89,11 @@ def check_utf8(path):
 
 
 # ----------------------------------------------------------------------------- paths and remote code
+def first_match(pattern, text):
+    """The first match of pattern in text that is not under SYSTEM_PATHS, or None."""
+    return next((m for m in pattern.finditer(text) if not m.group(0).startswith(SYSTEM_PATHS)), None)
+
+
 def _docstring_nodes(tree):
     nodes = set()
     for node in ast.walk(tree):
@@ -152,7 +158,7 @@ def python_path_problems(rel, text):
     for span, value in _string_literals(tree):
         for pattern, what in ((ABS_UNIX_RE, "absolute path"), (ABS_OTHER_RE, "absolute path"),
                               (PARENT_DIR_RE, "path that leaves the package")):
-            match = pattern.search(value)
+            match = first_match(pattern, value)
             if match:
                 report(span, f"{what} {value[max(match.start() - 10, 0):match.end() + 20]!r}")
                 break
@@ -190,7 +196,7 @@ def text_path_problems(rel, text):
         for pattern, what in ((ABS_UNIX_RE, "absolute path"), (ABS_OTHER_RE, "absolute path"),
                               (PARENT_DIR_RE, "path that leaves the package"),
                               (REMOTE_CODE_RE, "trust_remote_code is not False")):
-            match = pattern.search(code)
+            match = first_match(pattern, code)
             if match:
                 target.append(f"{rel}:{no}: {what} {code.strip()[:80]!r}")
                 break
@@ -611,7 +617,10 @@ def main():
     if problems or args.keep:
         print(f"06: kept {workdir} for inspection (delete it when done)")
     else:
+        t_clean = time.time()
         shutil.rmtree(workdir, ignore_errors=True)
+        print(f"06: removed the temporary clones in {time.time() - t_clean:.1f} s; "
+              f"verify took {time.time() - t0:.1f} s in all")
     allowed = meta.get("allowed_paths", [])
     finish(problems, allowed, "fresh-environment reproduction")
 
