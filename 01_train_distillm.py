@@ -480,7 +480,8 @@ def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id):
     teacher = lm.load_model(teacher_id, device, getattr(torch, TEACHER_DTYPE))
     args = TrainingArguments(
         output_dir=str(run_dir), max_steps=max_steps, per_device_train_batch_size=BATCH_PAIRS,
-        gradient_accumulation_steps=GRAD_ACCUM, learning_rate=LEARNING_RATE, warmup_steps=WARMUP_RATIO,
+        gradient_accumulation_steps=GRAD_ACCUM, learning_rate=LEARNING_RATE,
+        warmup_steps=int(WARMUP_RATIO * max_steps),  # whole steps (a ratio gave a 1-step run LR 0)
         lr_scheduler_type="cosine", weight_decay=WEIGHT_DECAY, logging_steps=LOG_STEPS, save_steps=SAVE_STEPS,
         save_total_limit=1, report_to=[], remove_unused_columns=False, seed=common.SEED, dataloader_num_workers=0,
         ddp_find_unused_parameters=False, bf16=device == "cuda", use_cpu=device == "cpu")

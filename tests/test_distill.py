@@ -268,10 +268,14 @@ def test_trainer_saves_a_standard_adapter_and_merges(tiny_model_dir, models, tmp
     pairs.write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in [MC, DESC] * 2) + "\n", encoding="utf-8")
     monkeypatch.setattr(d, "LORA_DROPOUT", 0.0)
     out = tmp_path / "adapter"
-    meta = d.train(pairs, out, tmp_path / "run", d.LossConfig(chunk=4), 2, str(tiny_model_dir), str(teacher_dir))
+    meta = d.train(pairs, out, tmp_path / "run", d.LossConfig(chunk=4), 1, str(tiny_model_dir), str(teacher_dir))
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert (out / "DONE").exists() and meta["n_pairs"] == 4 and len(meta["pairs_sha256"]) == 64
     assert json.loads((out / "meta.json").read_text())["loss_config"]["loss_type"] == "distillm_v2"
+    from safetensors.torch import load_file
+
+    lora_b = [v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # the steps moved the adapter (no LR-0 warm-up step)
     merged = d.merge_adapter(out, str(tiny_model_dir), tmp_path / "merged")
     model = lm.load_model(str(merged), "cpu", torch.float32)  # what 04_infer.py --model does
     assert model.config.vocab_size == 300 and (merged / "meta.json").exists() and (merged / "tokenizer.json").exists()
