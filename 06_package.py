@@ -186,8 +186,9 @@ def build_report(reports_dir, root=common.ROOT):
             lines += [f"From `reports/baseline.md`, {dtype[0]}:", "", dtype[1], ""]
     lines += ["## How to reproduce", "", REPRODUCE.format(name=PACKAGE_NAME, entry=ENTRY_POINT),
               "## Stage reports", ""]
-    for name, stage, text in present:
-        lines += [f"### {stage} (`reports/{name}`)", "", demote(text, 2).strip(), ""]
+    for name, stage, text in present:  # the report's own title gives way to the stage heading
+        body = re.sub(r"^# (.*)\n", r"*\1*\n", text.lstrip(), count=1)
+        lines += [f"### {stage} (`reports/{name}`)", "", demote(body, 2).strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
