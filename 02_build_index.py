@@ -10,8 +10,8 @@ Does not read the development questions: they only measure (eval_retrieval.py, `
 Importable API (03_rerank.py, 04_infer.py, eval_retrieval.py):
     index = load_index()                         # outputs/02_index, fails with a message when not built
     index.attach_encoder(model, tokenizer)       # dense/fused only: reuse the loaded answering LLM for queries
-    hits = index.search(text, k=5)               # [(Chunk, score)], best first; method SEARCH_METHOD or
-                                                 # "bm25" | "dense" | "fused" (dense/fused need the encoder)
+    hits = index.search(text, k=5, method=SEARCH_METHOD)  # [(Chunk, score)], best first; "bm25" (recommended:
+                                                 # reports/retrieval.md) | "dense" | "fused" (default; need the encoder)
     hits_per_q = index.search_many(texts, k=5)   # batched dense forward passes
     context = format_context(hits, tokenizer, max_passages=3, max_tokens=768)   # "" when nothing was retrieved
 """
@@ -46,7 +46,7 @@ EMBED_DEPTH = "mid"  # "mid": run only the layers up to the middle one (half the
 EMBED_BATCH = 8  # texts per forward pass
 EMBED_MAX_TOKENS = 96  # text tokens embedded per chunk/query (header + start): 2 shared CPU cores, see report
 EMBED_SAVE_EVERY = 25  # batches between cache saves, so a killed build resumes
-SEARCH_METHOD = "bm25"  # bm25 | dense | fused: default of Index.search; BM25 alone has the best dev recall
+SEARCH_METHOD = "bm25"  # recommended first stage for 03/04 (best dev recall, no encoder pass); search() keeps "fused"
 FUSION = "weighted"  # weighted | rrf: the fusion that wins on the dev set (reports/retrieval.md)
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 FUSION_WEIGHT_BM25 = 0.9  # weighted fusion: w * minmax(bm25) + (1 - w) * minmax(dense); dev winner (0.7 ties on recall@5)
@@ -590,12 +590,12 @@ class Index:
             raise SystemExit(f"02: unknown search method {method!r}: use bm25, dense or fused.")
         return [(self.chunks[i], s) for i, s in hits]
 
-    def search_many(self, texts, k=5, method=SEARCH_METHOD):
+    def search_many(self, texts, k=5, method="fused"):
         """Search for each text; the dense query vectors are computed in batches. [] for a text with no hit."""
         vectors = self.query_vectors(texts) if method != "bm25" else [None] * len(texts)
         return [self.search_with_vector(t, v, k, method) for t, v in zip(texts, vectors)]
 
-    def search(self, text, k=5, method=SEARCH_METHOD):
+    def search(self, text, k=5, method="fused"):
         return self.search_many([text], k, method)[0]
 
 

@@ -397,8 +397,8 @@ def main():
         f"- Encoder: `{meta['encoder']}` ("
         + ("the student LLM" if meta["settings"]["ENCODER"] is None else "a separate encoder")
         + f"), first {meta['settings']['EMBED_MAX_TOKENS']} tokens of each chunk/question, dense variant "
-        f"`{meta['dense_variant']}`; fusion `{index.fusion}` (BM25 weight {index.weight_bm25}); default search "
-        f"method `{ix.SEARCH_METHOD}`.",
+        f"`{meta['dense_variant']}`; fusion `{index.fusion}` (BM25 weight {index.weight_bm25}); first-stage search "
+        f"method (SEARCH_METHOD, recommended; search() defaults to fused) `{ix.SEARCH_METHOD}`.",
         "",
         "## Recall (index corpus)",
         HEAD,
@@ -415,7 +415,7 @@ def main():
         "(Chosen on the same development set they are reported on: optimistic by the selection.) "
         + (f"BM25 alone ({WINNER_METRIC} {summary['bm25'][WINNER_METRIC]:.3f}, MRR {summary['bm25']['MRR']:.3f}) "
            f"{'beats' if (summary['bm25'][WINNER_METRIC], summary['bm25']['MRR']) >= (summary[winner][WINNER_METRIC], summary[winner]['MRR']) else 'loses to'} "
-           f"the best fusion; default search method: `{ix.SEARCH_METHOD}`."),
+           f"the best fusion; recommended first-stage method (SEARCH_METHOD): `{ix.SEARCH_METHOD}`."),
         "",
         "## Per domain and sub-domain (BM25 / default dense / default fused)",
         "| group | n | method | " + " | ".join(f"recall@{k}" for k in KS) + " | MRR |",
