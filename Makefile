@@ -105,7 +105,10 @@ reports/sweep.md: sweep_distill.py 01_train_distillm.py 04_infer.py evaluate.py 
 
 submission: submission.csv ## answer the question set with the student -> submission.csv
 
-submission.csv: 04_infer.py common.py lm.py 02_build_index.py 03_rerank.py $(DATA) $(STUDENT) $(INDEX) $(RERANK)
+# The final student of 05 answers when it exists (common.answer_model()); a rebuilt one re-answers.
+FINAL_MODEL := $(wildcard models/student-final/DONE)
+submission.csv: 04_infer.py common.py lm.py 02_build_index.py 03_rerank.py $(DATA) $(STUDENT) $(INDEX) $(RERANK) \
+		$(FINAL_MODEL)
 	$(PY) $<
 
 eval: reports/eval.md ## competition score of submission.csv on the development set -> reports/eval.md
@@ -115,7 +118,7 @@ reports/eval.md: evaluate.py submission.csv
 
 rerank: $(RERANK) ## the student reranks each question's first-stage candidates -> outputs/03_rerank/ranked.jsonl
 
-$(RERANK): 03_rerank.py common.py lm.py 02_build_index.py $(DATA) $(STUDENT) $(INDEX)
+$(RERANK): 03_rerank.py common.py lm.py 02_build_index.py $(DATA) $(STUDENT) $(INDEX) $(wildcard models/student-final/DONE)
 	$(PY) $<
 
 rerank-report: reports/rerank.md ## recall@1/3/5, MRR: first stage vs pointwise vs listwise; cost -> reports/rerank.md
