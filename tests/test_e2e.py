@@ -25,8 +25,10 @@ def test_student_answers_five_dev_questions(tmp_path, monkeypatch):
         writer.writeheader()
         writer.writerows(mc + desc)
     monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 48)
+    # No retrieval: CI builds no index (its dense pass takes minutes of CPU); test_infer covers RAG on a tiny index.
     monkeypatch.setattr("sys.argv", ["04_infer.py", "--out", str(tmp_path / "run"), "--questions",
-                                     str(questions_csv), "--model", str(common.STUDENT_BASE.relative_to(common.ROOT))])
+                                     str(questions_csv), "--model", str(common.STUDENT_BASE.relative_to(common.ROOT)),
+                                     "--no-rag"])
     infer.main()
     rows = common.read_submission(tmp_path / "run" / "submission.csv")
     questions = common.read_questions(questions_csv)
