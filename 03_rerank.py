@@ -26,7 +26,7 @@ import common
 import lm
 
 # ----------------------------------------------------------------------------- settings
-MODE = "pointwise"  # pointwise | listwise (reports/rerank.md)
+MODE = "listwise"  # pointwise | listwise: listwise blend 0.7 kept recall, pointwise lost it (reports/rerank.md)
 CANDIDATES = 10  # first-stage (fused) candidates scored per question
 KEEP = 3  # chunks kept for the answer prompt (04_infer.py RAG_PASSAGES reads at most this many)
 PASSAGE_TOKENS = 160  # a passage is cut to this many tokens for reranking (cut, never dropped)

@@ -91,15 +91,16 @@ class FakeChunk:
         self.id, self.text = i, text
 
 
-def test_failure_falls_back_to_the_first_stage(tiny, monkeypatch, caplog):
+@pytest.mark.parametrize("mode", ["pointwise", "listwise"])
+def test_failure_falls_back_to_the_first_stage(tiny, monkeypatch, caplog, mode):
     model, tokenizer = tiny
     hits = [(FakeChunk(i, t), 1.0 / (i + 1)) for i, t in enumerate(TINY_LAWS)]
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(rerank, "pointwise_scores", broken)
-    order, scores, failed = rerank.rerank_question(model, tokenizer, QUESTION, hits)
+    monkeypatch.setattr(rerank, f"{mode}_scores", broken)
+    order, scores, failed = rerank.rerank_question(model, tokenizer, QUESTION, hits, mode)
     assert (order, scores, failed) == ([0, 1, 2, 3], None, True)
     assert "first-stage order kept" in caplog.text
 
