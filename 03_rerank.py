@@ -165,17 +165,7 @@ def config_key(model_id, index_meta, mode):
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
 
 
-def load_ranked(path):
-    """Reranked chunk ids by question id from a ranked JSONL (a torn last line is ignored)."""
-    done = {}
-    if Path(path).exists():
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[record["id"]] = record
-    return done
+load_ranked = lm.read_records  # reranked records by question id
 
 
 def run(questions, out_dir, model_id, mode=MODE, dtype_name=None):

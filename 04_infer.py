@@ -116,17 +116,7 @@ def config_key(model_id, dtype_name, rag=None):
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
 
 
-def load_checkpoint(path):
-    """Records already computed, by question id (a torn last line from a kill is ignored)."""
-    done = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[record["id"]] = record
-    return done
+load_checkpoint = lm.read_records  # records already computed, by question id
 
 
 def append_records(path, records):

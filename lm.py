@@ -143,6 +143,19 @@ def versions():
     return dict(torch=torch.__version__, transformers=transformers.__version__)
 
 
+def read_records(path):
+    """JSONL records by their "id" (a later line wins); a torn last line from a kill is ignored. {} for no file."""
+    done = {}
+    if Path(path).exists():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[record["id"]] = record
+    return done
+
+
 def write_json(path, obj):
     """Write JSON atomically (tmp + replace)."""
     path = Path(path)
