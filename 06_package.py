@@ -10,7 +10,6 @@ dist/<PACKAGE_NAME>/ with relative paths, then MANIFEST.sha256 and meta.json. `m
 `06_verify.py --package` on it. Model files are hard-linked when the file system allows (no second 1 GB copy).
 """
 import argparse
-import hashlib
 import importlib
 import json
 import os
@@ -255,12 +254,7 @@ def model_dirs():
     return dirs
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = common.sha256_file
 
 
 def data_note(model_dirs):

@@ -13,7 +13,6 @@ profile only, reports/verify.md.
 import argparse
 import ast
 import csv
-import hashlib
 import json
 import os
 import re
@@ -414,12 +413,7 @@ def compare_submissions(reference_rows, fresh_rows, questions):
     return problems, counts
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = common.sha256_file
 
 
 def same_weights(dir_a, dir_b):

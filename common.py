@@ -4,6 +4,7 @@ Everything here is plain Python: no torch import, no side effects at import. A G
 and DEVICE below (or sets the FSKU_* environment variables) and nothing else.
 """
 import csv
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -160,6 +161,15 @@ def answer_model():
     if "FSKU_STUDENT" not in os.environ and (FINAL / "DONE").exists():
         return str(FINAL.relative_to(ROOT))
     return STUDENT_MODEL
+
+
+def sha256_file(path):
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def resolve_model(model_id):

