@@ -456,7 +456,9 @@ def load_cache(path, fingerprint):
     if str(data["fingerprint"]) != hashlib.sha256(fingerprint.encode()).hexdigest():
         return {}
     hashes = [str(h) for h in data["hashes"]]
-    return {h: {v: data[v][i] for v in DENSE_VARIANTS} for i, h in enumerate(hashes)}
+    # Each data[v] reads the whole array again, and a row of it keeps that copy alive: read each once, copy rows.
+    arrays = {v: data[v] for v in DENSE_VARIANTS}
+    return {h: {v: arrays[v][i].copy() for v in DENSE_VARIANTS} for i, h in enumerate(hashes)}
 
 
 def save_cache(path, fingerprint, cache):
