@@ -172,7 +172,7 @@ def run(questions, out_dir, model_id, mode=MODE, dtype_name=None):
     """Rerank every question's candidates with checkpointing; return (records in question order, meta)."""
     build_index = importlib.import_module("02_build_index")
     device = lm.pick_device()
-    dtype = lm.pick_dtype(device, dtype_name)
+    dtype = lm.pick_dtype(device, dtype_name, model_id)
     index_meta = json.loads((common.INDEX / "meta.json").read_text(encoding="utf-8"))
     built = {k: index_meta.get(k) for k in ("settings", "corpus", "dense_variant")}
     key = config_key(model_id, built, mode)
@@ -221,7 +221,13 @@ def main():
     if args.ids:
         wanted = set(args.ids.read_text(encoding="utf-8").split())
         questions = [q for q in questions if q.id in wanted]
-    records, meta = run(questions, args.out, args.model or common.answer_model(), args.mode)
+    if importlib.import_module("04_infer").RAG_PASSAGES == 0:  # the answers use no passages: nothing to rerank
+        records, meta = [], dict(skipped="04_infer.py RAG_PASSAGES = 0: answers use no retrieved passages",
+                                 questions=len(questions), reranked_now=0, failures=0,
+                                 seconds=dict(total=0.0, per_question=0.0))
+    else:
+        records, meta = run(questions, args.out, args.model or common.answer_model(), args.mode)
+    args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / "ranked.jsonl.tmp"
     tmp.write_text("".join(json.dumps(dict(id=r["id"], chunks=r["chunks"][:KEEP], fallback=r["fallback"]),
                                       ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

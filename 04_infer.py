@@ -34,7 +34,11 @@ CALIBRATION = "auto"  # none | content_free | batch | auto: correction of the op
 AUTO_SKEW = 0.5  # auto: batch calibration when one option wins more than this share of the raw answers, else none
 CONTENT_FREE_STEMS = ["N/A", "[빈칸]", ""]  # content-free prompts for content_free calibration (Zhao et al. 2021)
 BATCH_MIN = 50  # fewer questions of one option count than this: batch calibration uses the content-free prior
-RAG_PASSAGES = 3  # retrieved passages put before each question (02_build_index.py); --no-rag answers without
+# Retrieved passages put before each question (02_build_index.py; 0 = none, and 03 then reranks nothing). 0 for the
+# embedded 0.5B student: passages lowered its dev MC accuracy from 0.402 to 0.361 (3 passages, 512 tokens) and
+# 0.369 (1 passage, 256 tokens), and 18 of 54 descriptive answers copied 40+ characters (reports/rag.md). A larger
+# model on a GPU: set 3 and rerun `make rag-report`.
+RAG_PASSAGES = 0
 RAG_MAX_TOKENS = 512  # token budget of those passages: prefill time grows with it
 RAG_METHOD = "fused"  # bm25 | dense | fused first-stage retrieval (reports/retrieval.md)
 # -----------------------------------------------------------------------------
@@ -204,7 +208,7 @@ def run(questions, out_dir, model_id, dtype_name=None, rag=False, ranked=None):
     """Answer the questions with checkpointing into out_dir; return (records by id, meta). With rag, the context of
     a question is its reranked chunk ids in ranked ({id: [chunk ids]}) when given, else the first stage's."""
     device = lm.pick_device()
-    dtype = lm.pick_dtype(device, dtype_name)
+    dtype = lm.pick_dtype(device, dtype_name, model_id)
     dtype_name = str(dtype).replace("torch.", "")
     out_dir.mkdir(parents=True, exist_ok=True)
     ranked = {q.id: ranked[q.id] for q in questions if q.id in ranked} if ranked else {}
@@ -269,6 +273,7 @@ def submission_rows(questions, records, calibration, content_free):
 
 
 def main():
+    global RAG_PASSAGES, RAG_MAX_TOKENS  # --passages, --context-tokens: measurement overrides (reports/rag.md)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model dir (relative to the repo) or hub id; default: "
                         "common.answer_model(), the final student of 05 when it exists, else the base")
@@ -279,7 +284,11 @@ def main():
     parser.add_argument("--mc-only", action="store_true", help="skip descriptive questions (measurements)")
     parser.add_argument("--no-rag", action="store_true", help="answer without retrieved context")
     parser.add_argument("--no-rerank", action="store_true", help="first-stage passages even when 03 has run")
+    parser.add_argument("--passages", type=int, help=f"retrieved passages per question (RAG_PASSAGES={RAG_PASSAGES})")
+    parser.add_argument("--context-tokens", type=int, help=f"their token budget (RAG_MAX_TOKENS={RAG_MAX_TOKENS})")
     args = parser.parse_args()
+    RAG_PASSAGES = RAG_PASSAGES if args.passages is None else args.passages
+    RAG_MAX_TOKENS = RAG_MAX_TOKENS if args.context_tokens is None else args.context_tokens
 
     questions = common.read_questions(args.questions)
     for q in questions:

@@ -103,6 +103,20 @@ sweep: reports/sweep.md ## grid over alpha, beta, tau, loss type (top of sweep_d
 reports/sweep.md: sweep_distill.py 01_train_distillm.py 04_infer.py evaluate.py common.py lm.py $(PAIRS) $(DATA)
 	$(PY) $< --sweep --out $@ --command "make sweep"
 
+.PHONY: quantize quantize-report
+QUANTIZE := models/student-final/DONE
+quantize: $(QUANTIZE) ## measure quantization levels (score, agreement, time, memory); keep the best under the limit -> models/student-final
+
+# Reads neither 03's ranked chunks nor the final model (its answers use first-stage passages): no cycle with them.
+$(QUANTIZE): 05_quantize.py 04_infer.py 03_rerank.py 02_build_index.py evaluate.py prepare_data.py common.py lm.py \
+		$(STUDENT) $(INDEX) $(wildcard models/student-distilled-merged/DONE)
+	$(PY) $<
+
+quantize-report: reports/quantize.md ## the quantization table + plot (score vs projected time) -> reports/quantize.md
+
+reports/quantize.md: 05_quantize.py $(QUANTIZE)
+	$(PY) $< --report-only --command "make quantize-report"
+
 submission: submission.csv ## answer the question set with the student -> submission.csv
 
 # The final student of 05 answers when it exists (common.answer_model()); a rebuilt one re-answers.
@@ -127,12 +141,14 @@ reports/rerank.md: eval_rerank.py 03_rerank.py 04_infer.py eval_retrieval.py com
 	$(PY) $< --out $@ --command "make rerank-report"
 
 $(BASELINE)/rag/DONE: 04_infer.py common.py lm.py 02_build_index.py $(DATA) $(STUDENT) $(INDEX)
-	$(PY) $< --out $(BASELINE)/rag --no-rerank
+	$(PY) $< --model models/student-base --out $(BASELINE)/rag --no-rerank --passages 3 --context-tokens 512
+$(BASELINE)/rag1/DONE: 04_infer.py common.py lm.py 02_build_index.py $(DATA) $(STUDENT) $(INDEX)
+	$(PY) $< --model models/student-base --out $(BASELINE)/rag1 --no-rerank --passages 1 --context-tokens 256 --mc-only
 
 rag-report: reports/rag.md ## development score without and with retrieved context -> reports/rag.md
 
-reports/rag.md: evaluate.py $(BASELINE)/student/DONE $(BASELINE)/rag/DONE submission.csv
-	$(PY) $< --run $(BASELINE)/student --run $(BASELINE)/rag --run outputs/04_infer --out $@ \
+reports/rag.md: evaluate.py $(BASELINE)/student/DONE $(BASELINE)/rag/DONE $(BASELINE)/rag1/DONE submission.csv
+	$(PY) $< --run $(BASELINE)/student --run $(BASELINE)/rag --run $(BASELINE)/rag1 --run outputs/04_infer --out $@ \
 		--command "make rag-report"
 
 baseline-report: reports/baseline.md ## student vs teacher, no retrieval, dtype check -> reports/baseline.md

@@ -7,6 +7,7 @@ descriptive = 0.6 x cosine similarity (answer vs reference) + 0.4 x keyword reca
 """
 import argparse
 import csv
+import difflib
 import importlib
 import json
 import math
@@ -24,6 +25,7 @@ SCORER_ENCODER = "char-ngram"
 NGRAMS = (2, 3)
 W_MC, W_DESC, W_COS, W_KW = 0.5, 0.5, 0.6, 0.4
 CALIBRATIONS = ["none", "content_free", "batch", "auto"]
+COPY_SPAN_CHARS = 40  # a descriptive answer sharing this many characters verbatim with its passages counts as copied
 # -----------------------------------------------------------------------------
 
 infer = importlib.import_module("04_infer")
@@ -163,6 +165,37 @@ def dtype_agreement(run_a, run_b):
     return dict(n=len(pairs), agree=agree / len(pairs), max_dp=sum(diff) / len(diff), meta_a=meta_a, meta_b=meta_b)
 
 
+def passages_by_key(index_dir=common.INDEX):
+    """{(law, kind, article): [chunk texts without their header line]} of the index, {} without one."""
+    build_index = importlib.import_module("02_build_index")
+    path = Path(index_dir) / "chunks.jsonl"
+    out = defaultdict(list)
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            chunk = build_index.Chunk(**json.loads(line))
+            out[chunk.key].append(chunk.text.split("\n", 1)[-1])
+    return out
+
+
+def longest_shared_span(answer, passages):
+    """Length in characters of the longest text the answer shares verbatim with one of the passages (runs of white
+    space count as one space). The competition rules forbid answers that copy retrieved text."""
+    a = re.sub(r"\s+", " ", answer)
+    best = 0
+    for passage in passages:
+        b = re.sub(r"\s+", " ", passage)
+        best = max(best, difflib.SequenceMatcher(None, a, b, autojunk=False).find_longest_match(0, len(a), 0, len(b)).size)
+    return best
+
+
+def copy_check(answers, records, passages):
+    """(answers checked, answers with a shared span >= COPY_SPAN_CHARS, longest span) over descriptive answers
+    that were given passages."""
+    spans = [longest_shared_span(answers[r["id"]], [t for key in r["context"] for t in passages.get(tuple(key), [])])
+             for r in records if r.get("kind") == "desc" and r.get("context") and r["id"] in answers]
+    return len(spans), sum(s >= COPY_SPAN_CHARS for s in spans), max(spans, default=0)
+
+
 def fmt(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
 
@@ -185,6 +218,10 @@ def run_section(name, answers, meta, records, labels):
              f"| load average at the end (2 cores; > 2 means other jobs shared the CPU) | "
              f"{fmt(meta.get('load_average'), 1)} |", "",
              "| domain | accuracy | questions |", "|---|---|---|"]
+    if meta.get("rag"):
+        checked, copied, longest = copy_check(answers, records, passages_by_key())
+        lines.insert(-3, f"| descriptive answers sharing ≥ {COPY_SPAN_CHARS} characters verbatim with their passages "
+                         f"(of {checked} with passages; longest shared span) | {copied} ({longest} characters) |")
     lines += [f"| {d} | {acc:.3f} | {n} |" for d, (acc, n) in s["per_domain"].items()]
     lines += ["", "| calibration | MC accuracy | questions | most frequent answer |", "|---|---|---|---|"]
     lines += [f"| {m} | {acc:.3f} | {n} | {top} |" for m, acc, n, top in calibration_table(records, meta, labels)]

@@ -3,6 +3,7 @@
 Does not decide what to ask: prompts live in common.py, orchestration in the numbered scripts.
 """
 import json
+import logging
 import resource
 import time
 from pathlib import Path
@@ -22,10 +23,14 @@ def pick_device(device=common.DEVICE):
     return device
 
 
-def pick_dtype(device, dtype=None):
-    """CUDA -> bf16 (fp16 on GPUs without bf16); CPU -> common.CPU_DTYPE unless a dtype name is given."""
+def pick_dtype(device, dtype=None, model_id=None):
+    """A dtype name given wins; then the level a model folder was saved at by 05_quantize.py; then CUDA -> bf16
+    (fp16 on GPUs without bf16), CPU -> common.CPU_DTYPE."""
     if dtype:
         return getattr(torch, dtype)
+    saved = saved_quantization(common.resolve_model(model_id)).get("dtype") if model_id else None
+    if saved:
+        return getattr(torch, saved)
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return getattr(torch, common.CPU_DTYPE)
@@ -39,13 +44,64 @@ def load_tokenizer(model_id):
     return tokenizer
 
 
-def load_model(model_id, device, dtype):
-    """Load a causal LM for inference; says what to do when the model is missing."""
+class _FirstOnly(logging.Filter):
+    """Lets each distinct message through once: bitsandbytes int8 on CPU logs the same warning on every matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record):
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def saved_quantization(path):
+    """The "quantization" entry of a model folder's meta.json (written by 05_quantize.py), or {}."""
+    meta = Path(path) / "meta.json"
+    return (json.loads(meta.read_text(encoding="utf-8")).get("quantization") or {}) if meta.exists() else {}
+
+
+def quantize_after_load(model, method, device):
+    """Quantization applied to a loaded model, for methods with no serialised form (05_quantize.py levels)."""
+    if method == "torch-int8-dynamic":  # eager dynamic int8: CPU kernels only
+        if device != "cpu":
+            raise SystemExit("torch-int8-dynamic runs on the CPU only: choose another level for a GPU (05_quantize.py).")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8)
+    raise SystemExit(f"unknown quantization method {method!r} in the model's meta.json: rebuild it with 05_quantize.py.")
+
+
+def load_model(model_id, device, dtype, quantization_config=None):
+    """Load a causal LM for inference; says what to do when the model is missing.
+
+    quantization_config (a transformers config, e.g. BitsAndBytesConfig) quantizes while loading. A folder saved
+    quantized (its config.json names the method) loads quantized on its own; one whose meta.json names a method
+    with no serialised form (torch-int8-dynamic) is quantized after loading.
+    """
     path = common.resolve_model(model_id)
     if not Path(path).exists() and "/" not in model_id:
         raise SystemExit(f"model {model_id!r} not found: run `make models`, or set FSKU_STUDENT to a directory.")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device).eval()
+    config = Path(path) / "config.json"
+    prequantized = config.exists() and "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
+    kwargs = dict(dtype=dtype)
+    if quantization_config is not None or prequantized:
+        # quantized weights are placed while loading; .to() cannot move them afterwards
+        kwargs.update(device_map=device, quantization_config=quantization_config)
+        bnb_log = logging.getLogger("bitsandbytes.autograd._functions")  # the logger of the per-matmul warning
+        if not any(isinstance(f, _FirstOnly) for f in bnb_log.filters):
+            bnb_log.addFilter(_FirstOnly())
+    model = AutoModelForCausalLM.from_pretrained(path, **{k: v for k, v in kwargs.items() if v is not None})
+    after = saved_quantization(path).get("after_load")
+    if after:
+        model = quantize_after_load(model, after, device)
+    elif "device_map" not in kwargs:
+        model = model.to(device)
+    return model.eval()
 
 
 def model_fingerprint(model_id):

@@ -8,8 +8,9 @@ TRAIN_TEXT = ["다음 중 전자금융거래법 제2조 정의로 옳은 것은?
               "system user assistant 금융보안 전문가 객관식 문제 번호 답하세요 핵심 용어 한국어 간결하게"] * 20
 
 
-def build_tiny_model(path, vocab_size=300, seed=0):
-    """Save a 2-layer random Qwen2 model and a ChatML byte-level BPE tokenizer into path; return path."""
+def build_tiny_model(path, vocab_size=300, seed=0, **config):
+    """Save a 2-layer random Qwen2 model and a ChatML byte-level BPE tokenizer into path; return path. config
+    overrides the Qwen2Config settings."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -24,10 +25,10 @@ def build_tiny_model(path, vocab_size=300, seed=0):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHATML, model_max_length=512)
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    settings = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2) | config
+    config = Qwen2Config(vocab_size=vocab_size, num_hidden_layers=2, max_position_embeddings=512,
                          tie_word_embeddings=False, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id)
+                         pad_token_id=fast.pad_token_id, **settings)
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = fast.eos_token_id
     model.generation_config.pad_token_id = fast.pad_token_id

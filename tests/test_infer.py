@@ -147,6 +147,7 @@ def test_main_writes_a_valid_submission(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_retrieved_context_goes_into_the_prompt_and_the_key(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
     monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(infer, "RAG_PASSAGES", 3)  # the default is 0 for the embedded student (reports/rag.md)
     seen = []
     real_render = lm.render
     monkeypatch.setattr(lm, "render", lambda tok, messages, prefix="": seen.append(messages[1]["content"])

@@ -140,3 +140,17 @@ def test_rerank_report_metrics_by_hand():
     m = eval_rerank.summary(ranks)
     assert (m["recall@1"], m["recall@3"], m["recall@5"]) == (1 / 3, 1 / 3, 2 / 3)
     assert m["MRR"] == pytest.approx((1 + 1 / 5) / 3)
+
+
+def test_nothing_is_reranked_when_the_answers_use_no_passages(tmp_path, monkeypatch):
+    import sys
+
+    questions = tmp_path / "questions.csv"
+    questions.write_text("ID,Question\nQ1,전자서명을 설명하세요.\n", encoding="utf-8")
+    monkeypatch.setattr(importlib.import_module("04_infer"), "RAG_PASSAGES", 0)
+    monkeypatch.setattr(rerank, "run", lambda *a, **k: pytest.fail("03 loaded the model with nothing to rerank"))
+    monkeypatch.setattr(sys, "argv", ["03_rerank.py", "--questions", str(questions), "--out", str(tmp_path / "03")])
+    rerank.main()
+    assert (tmp_path / "03" / "DONE").exists()
+    assert (tmp_path / "03" / "ranked.jsonl").read_text(encoding="utf-8") == ""
+    assert "RAG_PASSAGES = 0" in json.loads((tmp_path / "03" / "meta.json").read_text(encoding="utf-8"))["skipped"]
