@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import importlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -49,6 +50,8 @@ TEST_MC, TEST_DESC = 500, 15  # the competition test the time is projected for
 TIME_LIMIT_HOURS = 4.5  # competition limit for the whole test on one RTX 4090
 SAFETY_MARGIN = 0.8  # choose only among levels projected within this share of the limit
 SCORE_TOLERANCE = 0.005  # scores this close count as a tie (one question in 100 moves the score 0.005): faster wins
+NOISE_Z = 1.0  # ... and so do scores within this many standard errors of the paired MC difference (a 100-question
+# subset cannot tell levels 2-3 questions apart: a noisy win must not decide the level)
 OUT = common.OUTPUTS / "05_quantize"
 # -----------------------------------------------------------------------------
 
@@ -270,10 +273,30 @@ def agreement(result, reference):
     return out
 
 
-def select(rows, limit_s=TIME_LIMIT_HOURS * 3600, margin=SAFETY_MARGIN, tolerance=SCORE_TOLERANCE):
-    """(chosen row, warning or None): the best score among runnable levels projected within margin x limit;
-    scores within tolerance of the best are tied and the fastest of them wins (then the smallest on disk). When
-    no level fits, the fastest runnable one, with a warning."""
+def paired_se(a, b, labels):
+    """Standard error of score(a) - score(b) from the multiple-choice questions both answered: the per-question
+    differences in correctness are paired, so agreement between the levels shrinks it. 0 without answers."""
+    ids = [i for i in a.get("answers", {}) if i in b.get("answers", {}) and labels.get(i, {}).get("kind") == "mc"]
+    if len(ids) < 2:
+        return 0.0
+    d = [(a["answers"][i] == labels[i]["Answer"]) - (b["answers"][i] == labels[i]["Answer"]) for i in ids]
+    mean = sum(d) / len(d)
+    variance = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return 0.5 * math.sqrt(variance / len(d))  # the MC accuracy is half the score
+
+
+def better(a, b, noise=None, tolerance=SCORE_TOLERANCE, z=NOISE_Z):
+    """True when a scores above b by more than the tie margin: tolerance, or z paired standard errors."""
+    margin = max(tolerance, z * noise(a, b) if noise else 0.0)
+    return a["score"] > b["score"] + margin
+
+
+def select(rows, limit_s=TIME_LIMIT_HOURS * 3600, margin=SAFETY_MARGIN, tolerance=SCORE_TOLERANCE, noise=None,
+           z=NOISE_Z):
+    """(chosen row, warning or None): the best score among runnable levels projected within margin x limit.
+    Levels the best does not beat by more than max(tolerance, z x noise(best, level)) are tied with it, and the
+    fastest of those wins (then the smallest on disk). When no level fits, the fastest runnable one, with a
+    warning."""
     runnable = [r for r in rows if r.get("runnable") and r.get("score") is not None]
     if not runnable:
         raise SystemExit("05: no quantization level could be measured: see the reasons in reports/quantize.md.")
@@ -283,8 +306,8 @@ def select(rows, limit_s=TIME_LIMIT_HOURS * 3600, margin=SAFETY_MARGIN, toleranc
         return fastest, (f"no level is projected within {margin:.0%} of the {limit_s / 3600:.1f} h limit: chose the "
                          f"fastest, {fastest['level']} ({fastest['projected_s'] / 3600:.2f} h). Use a smaller model, "
                          "fewer reranked candidates or a faster device.")
-    best = max(r["score"] for r in inside)
-    tied = [r for r in inside if r["score"] >= best - tolerance]
+    best = max(inside, key=lambda r: r["score"])
+    tied = [r for r in inside if not better(best, r, noise, tolerance, z)]
     return min(tied, key=lambda r: (r["projected_s"], r.get("disk_gib") or 0.0)), None
 
 
@@ -369,7 +392,8 @@ def report(rows, reference, chosen, warning, source_name, source_rows, command):
                   "|---|---|---|---|"]
         lines += [f"| {r['source']} | {fmt(r.get('score'))} | {fmt(r.get('mc_acc'))} | {fmt(r.get('desc_score'))} |"
                   for r in source_rows]
-        lines += ["", f"Quantized: **{source_name}** (higher score at {REFERENCE}; a tie keeps the base).", ""]
+        lines += ["", f"Quantized: **{source_name}** (the distilled student must beat the base beyond the tie "
+                  "margin of the selection rule below; otherwise the base is kept).", ""]
     lines += ["## Levels", "",
               "| level | score | MC acc | desc | MC agree | rerank top-1 | rerank top-3 | MC s/q | desc s/q | "
               "rerank s/q | load s | peak RSS GiB | disk GiB | projected h |",
@@ -387,23 +411,25 @@ def report(rows, reference, chosen, warning, source_name, source_rows, command):
                      f"{fmt(r.get('disk_gib'), 2)} | {fmt(r['projected_s'] / 3600, 2)} |")
     lines += ["", "![score against projected time](quantize.svg)", "", "## Selection", "",
               f"Rule: the highest score among levels projected within {SAFETY_MARGIN:.0%} of the "
-              f"{TIME_LIMIT_HOURS} h limit; scores within {SCORE_TOLERANCE} of the best are tied and the fastest "
-              f"wins. Chosen: **{chosen['level']}** (score {fmt(chosen['score'])}, projected "
+              f"{TIME_LIMIT_HOURS} h limit; a level the best does not beat by more than max({SCORE_TOLERANCE}, "
+              f"{NOISE_Z} × the standard error of their paired MC difference) is tied with it, and the fastest "
+              f"tied level wins. Chosen: **{chosen['level']}** (score {fmt(chosen['score'])}, projected "
               f"{chosen['projected_s'] / 3600:.2f} h) -> models/student-final.", ""]
     if warning:
         lines += [f"**Warning:** {warning}", ""]
     return "\n".join(lines)
 
 
-def collect(device, missing_ok=True):
-    """Measure every level (reference first, for each source) and return (source name, dir, rows, source rows)."""
+def collect(device, noise, missing_ok=True):
+    """Measure every level (reference first, for each source) and return (source name, dir, rows, source rows).
+    The distilled student is quantized only when it beats the base beyond the tie margin (see select)."""
     found = sources()
     source_rows = [measure(name, path, REFERENCE, device, missing_ok) for name, path in found.items()]
+    name = "base"
     if len(source_rows) > 1:
-        best = max(source_rows, key=lambda r: (r.get("score") or -1, r["source"] == "base"))
-        name = best["source"]
-    else:
-        name = "base"
+        base, distilled = source_rows
+        if distilled.get("score") is not None and (base.get("score") is None or better(distilled, base, noise)):
+            name = "distilled"
     levels = [REFERENCE] + [lv for lv in MEASURE if lv != REFERENCE]
     rows = [measure(name, found[name], level, device, missing_ok) for level in levels]
     for r in rows:
@@ -439,10 +465,15 @@ def main():
           + json.dumps(dict(EVAL_MC=EVAL_MC, EVAL_DESC=EVAL_DESC, RERANK_QUESTIONS=RERANK_QUESTIONS,
                             TIME_LIMIT_HOURS=TIME_LIMIT_HOURS, SAFETY_MARGIN=SAFETY_MARGIN,
                             SCORE_TOLERANCE=SCORE_TOLERANCE)))
-    name, source_dir, rows, source_rows = collect(device, missing_ok=not args.report_only)
+    labels = eval_set()[1]
+
+    def noise(a, b):
+        return paired_se(a, b, labels)
+
+    name, source_dir, rows, source_rows = collect(device, noise, missing_ok=not args.report_only)
     reference = rows[0]
     limit_s = TIME_LIMIT_HOURS * 3600
-    chosen, warning = select(rows, limit_s)
+    chosen, warning = select(rows, limit_s, noise=noise)
     if warning:
         print(f"05: WARNING: {warning}")
     if not args.report_only:

@@ -90,6 +90,23 @@ def test_select_breaks_ties_by_time_then_disk():
     assert chosen["level"] == "fp32"
 
 
+def test_paired_standard_error_by_hand():
+    labels = {i: dict(kind="mc", Answer="1") for i in "abcd"} | {"x": dict(kind="desc", Answer="설명")}
+    a = dict(answers={"a": "1", "b": "1", "c": "2", "d": "1", "x": "가"})
+    b = dict(answers={"a": "1", "b": "2", "c": "2", "d": "2", "x": "나"})
+    # differences in correctness: 0, 1, 0, 1 -> mean 0.5, sample variance 1/3, SE of the mean sqrt(1/12); half of it
+    assert quantize.paired_se(a, b, labels) == pytest.approx(0.5 * (1 / 12) ** 0.5)
+    assert quantize.paired_se(a, a, labels) == 0.0  # identical answers: no noise between them
+
+
+def test_select_treats_a_win_inside_the_noise_as_a_tie():
+    rows = [row("bf16", 0.385, 0.07), row("nf4", 0.407, 0.08)]
+    chosen, _ = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.005, noise=lambda a, b: 0.025)
+    assert chosen["level"] == "bf16"  # 0.022 ahead but the paired SE is 0.025: tied, and bf16 is faster
+    chosen, _ = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.005, noise=lambda a, b: 0.01)
+    assert chosen["level"] == "nf4"
+
+
 def test_select_with_nothing_under_budget_takes_the_fastest_and_warns():
     rows = [row("fp32", 0.6, 9.0), row("nf4", 0.4, 6.0), row("gone", 0.9, 0.1, runnable=False)]
     chosen, warning = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8)
@@ -196,3 +213,16 @@ def test_report_only_never_measures(sweep, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["05_quantize.py", "--report-only"])
     with pytest.raises(SystemExit, match="make quantize"):
         quantize.main()
+
+
+def test_the_distilled_student_is_quantized_only_after_a_clear_win(monkeypatch):
+    scores = {"base": 0.382, "distilled": 0.385}  # measured here: a 1-step smoke adapter, 0.003 ahead on 108 questions
+    monkeypatch.setattr(quantize, "sources", lambda: {"base": "b", "distilled": "d"})
+    monkeypatch.setattr(quantize, "measure", lambda name, path, level, device, missing_ok=True: dict(
+        source=name, level=level, score=scores[name], runnable=True, load_s=0.0, mc_s=1.0, desc_s=1.0))
+    monkeypatch.setattr(quantize, "MEASURE", ["bf16"])
+    name, path, rows, source_rows = quantize.collect("cpu", noise=lambda a, b: 0.0)
+    assert (name, path) == ("base", "b") and [r["source"] for r in source_rows] == ["base", "distilled"]
+    scores["distilled"] = 0.45
+    assert quantize.collect("cpu", noise=lambda a, b: 0.0)[0] == "distilled"
+    assert quantize.collect("cpu", noise=lambda a, b: 0.1)[0] == "base"  # 0.068 ahead inside a 0.1 noise margin
