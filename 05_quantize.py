@@ -329,25 +329,26 @@ def save_final(source_name, source_dir, row):
 
 # ----------------------------------------------------------------------------- report
 def svg_plot(rows, limit_s, margin, chosen_level):
-    """Score against projected hours, one labelled point per level, the limit (and the margin) as vertical lines."""
-    w, h, pad = 640, 360, 56
+    """Score against projected hours, one numbered point per level (names in a legend on the right: on a fast
+    device the points crowd together), the limit and the margin as vertical lines."""
+    w, h, pad, legend = 820, 360, 56, 200
     points = [(r["projected_s"] / 3600, r["score"], r["level"]) for r in rows]
     x_max = max([limit_s / 3600 * 1.1] + [p[0] * 1.1 for p in points])
     ys = [p[1] for p in points] or [0.0]
     y_lo, y_hi = min(ys) - 0.05, max(ys) + 0.05
 
     def px(x):
-        return pad + (w - 2 * pad) * x / x_max
+        return pad + (w - legend - 2 * pad) * x / x_max
 
     def py(y):
         return h - pad - (h - 2 * pad) * (y - y_lo) / (y_hi - y_lo or 1)
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
              f'font-size="11"><rect width="{w}" height="{h}" fill="white"/>',
-             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{w - legend - pad}" y2="{h - pad}" stroke="black"/>',
              f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
-             f'<text x="{w / 2}" y="{h - 16}" text-anchor="middle">projected hours for {TEST_MC + TEST_DESC} '
-             f'questions</text>',
+             f'<text x="{(w - legend) / 2}" y="{h - 16}" text-anchor="middle">projected hours for '
+             f'{TEST_MC + TEST_DESC} questions</text>',
              f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle">dev score</text>']
     for tick in range(int(x_max) + 1):
         parts.append(f'<text x="{px(tick):.1f}" y="{h - pad + 14}" text-anchor="middle">{tick}</text>')
@@ -359,10 +360,12 @@ def svg_plot(rows, limit_s, margin, chosen_level):
         parts.append(f'<line x1="{px(x):.1f}" y1="{pad}" x2="{px(x):.1f}" y2="{h - pad}" stroke="{style}" '
                      f'stroke-dasharray="{"" if style == "red" else "4 3"}"/>')
         parts.append(f'<text x="{px(x) + 3:.1f}" y="{pad - 6}" fill="{style}">{label}</text>')
-    for i, (x, y, level) in enumerate(points):
+    for i, (x, y, level) in enumerate(points, 1):
         colour = "green" if level == chosen_level else "steelblue"
         parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{colour}"/>')
-        parts.append(f'<text x="{px(x) + 6:.1f}" y="{py(y) - 6 - 10 * (i % 2):.1f}">{level}</text>')
+        parts.append(f'<text x="{px(x) + 5:.1f}" y="{py(y) - 5:.1f}" fill="{colour}">{i}</text>')
+        parts.append(f'<text x="{w - legend + 10}" y="{pad + 16 * i}" fill="{colour}">{i}  {level}  {y:.3f}  '
+                     f'{x:.2f} h</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 

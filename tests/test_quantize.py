@@ -139,7 +139,8 @@ def test_spread_takes_evenly_and_all_for_zero():
 def test_svg_draws_the_limit_and_every_level():
     svg = quantize.svg_plot([row("bf16", 0.5, 1.0), row("nf4", 0.45, 0.5)], 4.5 * 3600, 0.8, "bf16")
     assert svg.startswith("<svg") and svg.endswith("</svg>")
-    assert "4.5 h limit" in svg and ">bf16<" in svg and ">nf4<" in svg and 'fill="green"' in svg
+    assert "4.5 h limit" in svg and svg.count("<circle") == 2 and 'fill="green"' in svg
+    assert "1  bf16  0.500  1.00 h" in svg and "2  nf4  0.450  0.50 h" in svg  # the legend names every point
 
 
 # ----------------------------------------------------------------------------- the sweep, end to end (tiny)
