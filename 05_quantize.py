@@ -293,7 +293,8 @@ def better(a, b, noise=None, tolerance=SCORE_TOLERANCE, z=NOISE_Z):
 
 def select(rows, limit_s=TIME_LIMIT_HOURS * 3600, margin=SAFETY_MARGIN, tolerance=SCORE_TOLERANCE, noise=None,
            z=NOISE_Z):
-    """(chosen row, warning or None): the best score among runnable levels projected within margin x limit.
+    """(chosen row, warning or None, tied rows): the best score among runnable levels projected within margin x
+    limit.
     Levels the best does not beat by more than max(tolerance, z x noise(best, level)) are tied with it, and the
     fastest of those wins (then the smallest on disk). When no level fits, the fastest runnable one, with a
     warning."""
@@ -305,10 +306,10 @@ def select(rows, limit_s=TIME_LIMIT_HOURS * 3600, margin=SAFETY_MARGIN, toleranc
         fastest = min(runnable, key=lambda r: r["projected_s"])
         return fastest, (f"no level is projected within {margin:.0%} of the {limit_s / 3600:.1f} h limit: chose the "
                          f"fastest, {fastest['level']} ({fastest['projected_s'] / 3600:.2f} h). Use a smaller model, "
-                         "fewer reranked candidates or a faster device.")
+                         "fewer reranked candidates or a faster device."), [fastest]
     best = max(inside, key=lambda r: r["score"])
     tied = [r for r in inside if not better(best, r, noise, tolerance, z)]
-    return min(tied, key=lambda r: (r["projected_s"], r.get("disk_gib") or 0.0)), None
+    return min(tied, key=lambda r: (r["projected_s"], r.get("disk_gib") or 0.0)), None, tied
 
 
 def save_final(source_name, source_dir, row):
@@ -374,7 +375,7 @@ def fmt(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def report(rows, reference, chosen, warning, source_name, source_rows, command):
+def report(rows, reference, chosen, warning, tied, source_name, source_rows, command):
     """The markdown report: one table row per level (runnable or not), the selection, how it was measured."""
     first = next((r for r in rows if r.get("runnable")), {})
     lines = [f"# Quantization levels of the student (05_quantize.py)", "",
@@ -390,13 +391,6 @@ def report(rows, reference, chosen, warning, source_name, source_rows, command):
              f"Projected time = load + {TEST_MC} × (MC s/q + rerank s/q) + {TEST_DESC} × (descriptive s/q + "
              "rerank s/q), measured on this device (retrieval included in the answer times; rerank s/q counts only "
              "when the answers use passages).", ""]
-    if source_rows:
-        lines += ["## Source student (reference level)", "", "| source | score | MC acc | descriptive |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['source']} | {fmt(r.get('score'))} | {fmt(r.get('mc_acc'))} | {fmt(r.get('desc_score'))} |"
-                  for r in source_rows]
-        lines += ["", f"Quantized: **{source_name}** (the distilled student must beat the base beyond the tie "
-                  "margin of the selection rule below; otherwise the base is kept).", ""]
     lines += ["## Levels", "",
               "| level | score | MC acc | desc | MC agree | rerank top-1 | rerank top-3 | MC s/q | desc s/q | "
               "rerank s/q | load s | peak RSS GiB | disk GiB | projected h |",
@@ -412,12 +406,21 @@ def report(rows, reference, chosen, warning, source_name, source_rows, command):
                      f"{fmt(r['mc_s'], 2)} | {fmt(r['desc_s'], 2)} | {fmt(r.get('rerank_s'), 2)} | "
                      f"{fmt(r['load_s'], 1)} | {fmt(r.get('peak_gpu_gib') or r['peak_rss_gib'], 2)} | "
                      f"{fmt(r.get('disk_gib'), 2)} | {fmt(r['projected_s'] / 3600, 2)} |")
-    lines += ["", "![score against projected time](quantize.svg)", "", "## Selection", "",
+    lines += ["", "![score against projected time](quantize.svg)", ""]
+    if source_rows:
+        lines += ["## Source student (reference level)", "", "| source | score | MC acc | descriptive |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['source']} | {fmt(r.get('score'))} | {fmt(r.get('mc_acc'))} | {fmt(r.get('desc_score'))} |"
+                  for r in source_rows]
+        lines += ["", f"Quantized: **{source_name}** (the distilled student must beat the base beyond the tie "
+                  "margin of the selection rule below; otherwise the base is kept).", ""]
+    lines += ["## Chosen level", "",
               f"Rule: the highest score among levels projected within {SAFETY_MARGIN:.0%} of the "
               f"{TIME_LIMIT_HOURS} h limit; a level the best does not beat by more than max({SCORE_TOLERANCE}, "
               f"{NOISE_Z} × the standard error of their paired MC difference) is tied with it, and the fastest "
-              f"tied level wins. Chosen: **{chosen['level']}** (score {fmt(chosen['score'])}, projected "
-              f"{chosen['projected_s'] / 3600:.2f} h) -> models/student-final.", ""]
+              f"tied level wins. Tied with the best score here: {', '.join(r['level'] for r in tied)}. Chosen: "
+              f"**{chosen['level']}** (score {fmt(chosen['score'])}, projected {chosen['projected_s'] / 3600:.2f} h) "
+              "-> models/student-final.", ""]
     if warning:
         lines += [f"**Warning:** {warning}", ""]
     return "\n".join(lines)
@@ -476,7 +479,7 @@ def main():
     name, source_dir, rows, source_rows = collect(device, noise, missing_ok=not args.report_only)
     reference = rows[0]
     limit_s = TIME_LIMIT_HOURS * 3600
-    chosen, warning = select(rows, limit_s, noise=noise)
+    chosen, warning, tied = select(rows, limit_s, noise=noise)
     if warning:
         print(f"05: WARNING: {warning}")
     if not args.report_only:
@@ -486,7 +489,7 @@ def main():
     measured = [r for r in rows if r.get("runnable")]
     (common.REPORTS / "quantize.svg").write_text(svg_plot(measured, limit_s, SAFETY_MARGIN, chosen["level"]),
                                                  encoding="utf-8")
-    text = report(rows, reference, chosen, warning, name, source_rows, args.command)
+    text = report(rows, reference, chosen, warning, tied, name, source_rows, args.command)
     tmp = common.REPORTS / "quantize.md.tmp"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, common.REPORTS / "quantize.md")

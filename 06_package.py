@@ -33,6 +33,7 @@ STAGES = [  # report, stage: in pipeline order; REPORT.md takes the ones that ex
     ("baseline.md", "Baseline (no retrieval), option calibration, CPU dtype"),
     ("retrieval.md", "02 retrieval"),
     ("rerank.md", "03 reranking"),
+    ("rag.md", "04 with and without retrieved passages"),
     ("distill.md", "01 distillation"),
     ("quantize.md", "05 quantization"),
     ("eval.md", "Final submission on the development set"),

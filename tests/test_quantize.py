@@ -78,15 +78,15 @@ def row(level, score, hours, disk=1.0, runnable=True):
 
 def test_select_takes_the_best_score_inside_the_margin():
     rows = [row("fp32", 0.60, 4.0), row("bf16", 0.55, 2.0), row("nf4", 0.50, 1.0)]
-    chosen, warning = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.0)
+    chosen, warning, _ = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.0)
     assert chosen["level"] == "bf16" and warning is None  # fp32 scores best but 4.0 h > 0.8 x 4.5 h
 
 
 def test_select_breaks_ties_by_time_then_disk():
     rows = [row("fp32", 0.550, 3.0), row("bf16", 0.548, 2.0, disk=1.2), row("int8", 0.548, 2.0, disk=0.7)]
-    chosen, _ = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.005)
+    chosen, _, tied = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.005)
     assert chosen["level"] == "int8"
-    chosen, _ = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.0)
+    chosen, _, tied = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.0)
     assert chosen["level"] == "fp32"
 
 
@@ -101,15 +101,16 @@ def test_paired_standard_error_by_hand():
 
 def test_select_treats_a_win_inside_the_noise_as_a_tie():
     rows = [row("bf16", 0.385, 0.07), row("nf4", 0.407, 0.08)]
-    chosen, _ = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.005, noise=lambda a, b: 0.025)
+    chosen, _, tied = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.005, noise=lambda a, b: 0.025)
     assert chosen["level"] == "bf16"  # 0.022 ahead but the paired SE is 0.025: tied, and bf16 is faster
-    chosen, _ = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.005, noise=lambda a, b: 0.01)
+    assert [r["level"] for r in tied] == ["bf16", "nf4"]
+    chosen, _, tied = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.005, noise=lambda a, b: 0.01)
     assert chosen["level"] == "nf4"
 
 
 def test_select_with_nothing_under_budget_takes_the_fastest_and_warns():
     rows = [row("fp32", 0.6, 9.0), row("nf4", 0.4, 6.0), row("gone", 0.9, 0.1, runnable=False)]
-    chosen, warning = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8)
+    chosen, warning, _ = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8)
     assert chosen["level"] == "nf4" and "fastest" in warning and "nf4" in warning
 
 
@@ -195,7 +196,7 @@ def test_sweep_measures_selects_saves_and_reports(sweep):
     assert meta["chosen"]["level"] in ("bf16", "fp32") and meta["chosen"]["source_name"] == "base"
     text = (tmp_path / "reports" / "quantize.md").read_text(encoding="utf-8")
     assert "| gpu-only | not run: runs on cuda only, not cpu |" in text
-    assert "**(chosen)**" in text and "quantize.svg" in text
+    assert "**(chosen)**" in text and "quantize.svg" in text and "Tied with the best score here: " in text
     assert (tmp_path / "reports" / "quantize.svg").exists()
     result = json.loads((tmp_path / "05" / "base-bf16" / "result.json").read_text(encoding="utf-8"))
     assert result["n_mc"] == 2 and result["n_desc"] == 1 and result["disk_gib"] > 0
