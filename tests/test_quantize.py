@@ -228,3 +228,20 @@ def test_the_distilled_student_is_quantized_only_after_a_clear_win(monkeypatch):
     scores["distilled"] = 0.45
     assert quantize.collect("cpu", noise=lambda a, b: 0.0)[0] == "distilled"
     assert quantize.collect("cpu", noise=lambda a, b: 0.1)[0] == "base"  # 0.068 ahead inside a 0.1 noise margin
+
+
+def test_a_repeated_library_warning_is_shown_once():
+    import logging
+
+    seen = []
+    log = logging.getLogger("test.first-only")
+    log.propagate = False
+    handler = logging.Handler()
+    handler.emit = seen.append
+    log.addHandler(handler)
+    log.addFilter(lm._FirstOnly())
+    for _ in range(3):
+        log.warning("MatMul8bitLt: inputs will be cast from %s to float16", "torch.bfloat16")
+    log.warning("another message")
+    assert [r.getMessage() for r in seen] == ["MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16",
+                                              "another message"]
