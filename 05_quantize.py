@@ -1,13 +1,14 @@
 """Quantization levels of the student measured for score and time; the best one inside the time limit is kept.
 
 Reads the student to quantize (the base student of `make student`, and the merged DistiLLM-2 student of
-`make distill` when it exists: both are measured at the REFERENCE level and the better one is quantized), the
-development questions and labels straight from ../shared/eval (a data/test.csv in place changes nothing) and the
-index of `make index`. Each level is built and measured in a process of its own (clean peak memory), answering
-the evaluation subset with first-stage retrieved passages and reranking a few questions, and its result is
-checkpointed in outputs/05_quantize/<source>-<level>/result.json: a rerun measures only what changed.
-Writes models/student-final/ (the chosen level's weights, its quantization config in config.json or meta.json,
-meta.json with the measurements, DONE), which 03_rerank.py and 04_infer.py then use, and reports/quantize.md +
+`make distill` when it exists: both are measured at the REFERENCE level and the distilled one is quantized only
+when it wins clearly), the development questions and labels straight from the shared eval folder (common.SHARED:
+a data/test.csv in place changes nothing) and the index of `make index`. Each level is built and measured in a
+process of its own (clean peak memory): it answers the evaluation subset the way 04_infer.py answers (with
+first-stage passages when RAG_PASSAGES > 0) and reranks a few questions; its result is checkpointed in
+outputs/05_quantize/<source>-<level>/result.json, so a rerun measures only what changed. Writes
+models/student-final/ (the chosen level's weights, its quantization config in config.json or meta.json, meta.json
+with the measurements, DONE), which 03_rerank.py and 04_infer.py then use, and reports/quantize.md +
 reports/quantize.svg (score against projected time for the test). Run by `make quantize` and
 `make quantize-report`.
 """
@@ -178,6 +179,9 @@ def measure_level(model_dir, level, work_dir):
     rag = infer.RAG_PASSAGES > 0 and (common.INDEX / "DONE").exists()
     dtype_name = LEVELS[level]["dtype"]
     records, meta = infer.run(questions, work_dir / "answers", str(model_dir), dtype_name, rag=rag)
+    # as 04_infer.py main does: a rerun served from the checkpoint then keeps the speed and memory of the run that
+    # answered (a checkpoint-only rerun would report the peak memory of loading alone)
+    lm.write_json(work_dir / "answers" / "meta.json", meta)
     rows = infer.submission_rows(questions, records, infer.CALIBRATION, meta["content_free"])
     answers = dict(rows)
     scored = evaluate.score(answers, labels)
@@ -196,14 +200,36 @@ def measure_level(model_dir, level, work_dir):
 
 
 # ----------------------------------------------------------------------------- across levels
+def settings_of(module):
+    """The UPPER_CASE settings of a module that are plain values (its settings block; paths left out)."""
+    return {k: v for k, v in vars(module).items()
+            if k.isupper() and isinstance(v, (bool, int, float, str, list, tuple, dict))}
+
+
+def library_versions():
+    from importlib import metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "bitsandbytes", "torchao"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def level_key(source_dir, level, indexed):
     """Changes when anything that changes a level's result changes: the source weights, the level, the evaluation
-    settings and the code that answers and reranks."""
-    code = [common.sha256_file(common.ROOT / f) for f in ("04_infer.py", "03_rerank.py", "common.py", "lm.py",
-                                                           "02_build_index.py", "evaluate.py")]
-    index = (common.INDEX / "meta.json").read_text(encoding="utf-8") if indexed else ""
+    subset, the settings of the answering (04), reranking (03) and scoring (evaluate) steps and of common (prompts),
+    the index (settings and corpus, not its build timings) and the library versions. Like the checkpoint keys of 03 and 04, it follows settings, not source text:
+    an edit to the code itself does not re-measure (delete outputs/05_quantize to force it)."""
+    settings = {name: settings_of(module) for name, module in (("common", common), ("04", infer), ("03", rerank),
+                                                               ("evaluate", importlib.import_module("evaluate")))}
+    index_meta = json.loads((common.INDEX / "meta.json").read_text(encoding="utf-8")) if indexed else {}
+    index = json.dumps({k: index_meta.get(k) for k in ("settings", "corpus", "dense_variant")}, sort_keys=True)
     parts = [lm.model_fingerprint(str(source_dir)), level, json.dumps(LEVELS[level], sort_keys=True),
-             str(EVAL_MC), str(EVAL_DESC), str(RERANK_QUESTIONS), index, *code]
+             str(EVAL_MC), str(EVAL_DESC), str(RERANK_QUESTIONS), index, json.dumps(settings, sort_keys=True),
+             json.dumps(library_versions(), sort_keys=True)]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:16]
 
 
@@ -382,7 +408,8 @@ def report(rows, reference, chosen, warning, tied, source_name, source_rows, com
              f"Command: `{command}`. Device: {first.get('device', '–')}; load average at the runs: "
              f"{', '.join(fmt(r.get('load_average'), 1) for r in rows if r.get('runnable'))}.", "",
              f"Evaluation subset: {first.get('n_mc', 0)} multiple-choice + {first.get('n_desc', 0)} descriptive "
-             f"development questions spread evenly over ../shared/eval (EVAL_MC={EVAL_MC}, EVAL_DESC={EVAL_DESC}), "
+             f"development questions spread evenly over the shared eval folder (EVAL_MC={EVAL_MC}, "
+             f"EVAL_DESC={EVAL_DESC}), "
              f"answered {'with first-stage retrieved passages' if first.get('rag') else 'without retrieval'} "
              f"(04_infer.py RAG_PASSAGES={infer.RAG_PASSAGES}); reranker agreement and cost on {RERANK_QUESTIONS} "
              "of them. Score = 0.5 × MC accuracy + 0.5 × "

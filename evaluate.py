@@ -184,7 +184,8 @@ def longest_shared_span(answer, passages):
     best = 0
     for passage in passages:
         b = re.sub(r"\s+", " ", passage)
-        best = max(best, difflib.SequenceMatcher(None, a, b, autojunk=False).find_longest_match(0, len(a), 0, len(b)).size)
+        match = difflib.SequenceMatcher(None, a, b, autojunk=False).find_longest_match(0, len(a), 0, len(b))
+        best = max(best, match.size)
     return best
 
 

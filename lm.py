@@ -69,11 +69,13 @@ def quantize_after_load(model, method, device):
     """Quantization applied to a loaded model, for methods with no serialised form (05_quantize.py levels)."""
     if method == "torch-int8-dynamic":  # eager dynamic int8: CPU kernels only
         if device != "cpu":
-            raise SystemExit("torch-int8-dynamic runs on the CPU only: choose another level for a GPU (05_quantize.py).")
+            raise SystemExit("torch-int8-dynamic runs on the CPU only: choose another level for a GPU "
+                             "(05_quantize.py).")
         from torch.ao.quantization import quantize_dynamic
 
         return quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8)
-    raise SystemExit(f"unknown quantization method {method!r} in the model's meta.json: rebuild it with 05_quantize.py.")
+    raise SystemExit(f"unknown quantization method {method!r} in the model's meta.json: rebuild it with "
+                     "05_quantize.py.")
 
 
 def load_model(model_id, device, dtype, quantization_config=None):

@@ -201,6 +201,8 @@ def test_sweep_measures_selects_saves_and_reports(sweep):
     result = json.loads((tmp_path / "05" / "base-bf16" / "result.json").read_text(encoding="utf-8"))
     assert result["n_mc"] == 2 and result["n_desc"] == 1 and result["disk_gib"] > 0
     assert not (tmp_path / "05" / "base-bf16" / "model").exists()  # only the chosen level keeps its weights
+    # 04's meta beside the answers: a rerun served from the checkpoint keeps the speed and memory measured here
+    assert (tmp_path / "05" / "base-bf16" / "answers" / "meta.json").exists()
     # The chosen folder is what 04 answers with: it loads at its own level.
     assert lm.pick_dtype("cpu", None, str(final)) == getattr(torch, quantize.LEVELS[meta["chosen"]["level"]]["dtype"])
     assert steps.count("--measure") == 2
@@ -245,3 +247,17 @@ def test_a_repeated_library_warning_is_shown_once():
     log.warning("another message")
     assert [r.getMessage() for r in seen] == ["MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16",
                                               "another message"]
+
+
+def test_level_key_follows_settings_and_versions_not_source_text(tiny_model_dir, monkeypatch):
+    key = quantize.level_key(tiny_model_dir, "bf16", indexed=False)
+    assert key == quantize.level_key(tiny_model_dir, "bf16", indexed=False)
+    assert key != quantize.level_key(tiny_model_dir, "bnb-nf4", indexed=False)
+    monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 7)
+    changed = quantize.level_key(tiny_model_dir, "bf16", indexed=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(common, "MC_INSTRUCTION", "다른 지시문")
+    assert len({key, changed, quantize.level_key(tiny_model_dir, "bf16", indexed=False)}) == 3
+    monkeypatch.undo()
+    monkeypatch.setattr(quantize, "library_versions", lambda: dict(bitsandbytes="0.0"))
+    assert quantize.level_key(tiny_model_dir, "bf16", indexed=False) != key
