@@ -7,8 +7,8 @@ a data/test.csv in place changes nothing) and the index of `make index`. Each le
 process of its own (clean peak memory): it answers the evaluation subset the way 04_infer.py answers (with
 first-stage passages when RAG_PASSAGES > 0) and reranks a few questions; its result is checkpointed in
 outputs/05_quantize/<source>-<level>/result.json, so a rerun measures only what changed. Writes
-models/student-final/ (the chosen level's weights, its quantization config in config.json or meta.json, meta.json
-with the measurements, DONE), which 03_rerank.py and 04_infer.py then use, and reports/quantize.md +
+models/student-final/ (the chosen level's weights, its quantization config in config.json or meta.json,
+selection.json with the measurements, DONE), which 03_rerank.py and 04_infer.py then use, and reports/quantize.md +
 reports/quantize.svg (score against projected time for the test). Run by `make quantize` and
 `make quantize-report`.
 """
@@ -344,12 +344,12 @@ def save_final(source_name, source_dir, row):
     failed = run_step(["--build", row["level"], "--source", str(source_dir), "--dir", str(tmp)])
     if failed:
         raise SystemExit(f"05: rebuilding the chosen level {row['level']} failed: see the log above.")
-    meta = json.loads((tmp / "meta.json").read_text(encoding="utf-8"))
-    meta["chosen"] = {k: v for k, v in row.items() if k not in ("answers", "rerank_orders")}
-    meta["chosen"]["source_name"] = source_name
-    meta["selection"] = dict(TIME_LIMIT_HOURS=TIME_LIMIT_HOURS, SAFETY_MARGIN=SAFETY_MARGIN,
-                             SCORE_TOLERANCE=SCORE_TOLERANCE, EVAL_MC=EVAL_MC, EVAL_DESC=EVAL_DESC)
-    lm.write_json(tmp / "meta.json", meta)
+    # The measurements go beside meta.json, not into it: meta.json is the model's fingerprint for the checkpoints of
+    # 03 and 04, and the same weights re-selected with new timings must not make them answer again.
+    chosen = {k: v for k, v in row.items() if k not in ("answers", "rerank_orders")}
+    lm.write_json(tmp / "selection.json", dict(chosen=dict(chosen, source_name=source_name), settings=dict(
+        TIME_LIMIT_HOURS=TIME_LIMIT_HOURS, SAFETY_MARGIN=SAFETY_MARGIN, SCORE_TOLERANCE=SCORE_TOLERANCE,
+        NOISE_Z=NOISE_Z, EVAL_MC=EVAL_MC, EVAL_DESC=EVAL_DESC)))
     shutil.rmtree(common.FINAL, ignore_errors=True)
     tmp.replace(common.FINAL)
 

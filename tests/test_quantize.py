@@ -192,8 +192,9 @@ def test_sweep_measures_selects_saves_and_reports(sweep):
     quantize.main()
     final = tmp_path / "student-final"
     assert (final / "DONE").exists()
-    meta = json.loads((final / "meta.json").read_text(encoding="utf-8"))
+    meta = json.loads((final / "selection.json").read_text(encoding="utf-8"))
     assert meta["chosen"]["level"] in ("bf16", "fp32") and meta["chosen"]["source_name"] == "base"
+    fingerprint = lm.model_fingerprint(str(final))
     text = (tmp_path / "reports" / "quantize.md").read_text(encoding="utf-8")
     assert "| gpu-only | not run: runs on cuda only, not cpu |" in text
     assert "**(chosen)**" in text and "quantize.svg" in text and "Tied with the best score here: " in text
@@ -211,6 +212,7 @@ def test_sweep_measures_selects_saves_and_reports(sweep):
     steps.clear()
     quantize.main()
     assert steps == ["--build"]  # only the chosen level is rebuilt into models/student-final
+    assert lm.model_fingerprint(str(final)) == fingerprint  # same weights: 03 and 04 reuse their checkpoints
 
 
 def test_report_only_never_measures(sweep, monkeypatch):
