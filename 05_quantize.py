@@ -221,8 +221,9 @@ def library_versions():
 def level_key(source_dir, level, indexed):
     """Changes when anything that changes a level's result changes: the source weights, the level, the evaluation
     subset, the settings of the answering (04), reranking (03) and scoring (evaluate) steps and of common (prompts),
-    the index (settings and corpus, not its build timings) and the library versions. Like the checkpoint keys of 03 and 04, it follows settings, not source text:
-    an edit to the code itself does not re-measure (delete outputs/05_quantize to force it)."""
+    the index (settings and corpus, not its build timings) and the library versions. Like the checkpoint keys of 03
+    and 04 it follows settings, not source text: an edit to the code itself does not re-measure (delete
+    outputs/05_quantize to force it)."""
     settings = {name: settings_of(module) for name, module in (("common", common), ("04", infer), ("03", rerank),
                                                                ("evaluate", importlib.import_module("evaluate")))}
     index_meta = json.loads((common.INDEX / "meta.json").read_text(encoding="utf-8")) if indexed else {}
@@ -320,9 +321,8 @@ def better(a, b, noise=None, tolerance=SCORE_TOLERANCE, z=NOISE_Z):
 def select(rows, limit_s=TIME_LIMIT_HOURS * 3600, margin=SAFETY_MARGIN, tolerance=SCORE_TOLERANCE, noise=None,
            z=NOISE_Z):
     """(chosen row, warning or None, tied rows): the best score among runnable levels projected within margin x
-    limit.
-    Levels the best does not beat by more than max(tolerance, z x noise(best, level)) are tied with it, and the
-    fastest of those wins (then the smallest on disk). When no level fits, the fastest runnable one, with a
+    limit. Levels the best does not beat by more than max(tolerance, z x noise(best, level)) are tied with it, and
+    the fastest of those wins (then the smallest on disk). When no level fits, the fastest runnable one, with a
     warning."""
     runnable = [r for r in rows if r.get("runnable") and r.get("score") is not None]
     if not runnable:
@@ -339,7 +339,7 @@ def select(rows, limit_s=TIME_LIMIT_HOURS * 3600, margin=SAFETY_MARGIN, toleranc
 
 
 def save_final(source_name, source_dir, row):
-    """Rebuild the chosen level into models/student-final with the measurements in its meta.json."""
+    """Rebuild the chosen level into models/student-final, its measurements in selection.json."""
     tmp = common.MODELS / "student-final.build"
     failed = run_step(["--build", row["level"], "--source", str(source_dir), "--dir", str(tmp)])
     if failed:
