@@ -16,7 +16,6 @@ vocabulary; every divergence returns one value per token position):
 Multi-GPU: `accelerate launch --num_processes N 01_train_distillm.py` (one teacher copy per process).
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -403,10 +402,6 @@ def read_pairs(path):
     return pairs
 
 
-def file_sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 # ----------------------------------------------------------------------------- training
 def make_trainer_class():
     """DistiLLMTrainer, defined lazily so that importing this module does not import the Trainer stack."""
@@ -489,12 +484,12 @@ def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id):
                                    data_collator=lambda ex: collate(ex, tokenizer.pad_token_id), teacher=teacher,
                                    loss_config=cfg)
     resume = fresh_or_resumable(run_dir, dict(loss_config=asdict(cfg), settings=settings_dict(), max_steps=max_steps,
-                                              pairs_sha256=file_sha256(pairs_path), student=student_id))
+                                              pairs_sha256=common.sha256_file(pairs_path), student=student_id))
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=resume or None)
     train_seconds = time.time() - t_train
     meta = dict(loss_config=asdict(cfg), student=student_id, teacher=teacher_id, pairs=str(pairs_path),
-                pairs_sha256=file_sha256(pairs_path), n_pairs=len(pairs), max_steps=max_steps,
+                pairs_sha256=common.sha256_file(pairs_path), n_pairs=len(pairs), max_steps=max_steps,
                 resumed=resume, train_loss=result.training_loss, history=trainer.history,
                 seconds=dict(total=round(time.time() - t0, 1), train=round(train_seconds, 1),
                              per_step=round(train_seconds / max(max_steps, 1), 1)),
@@ -549,7 +544,7 @@ def merge_adapter(adapter_dir, base_id, out_dir):
     merged.save_pretrained(tmp, safe_serialization=True)
     lm.load_tokenizer(base_id).save_pretrained(tmp)
     meta = json.loads((adapter_dir / "meta.json").read_text(encoding="utf-8"))
-    meta = dict(merged_from=str(adapter_dir), base=base_id, adapter_sha256=file_sha256(
+    meta = dict(merged_from=str(adapter_dir), base=base_id, adapter_sha256=common.sha256_file(
         adapter_dir / "adapter_model.safetensors"), training={k: meta[k] for k in meta if k != "history"})
     lm.write_json(tmp / "meta.json", meta)
     (tmp / "DONE").touch()

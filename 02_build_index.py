@@ -601,14 +601,19 @@ class Index:
         return self.search_many([text], k, method)[0]
 
 
+def read_chunks(path):
+    """The chunks of an index folder's chunks.jsonl, in index order."""
+    with open(Path(path) / "chunks.jsonl", encoding="utf-8") as f:
+        return [Chunk(**json.loads(line)) for line in f if line.strip()]
+
+
 def load_index(path=None, backend=None):
     """The index built by `make index` (outputs/02_index unless path is given)."""
     path = Path(path or common.INDEX)
     if not (path / "DONE").exists():
         raise SystemExit(f"02: no finished index at {path}: run `make index`.")
     meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    with open(path / "chunks.jsonl", encoding="utf-8") as f:
-        chunks = [Chunk(**json.loads(line)) for line in f if line.strip()]
+    chunks = read_chunks(path)
     tokens = json.loads((path / "bm25_tokens.json").read_text(encoding="utf-8"))
     vectors = None
     if (path / "dense.faiss").exists():

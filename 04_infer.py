@@ -205,8 +205,9 @@ MEASURED = ("prefill_tokens_per_s", "generated_tokens_per_s", "peak_rss_gib", "l
 
 
 def run(questions, out_dir, model_id, dtype_name=None, rag=False, ranked=None):
-    """Answer the questions with checkpointing into out_dir; return (records by id, meta). With rag, the context of
-    a question is its reranked chunk ids in ranked ({id: [chunk ids]}) when given, else the first stage's."""
+    """Answer the questions with checkpointing into out_dir; return (records by id, meta), meta also written to
+    out_dir/meta.json. With rag, the context of a question is its reranked chunk ids in ranked ({id: [chunk ids]})
+    when given, else the first stage's."""
     device = lm.pick_device()
     dtype = lm.pick_dtype(device, dtype_name, model_id)
     dtype_name = str(dtype).replace("torch.", "")
@@ -262,6 +263,7 @@ def run(questions, out_dir, model_id, dtype_name=None, rag=False, ranked=None):
             for field in MEASURED:
                 meta[field] = old.get(field)
             meta["seconds"]["answering"] = old["seconds"]["answering"]
+    lm.write_json(previous, meta)  # beside the checkpoint, for the next checkpoint-only rerun (any caller)
     return records, meta
 
 
@@ -310,7 +312,6 @@ def main():
     if problems:
         raise SystemExit("04: the submission would be invalid:\n  " + "\n  ".join(problems[:20]))
     common.write_submission(args.out / "submission.csv", rows)
-    lm.write_json(args.out / "meta.json", meta)
     (args.out / "DONE").touch()
     if full and args.out == common.INFER:
         common.write_submission(common.SUBMISSION, rows)

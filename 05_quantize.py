@@ -179,9 +179,6 @@ def measure_level(model_dir, level, work_dir):
     rag = infer.RAG_PASSAGES > 0 and (common.INDEX / "DONE").exists()
     dtype_name = LEVELS[level]["dtype"]
     records, meta = infer.run(questions, work_dir / "answers", str(model_dir), dtype_name, rag=rag)
-    # as 04_infer.py main does: a rerun served from the checkpoint then keeps the speed and memory of the run that
-    # answered (a checkpoint-only rerun would report the peak memory of loading alone)
-    lm.write_json(work_dir / "answers" / "meta.json", meta)
     rows = infer.submission_rows(questions, records, infer.CALIBRATION, meta["content_free"])
     answers = dict(rows)
     scored = evaluate.score(answers, labels)

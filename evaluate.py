@@ -167,12 +167,9 @@ def dtype_agreement(run_a, run_b):
 
 def passages_by_key(index_dir=common.INDEX):
     """{(law, kind, article): [chunk texts without their header line]} of the index, {} without one."""
-    build_index = importlib.import_module("02_build_index")
-    path = Path(index_dir) / "chunks.jsonl"
     out = defaultdict(list)
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            chunk = build_index.Chunk(**json.loads(line))
+    if (Path(index_dir) / "chunks.jsonl").exists():
+        for chunk in importlib.import_module("02_build_index").read_chunks(index_dir):
             out[chunk.key].append(chunk.text.split("\n", 1)[-1])
     return out
 
