@@ -1,16 +1,19 @@
-"""Generate training prompts from the corpus with the teacher, then answer each with teacher and student.
+"""Generate training prompts from the corpus, then answer each with teacher and student.
 
 Reads data/corpus/{laws,guidelines}/ (`make data`; chunked by 02_build_index.py's legal-structure chunker when
 it imports, else by a plain `##### 제N조` article split) and both models. Never reads the development or the
 competition questions: prompts come from the corpus only (the rules disqualify training on the test).
-Per sampled chunk the teacher writes one multiple-choice question in the competition's layout (4 or 5 options,
-options shuffled so the key position carries no bias) and one descriptive question; malformed and duplicate ones
-are dropped. Teacher and student then answer every kept prompt under the same conditions (same prompt, with the
-source passage as context for a CONTEXT_RATE share; same sampling settings). Writes outputs/00_pairs/:
-pairs.jsonl ({id, kind, prompt (chat messages), prefix, chosen = teacher answer, rejected = student answer,
-source, settings}), attempts.jsonl (every chunk and kind tried, with the reason a question was dropped),
-timings.jsonl (seconds per batch), meta.json and DONE. The JSONL files are appended batch by batch: a killed
-run resumes where it stopped. Run by `make pairs`.
+Per sampled chunk one question of each kind in KINDS (multiple choice in the competition's layout with 4 or 5
+options, shuffled so the key position carries no bias; descriptive) is written, by the teacher (WRITER
+"teacher") or from the corpus structure (WRITER "template": "which statement is in 제N조", "which is not", "its
+title", with sentences of other articles of the same law as distractors, so the key is exact and no generation
+is spent); malformed and duplicate ones are dropped. Teacher and student then answer every kept prompt under the same
+conditions (same prompt, with the source passage as context for a CONTEXT_RATE share; same sampling settings);
+multiple-choice pairs whose key is not the teacher's most likely option are dropped (KEEP_TEACHER_WRONG).
+Writes outputs/00_pairs/: pairs.jsonl ({id, kind, prompt (chat messages), prefix, chosen = teacher answer,
+rejected = student answer, source, writer, settings}), attempts.jsonl (every chunk and kind tried, with the reason
+a question was dropped), timings.jsonl (seconds and answers per batch and kind), meta.json and DONE. The JSONL
+files are appended batch by batch: a killed run resumes where it stopped. Run by `make pairs`.
 """
 import hashlib
 import importlib
@@ -28,14 +31,19 @@ import common
 import lm
 
 # ----------------------------------------------------------------------------- settings
-N_CHUNKS = dict(cpu=40, cuda=2500)  # corpus chunks to write questions from, per device (2 questions each)
-KINDS = ("mc", "desc")  # one question of each kind per chunk
+N_CHUNKS = dict(cpu=320, cuda=2500)  # corpus chunks to write questions from, per device (one question per kind)
+WRITER = dict(cpu="template", cuda="teacher")  # "teacher" | "template" (the 1.5B teacher kept 1 of 8 MC: notes)
+KEEP_TEACHER_WRONG = False  # keep MC pairs whose key is not the teacher's most likely option
+KINDS = dict(cpu=("mc",), cuda=("mc", "desc"))  # one question of each kind per chunk, per device: on the CPU the
+# gap is in multiple choice (teacher 0.653 vs student 0.402; descriptive 0.412 vs 0.398, reports/baseline.md) and a
+# descriptive pair costs ~3x an MC one (96 generated tokens per model; reports/distill.md)
 OPTION_COUNTS = (4, 5)  # the competition's multiple-choice layouts
 CORPUS_PARTS = ["laws", "guidelines"]
 MIN_CHUNK_CHARS = 150  # shorter chunks (one-line articles, deleted ones) make poor questions
 PASSAGE_MAX_TOKENS = 320  # passage tokens shown to the question writer
-CONTEXT_RATE = 0.5  # share of prompts answered with the source passage in the prompt (same for both models)
-CONTEXT_MAX_TOKENS = 96  # passage tokens in an answering prompt (keeps training sequences <= 256 tokens on CPU)
+CONTEXT_RATE = 0.0  # share of prompts answered with the source passage in the prompt (same for both models);
+# 0 while 04_infer.RAG_PASSAGES is 0 (training prompts as at inference); 0.5 for teams that answer with passages
+CONTEXT_MAX_TOKENS = 96  # passage tokens in an answering prompt (keeps training sequences short on the CPU)
 WRITE_TEMPERATURE, WRITE_TOP_P = 0.7, 0.9  # teacher sampling when writing questions
 WRITE_MAX_NEW_TOKENS = {"mc": 200, "desc": 64}
 ANSWER_TEMPERATURE, ANSWER_TOP_P = 0.7, 0.9  # teacher and student sampling when answering (same settings)
@@ -54,6 +62,16 @@ ARTICLE_RE = re.compile(r"^#####\s*(제\s*\d+\s*조(?:\s*의\s*\d+)?)\s*(?:\((.*
 WRITTEN_OPTION_RE = re.compile(r"^\s*[(\[]?([1-9])\s*[.)\]]?\s+(\S.*?)\s*$")
 KEY_RE = re.compile(r"정답\s*[:：]?\s*[(\[]?([1-9])")
 HANGUL_RE = re.compile(r"[가-힣]")
+TEMPLATE_STEMS = {  # multiple-choice stems of the template writer; {where} = 「법령」 제N조(제목)
+    "in": "다음 중 {where}에 규정된 내용으로 옳은 것은?",
+    "not_in": "다음 중 {where}에 규정된 내용이 아닌 것은?",
+    "title": "다음 중 {where}의 제목으로 옳은 것은?",
+}
+TEMPLATE_DESC = "{where}에서 규정하는 내용을 설명하세요."
+SENTENCE_CHARS = (25, 160)  # template options: whole sentences of an article within this length
+NOISE_RE = re.compile(r"<(?:개정|신설|제목개정|전문개정)[^>]*>|\[(?:본조신설|전문개정|제목개정|시행일)[^\]]*\]|\\")
+ITEM_RE = re.compile(r"^[\s*]*(?:[①-⑳]|\d+\.|[가-하]\.)[\s*]*")
+DANGLING_RE = re.compile(r"^(?:다만|이 경우|이때|단,|그 밖에|또한)")  # sentences that need the one before them
 
 
 # ----------------------------------------------------------------------------- corpus chunks
@@ -69,13 +87,15 @@ def article_chunks(text, source):
     for line in text.split("\n"):
         m = ARTICLE_RE.match(line)
         if m:
-            current = [f"{law} {m.group(1)}" + (f" ({m.group(2)})" if m.group(2) else "")]
+            current = dict(article=re.sub(r"\s+", "", m.group(1)), title=m.group(2) or "",
+                           lines=[f"{law} {m.group(1)}" + (f" ({m.group(2)})" if m.group(2) else "")])
             chunks.append(current)
         elif re.match(r"^#{1,4}\s", line):
             current = None
         elif current is not None and line.strip():
-            current.append(line.strip())
-    return [dict(source=source, text="\n".join(c)) for c in chunks if len(c) > 1]
+            current["lines"].append(line.strip())
+    return [dict(source=source, law=law, kind="", article=c["article"], title=c["title"],
+                 text="\n".join(c["lines"])) for c in chunks if len(c["lines"]) > 1]
 
 
 def load_chunks(tokenizer, corpus=common.CORPUS, parts=CORPUS_PARTS):
@@ -83,7 +103,8 @@ def load_chunks(tokenizer, corpus=common.CORPUS, parts=CORPUS_PARTS):
     try:
         index = importlib.import_module("02_build_index")
         raw = index.chunk_corpus(corpus, parts, index.tokenizer_spans(tokenizer))
-        chunks = [dict(source=c.source, text=c.text) for c in raw]
+        chunks = [dict(source=c.source, law=c.law, kind=c.kind, article=c.article, title=c.title, text=c.text)
+                  for c in raw]
     except (ImportError, AttributeError):
         chunks = []
         for part in parts:
@@ -106,6 +127,82 @@ def clip_tokens(tokenizer, text, max_tokens):
     """The first max_tokens tokens of text (whole text when shorter)."""
     ids = tokenizer(text, add_special_tokens=False).input_ids
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens]).rstrip() + " …"
+
+
+# ----------------------------------------------------------------------------- template questions
+def where(chunk):
+    """「법령 시행령」 제N조(제목) of a chunk, for template stems."""
+    name = chunk.get("law") or Path(chunk["source"]).stem.split("__")[0]
+    kind = chunk.get("kind", "")
+    name += f" {kind}" if kind in ("시행령", "시행규칙") and not name.endswith(kind) else ""
+    article, title = chunk.get("article", ""), chunk.get("title", "")
+    if article and article not in ("부칙", "별표"):
+        return f"「{name}」 {article}" + (f"({title})" if title else "")
+    return f"「{name}」의 '{title}'" if title else f"「{name}」"
+
+
+def sentences(chunk):
+    """Whole sentences of a chunk body (header line, amendment notes and item numbers removed) of usable length."""
+    out = []
+    for line in chunk["text"].split("\n")[1:]:
+        line = ITEM_RE.sub("", NOISE_RE.sub("", line)).strip()
+        for sent in re.split(r"(?<=다\.)\s+", line):
+            sent = sent.strip()
+            if (SENTENCE_CHARS[0] <= len(sent) <= SENTENCE_CHARS[1] and sent.endswith("다.") and "삭제" not in sent
+                    and not DANGLING_RE.match(sent) and sent.count("(") == sent.count(")")
+                    and sent.count("「") == sent.count("」")):
+                out.append(sent)
+    return list(dict.fromkeys(out))
+
+
+def template_pool(chunks):
+    """Per law file: its chunks' sentences and titles, the distractor pool of template questions."""
+    pool = {}
+    for c in chunks:
+        if c.get("article") == "부칙":
+            continue  # addenda amend other laws: their sentences would be distractors from elsewhere
+        entry = pool.setdefault(c["source"], dict(sentences=[], titles=[]))
+        entry["sentences"] += [(c["id"], x) for x in sentences(c)]
+        if c.get("title") and c.get("article", "").startswith("제"):
+            entry["titles"].append((c["id"], c["title"]))
+    return pool
+
+
+def template_question(job, pool, rng):
+    """Raw question text in the teacher writer's output format ("문제: …", "N 보기", "정답: k") built from the chunk
+    and other chunks of the same law file: a statement in the article or one not in it, else the article's title.
+    Returns "" when the file has too few distinct sentences or titles for the asked option count."""
+    chunk, n = job["chunk"], job["n_options"]
+    place = where(chunk)
+    if job["kind"] == "desc":
+        return f"문제: {TEMPLATE_DESC.format(where=place)}"
+    own = sentences(chunk)
+    entry = pool.get(chunk["source"], dict(sentences=[], titles=[]))
+    others = list(dict.fromkeys(x for cid, x in entry["sentences"] if cid != chunk["id"] and x not in own))
+    titles = list(dict.fromkeys(t for cid, t in entry["titles"] if cid != chunk["id"] and t != chunk.get("title")))
+    kinds = [k for k, ok in (("not_in", len(own) >= n - 1 and others), ("in", own and len(others) >= n - 1)) if ok]
+    if not kinds and chunk.get("article", "").startswith("제") and chunk.get("title") and len(titles) >= n - 1:
+        kinds = ["title"]  # only when the article has no usable sentence: titles are the easiest questions
+    if not kinds:
+        return ""
+    kind = rng.choice(kinds)
+    if kind == "not_in":
+        right, wrong = rng.choice(others), rng.sample(own, n - 1)
+    elif kind == "in":
+        right, wrong = rng.choice(own), rng.sample(others, n - 1)
+    else:
+        right, wrong = chunk["title"], rng.sample(titles, n - 1)
+    options = wrong + [right]
+    rng.shuffle(options)
+    stem = TEMPLATE_STEMS[kind].format(where=place)
+    return "\n".join([f"문제: {stem}"] + [f"{i} {o}" for i, o in enumerate(options, 1)]
+                     + [f"정답: {options.index(right) + 1}"])
+
+
+def template_questions(jobs, pool, seed):
+    """template_question for each job (same signature role as write_questions, no model)."""
+    rng = random.Random(seed)
+    return {j["id"]: template_question(j, pool, rng) for j in jobs}
 
 
 # ----------------------------------------------------------------------------- question writing and checking
@@ -235,27 +332,32 @@ def sample_digits(model, tokenizer, prompts, n_options, temperature, seed):
     return answers, probs
 
 
-def answer(model, tokenizer, records, seed):
-    """Each prompt record answered by one model: MC -> digit, descriptive -> sampled short text."""
-    out = {}
+def answer(model, tokenizer, records, seed, seconds=None):
+    """Each prompt record answered by one model: MC -> digit, descriptive -> sampled short text. Adds the seconds
+    spent per kind to seconds[kind] when given."""
+    out, seconds = {}, {} if seconds is None else seconds
     mc = [r for r in records if r["kind"] == "mc"]
+    t0 = time.time()
     if mc:
         prompts = [lm.render(tokenizer, r["prompt"], r["prefix"]) for r in mc]
         digits, probs = sample_digits(model, tokenizer, prompts, [r["n_options"] for r in mc], ANSWER_TEMPERATURE,
                                       seed)
         out.update({r["id"]: (d, p) for r, d, p in zip(mc, digits, probs)})
+        seconds["mc"] = seconds.get("mc", 0.0) + time.time() - t0
     desc = [r for r in records if r["kind"] == "desc"]
+    t0 = time.time()
     if desc:
         prompts = [lm.render(tokenizer, r["prompt"], r["prefix"]) for r in desc]
         texts = sample(model, tokenizer, prompts, ANSWER_MAX_NEW_TOKENS, ANSWER_TEMPERATURE, ANSWER_TOP_P, seed)
         out.update({r["id"]: (t, None) for r, t in zip(desc, texts)})
+        seconds["desc"] = seconds.get("desc", 0.0) + time.time() - t0
     return out
 
 
 def write_questions(teacher, tokenizer, jobs, seed):
     """Teacher-written raw text per job (chunk, kind, n_options), one generation batch per kind."""
     texts = {}
-    for kind in KINDS:
+    for kind in dict.fromkeys(j["kind"] for j in jobs):
         todo = [j for j in jobs if j["kind"] == kind]
         prompts = [lm.render(tokenizer, writer_messages(kind, j["passage"], j["n_options"])) for j in todo]
         outs = sample(teacher, tokenizer, prompts, WRITE_MAX_NEW_TOKENS[kind], WRITE_TEMPERATURE, WRITE_TOP_P, seed)
@@ -301,6 +403,8 @@ def settings():
 def checked_question(job, raw, rng):
     """(question text, duplicate key, answer key) of a written question, or (None, None, reason) when malformed;
     multiple-choice options are shuffled."""
+    if not raw.strip():
+        return None, None, "nothing written (template: too few distinct sentences or titles in the law)"
     if job["kind"] == "mc":
         parsed, reason = parse_mc(raw, job["n_options"])
         if not parsed:
@@ -311,16 +415,23 @@ def checked_question(job, raw, rng):
     return (question, norm_key(question), None) if question else (None, None, reason)
 
 
-def process_batch(chunks, teacher, student, tokenizer, seen, rng, stats):
-    """Write, check and answer the questions of a batch of chunks; returns (pairs, attempts)."""
+def top_option(probs):
+    """1-based number of the most likely option."""
+    return probs.index(max(probs)) + 1
+
+
+def process_batch(chunks, teacher, student, tokenizer, seen, rng, stats, pool=None, kinds=("mc", "desc")):
+    """Write (by the teacher, or from the template pool when given), check and answer the questions of a batch of
+    chunks; returns (pairs, attempts)."""
     jobs = []
     for c in chunks:
         passage = clip_tokens(tokenizer, c["text"], PASSAGE_MAX_TOKENS)
-        for kind in KINDS:
+        for kind in kinds:
             jobs.append(dict(id=f"{c['id']}-{kind}", chunk=c, kind=kind, passage=passage,
                              n_options=rng.choice(OPTION_COUNTS) if kind == "mc" else 0))
     t0 = time.time()
-    raw = write_questions(teacher, tokenizer, jobs, seed_of("write", jobs[0]["id"]))
+    seed = seed_of("write", jobs[0]["id"])
+    raw = template_questions(jobs, pool, seed) if pool is not None else write_questions(teacher, tokenizer, jobs, seed)
     stats["write_seconds"] += time.time() - t0
     attempts, prompts = [], []
     for j in jobs:
@@ -339,13 +450,17 @@ def process_batch(chunks, teacher, student, tokenizer, seen, rng, stats):
             prompts.append(record)
         attempts.append(dict(id=j["id"], kind=j["kind"], kept=record is not None, reason=reason,
                              raw=raw[j["id"]][:600]))
+    by_kind = {}
     t0 = time.time()
-    teacher_answers = answer(teacher, tokenizer, prompts, seed_of("answer", jobs[0]["id"]))
+    teacher_answers = answer(teacher, tokenizer, prompts, seed_of("answer", jobs[0]["id"]), by_kind)
     stats["teacher_answer_seconds"] += time.time() - t0
     t0 = time.time()
-    student_answers = answer(student, tokenizer, prompts, seed_of("answer", jobs[0]["id"]))
+    student_answers = answer(student, tokenizer, prompts, seed_of("answer", jobs[0]["id"]), by_kind)
     stats["student_answer_seconds"] += time.time() - t0
     stats["answers"] += len(prompts)
+    for kind in ("mc", "desc"):
+        stats[f"{kind}_answers"] += sum(r["kind"] == kind for r in prompts)
+        stats[f"{kind}_answer_seconds"] += by_kind.get(kind, 0.0)  # both models
     pairs = []
     answer_settings = dict(temperature=ANSWER_TEMPERATURE, top_p=ANSWER_TOP_P, max_new_tokens=ANSWER_MAX_NEW_TOKENS)
     for r in prompts:
@@ -353,15 +468,28 @@ def process_batch(chunks, teacher, student, tokenizer, seen, rng, stats):
         if not chosen.strip() or not rejected.strip():
             attempts.append(dict(id=r["id"], kind=r["kind"], kept=False, reason="empty answer", raw=""))
             continue
+        if r["kind"] == "mc" and not KEEP_TEACHER_WRONG and top_option(t_probs) != r["key"]:
+            attempts.append(dict(id=r["id"], kind=r["kind"], kept=False, raw="", key=r["key"],
+                                 teacher_probs=t_probs, student_probs=s_probs,
+                                 reason="the teacher's most likely option is not the key"))
+            continue
         pairs.append(dict(id=r["id"], kind=r["kind"], prompt=r["prompt"], prefix=r["prefix"], chosen=chosen,
                           rejected=rejected, question=r["question"], key=r["key"], context=r["context"],
                           teacher_probs=t_probs, student_probs=s_probs, source=r["source"], chunk_id=r["chunk_id"],
-                          settings=answer_settings))
+                          writer="teacher" if pool is None else "template", settings=answer_settings))
     return pairs, attempts
 
 
-def run(chunks, teacher, student, tokenizer, out_dir, n_chunks):
-    """Process the first n_chunks sampled chunks not yet attempted, appending to out_dir; returns run stats."""
+TIMED = ("write_seconds", "teacher_answer_seconds", "student_answer_seconds", "answers", "mc_answers", "desc_answers",
+         "mc_answer_seconds", "desc_answer_seconds")  # per-batch counters in timings.jsonl
+
+
+def run(chunks, teacher, student, tokenizer, out_dir, n_chunks, writer="teacher", kinds=("mc", "desc")):
+    """Process the first n_chunks sampled chunks not yet attempted, appending to out_dir; returns run stats.
+    writer "template" builds the questions from the corpus (all chunks are the distractor pool)."""
+    if writer not in ("teacher", "template"):
+        raise SystemExit(f"00: WRITER {writer!r} is not 'teacher' or 'template': fix the setting at the top.")
+    pool = template_pool(chunks) if writer == "template" else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs_path, attempts_path = out_dir / "pairs.jsonl", out_dir / "attempts.jsonl"
@@ -374,17 +502,19 @@ def run(chunks, teacher, student, tokenizer, out_dir, n_chunks):
     have = {p["id"] for p in existing}
     todo = [c for c in pick_chunks(chunks, n_chunks) if c["id"] not in done_chunks]
     stats = dict(write_seconds=0.0, teacher_answer_seconds=0.0, student_answer_seconds=0.0, answers=0,
-                 chunks_done_before=len(done_chunks), chunks_now=len(todo))
+                 mc_answers=0, desc_answers=0, mc_answer_seconds=0.0, desc_answer_seconds=0.0,
+                 chunks_done_before=len(done_chunks), chunks_now=len(todo), writer=writer, kinds=list(kinds))
     rng = random.Random(seed_of("options", len(done_chunks)))
     for start in tqdm(range(0, len(todo), BATCH), desc="00 pairs", unit="batch"):
         before = dict(stats)
-        pairs, attempts = process_batch(todo[start:start + BATCH], teacher, student, tokenizer, seen, rng, stats)
+        pairs, attempts = process_batch(todo[start:start + BATCH], teacher, student, tokenizer, seen, rng, stats,
+                                        pool, kinds)
         append_jsonl(pairs_path, [p for p in pairs if p["id"] not in have])  # pairs first, then the attempt log
         have |= {p["id"] for p in pairs}
         append_jsonl(attempts_path, attempts)
-        timing = {k: round(stats[k] - before[k], 2) for k in ("write_seconds", "teacher_answer_seconds",
-                                                              "student_answer_seconds", "answers")}
-        append_jsonl(out_dir / "timings.jsonl", [dict(timing, chunks=len(todo[start:start + BATCH]))])
+        timing = {k: round(stats[k] - before[k], 2) for k in TIMED}
+        append_jsonl(out_dir / "timings.jsonl", [dict(timing, chunks=len(todo[start:start + BATCH]),
+                                                      questions=len(todo[start:start + BATCH]) * len(kinds))])
     return stats
 
 
@@ -396,14 +526,18 @@ def summary(out_dir, stats, seconds):
         if not a["kept"]:
             reasons[a["reason"]] = reasons.get(a["reason"], 0) + 1
     timings = read_jsonl(Path(out_dir) / "timings.jsonl")  # per batch, over every run (resumed runs too)
-    total = {k: sum(t[k] for t in timings) for k in ("write_seconds", "teacher_answer_seconds",
-                                                     "student_answer_seconds", "answers", "chunks")}
+    total = {k: sum(t.get(k, 0) for t in timings) for k in TIMED + ("chunks", "questions")}
     answer_seconds = total["teacher_answer_seconds"] + total["student_answer_seconds"]
     mc = [p for p in pairs if p["kind"] == "mc"]
-    return dict(pairs=len(pairs), mc_pairs=len(mc), desc_pairs=len(pairs) - len(mc), attempts=len(attempts),
+    answered = mc + [a for a in attempts if a.get("teacher_probs")]  # every MC both models answered, kept or not
+    top1 = {who: round(sum(top_option(x[f"{who}_probs"]) == x["key"] for x in answered) / len(answered), 3)
+            if answered else None for who in ("teacher", "student")}
+    return dict(pairs=len(pairs), mc_pairs=len(mc), desc_pairs=len(pairs) - len(mc),
+                attempts=len({a["id"] for a in attempts}),  # a question dropped after answering is logged twice
                 dropped=reasons, with_context=sum(p["context"] for p in pairs),
                 teacher_matches_key=round(sum(p["chosen"] == str(p["key"]) for p in mc) / max(len(mc), 1), 3),
                 student_matches_key=round(sum(p["rejected"] == str(p["key"]) for p in mc) / max(len(mc), 1), 3),
+                mc_answered=len(answered), teacher_top1_on_key=top1["teacher"], student_top1_on_key=top1["student"],
                 this_run=dict(stats, seconds=round(seconds, 1)),
                 timed_batches=dict(total, batches=len(timings),
                                    answers_per_minute=round(2 * total["answers"] / answer_seconds * 60, 1)
@@ -412,8 +546,12 @@ def summary(out_dir, stats, seconds):
                                        "teacher_answer_seconds"] * 60, 1) if total["teacher_answer_seconds"] else None,
                                    student_answers_per_minute=round(total["answers"] / total[
                                        "student_answer_seconds"] * 60, 1) if total["student_answer_seconds"] else None,
-                                   questions_per_minute=round(len(KINDS) * total["chunks"] / total["write_seconds"]
-                                                              * 60, 1) if total["write_seconds"] else None),
+                                   mc_prompts_per_minute_both_models=round(total["mc_answers"] / total[
+                                       "mc_answer_seconds"] * 60, 1) if total["mc_answer_seconds"] else None,
+                                   desc_prompts_per_minute_both_models=round(total["desc_answers"] / total[
+                                       "desc_answer_seconds"] * 60, 1) if total["desc_answer_seconds"] else None,
+                                   questions_per_minute=round(total["questions"] / total["write_seconds"] * 60, 1)
+                                   if total["write_seconds"] else None),
                 peak_rss_gib=round(lm.peak_rss_gib(), 2), settings=settings(), versions=lm.versions())
 
 
@@ -423,6 +561,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=None, help="chunks to process (default N_CHUNKS[device]); "
                         "the selection is prefix-stable, so a smaller number finishes a run that was cut short")
+    parser.add_argument("--writer", choices=("teacher", "template"), default=None,
+                        help="question writer (default WRITER[device])")
     args = parser.parse_args()
     t0 = time.time()
     print(f"00: settings {json.dumps(settings(), ensure_ascii=False)}")
@@ -433,7 +573,8 @@ def main():
     chunks = load_chunks(tokenizer)
     teacher = lm.load_model(common.TEACHER_MODEL, device, dtype)
     student = lm.load_model(common.STUDENT_MODEL, device, dtype)
-    stats = run(chunks, teacher, student, tokenizer, common.PAIRS, args.chunks or N_CHUNKS[device])
+    stats = run(chunks, teacher, student, tokenizer, common.PAIRS, args.chunks or N_CHUNKS[device],
+                args.writer or WRITER[device], KINDS[device])
     meta = summary(common.PAIRS, stats, time.time() - t0)
     meta.update(teacher=common.TEACHER_MODEL, student=common.STUDENT_MODEL, corpus_chunks=len(chunks))
     lm.write_json(common.PAIRS / "meta.json", meta)

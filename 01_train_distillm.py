@@ -41,7 +41,8 @@ ADAPTIVE_ALPHA = False  # alpha = clip(1 - (1-a0) m / (d + 1e-5), 0.01, a0), d =
 ADAPTIVE_MOMENTUM = 0.9  # running mean m of the gap d (exponential, per side)
 GKD_MIX = 0.9  # generalized JSD: m = 0.9 p + 0.1 q (Agarwal et al. 2024)
 LOSS_CHUNK = 128  # response positions per logits chunk; 0 = naive full [batch, length, vocab] logits
-MAX_LENGTH = 256  # tokens per sequence; the prompt is cut from the left, keeping the question and the prefix
+MAX_LENGTH = 512  # tokens per sequence; the prompt is cut from the left, keeping the end and the prefix (the
+# template multiple-choice prompts of 00 are 300-480 tokens: 256 cut their stems)
 MAX_RESPONSE = 128  # response tokens kept (a cut response has no end-of-turn token)
 END_OF_TURN = "<|im_end|>"  # ChatML end of an assistant turn (checked against the chat template in the tests)
 
@@ -53,10 +54,11 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LEARNING_RATE = 2e-4
 BATCH_PAIRS = 2  # pairs per device step (each pair is a teacher answer and a student answer sequence)
 GRAD_ACCUM = 2  # effective batch 4 pairs
-MAX_STEPS = 24  # optimizer steps: ~1 epoch of the CPU pairs (a GPU run with thousands of pairs: ~2 epochs)
+MAX_STEPS = 30  # optimizer steps: ~1 epoch of the ~120 CPU pairs (a GPU run with thousands of pairs: ~2 epochs)
 WARMUP_RATIO = 0.1
 WEIGHT_DECAY = 0.0
-GRADIENT_CHECKPOINTING = True
+GRADIENT_CHECKPOINTING = dict(cpu=False, cuda=True)  # per device: the CPU has the memory for short sequences
+MEASURE_GRADIENT_CHECKPOINTING = True  # --measure: as in reports/distill.md's naive-vs-chunked comparison
 STUDENT_TRAIN_DTYPE = "bfloat16"  # CPU bf16 matmul is 2.4x fp32 (README); adapters and loss stay fp32
 TEACHER_DTYPE = "bfloat16"
 SAVE_STEPS = 10  # Trainer checkpoint interval (resume after a kill)
@@ -471,7 +473,7 @@ def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id):
     encoded = [encode_pair(tokenizer, p) for p in pairs]
     device = lm.pick_device()
     student = lora_student(student_id, getattr(torch, STUDENT_TRAIN_DTYPE) if device == "cpu" else None,
-                           GRADIENT_CHECKPOINTING)
+                           GRADIENT_CHECKPOINTING[device])
     teacher = lm.load_model(teacher_id, device, getattr(torch, TEACHER_DTYPE))
     args = TrainingArguments(
         output_dir=str(run_dir), max_steps=max_steps, per_device_train_batch_size=BATCH_PAIRS,
@@ -514,7 +516,7 @@ def fresh_or_resumable(run_dir, config):
 
 
 def settings_dict():
-    return {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, str, bool, list))}
+    return {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, str, bool, list, dict))}
 
 
 def save_adapter(model, tokenizer, out_dir, meta):
@@ -584,7 +586,7 @@ def measure(cfg, steps, batch, length, student_id, teacher_id):
     tokenizer = lm.load_tokenizer(student_id)
     vocab = lm.shared_vocab_size(tokenizer, lm.load_tokenizer(teacher_id))
     cfg = replace(cfg, vocab_size=vocab)
-    student = lora_student(student_id, getattr(torch, STUDENT_TRAIN_DTYPE), GRADIENT_CHECKPOINTING).train()
+    student = lora_student(student_id, getattr(torch, STUDENT_TRAIN_DTYPE), MEASURE_GRADIENT_CHECKPOINTING).train()
     teacher = lm.load_model(teacher_id, "cpu", getattr(torch, TEACHER_DTYPE))
     optim = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=LEARNING_RATE)
     gen = torch.Generator().manual_seed(common.SEED)
@@ -620,7 +622,7 @@ def measure(cfg, steps, batch, length, student_id, teacher_id):
                 peak_rss_gib=round(lm.peak_rss_gib(), 2), losses=losses, loaded_rss_gib=round(loaded_rss, 2)
                 if loaded_rss else None, step_peak_rss_gib=round(step_peaks[-1], 2) if hwm_reset and step_peaks[-1]
                 else None, step_overhead_gib=round(step_peaks[-1] - loaded_rss, 2) if hwm_reset and loaded_rss
-                else None, weights_paged_in=True, gradient_checkpointing=GRADIENT_CHECKPOINTING,
+                else None, weights_paged_in=True, gradient_checkpointing=MEASURE_GRADIENT_CHECKPOINTING,
                 student_dtype=STUDENT_TRAIN_DTYPE, versions=library_versions())
 
 

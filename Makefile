@@ -66,7 +66,7 @@ PAIRS := outputs/00_pairs/DONE
 ADAPTER := models/student-distilled/DONE
 DISTILL := outputs/distill
 DISTILL_BASELINE := kd
-pairs: $(PAIRS) ## teacher-written questions from the corpus, teacher + student answers -> outputs/00_pairs
+pairs: $(PAIRS) ## questions from the corpus (templates on CPU, teacher-written on GPU), teacher + student answers -> outputs/00_pairs
 
 $(PAIRS): 00_generate_pairs.py common.py lm.py $(DATA) $(STUDENT) $(TEACHER)
 	$(PY) $<

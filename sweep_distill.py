@@ -10,6 +10,7 @@ naive vs chunked loss measurement; writes reports/distill.md. Run by `make disti
 Copy the winning values into the settings block of 01_train_distillm.py: `make distill` trains with those.
 """
 import argparse
+import importlib
 import itertools
 import json
 import shutil
@@ -143,14 +144,64 @@ def measurement_lines():
     return lines + [""]
 
 
-def subset_scores(folder, ids, labels):
-    """Score of a 04 run on the question ids only, multiple choice re-calibrated on that subset from the raw
-    log-probabilities, so runs answered on different subsets (--limit, --mc-only) compare fairly."""
+def subset_answers(folder, ids, calibration=None):
+    """Answers of a 04 run on the question ids only, multiple choice re-calibrated on that subset from the raw
+    log-probabilities (REPORT_CALIBRATION unless given), so runs answered on different subsets (--limit,
+    --mc-only) compare fairly."""
     answers, meta, records = evaluate.load_run(folder)
     records = [r for r in records if r["id"] in ids]
     subset = {r["id"]: answers[r["id"]] for r in records if r["kind"] == "desc"}
-    subset.update(evaluate.infer.calibrated_answers(records, REPORT_CALIBRATION, meta.get("content_free")))
-    return evaluate.score(subset, labels)
+    subset.update(evaluate.infer.calibrated_answers(records, calibration or REPORT_CALIBRATION,
+                                                    meta.get("content_free")))
+    return subset
+
+
+def mc_difference(a, b, labels):
+    """(MC accuracy of a minus b, its paired standard error) over the multiple-choice questions both answered."""
+    quantize = importlib.import_module("05_quantize")
+    ids = [i for i in a if i in b and labels.get(i, {}).get("kind") == "mc"]
+    diff = sum((a[i] == labels[i]["Answer"]) - (b[i] == labels[i]["Answer"]) for i in ids) / max(len(ids), 1)
+    return diff, 2 * quantize.paired_se(dict(answers=a), dict(answers=b), labels)  # paired_se is on the score
+
+
+def loss_ends(history, share=0.1):
+    """(mean loss of the first, of the last share of the logged micro-batches), (None, None) without history."""
+    if not history:
+        return None, None
+    k = max(1, int(len(history) * share))
+    return (sum(h["loss"] for h in history[:k]) / k, sum(h["loss"] for h in history[-k:]) / k)
+
+
+def pairs_lines(pairs_meta):
+    """The pairs section of reports/distill.md from outputs/00_pairs/meta.json (nothing when absent)."""
+    if not pairs_meta:
+        return []
+    r = pairs_meta["timed_batches"]
+    return ["## Pairs (00_generate_pairs.py, `make pairs`)", "",
+            f"{pairs_meta['pairs']} pairs ({pairs_meta['mc_pairs']} multiple choice, {pairs_meta['desc_pairs']} "
+            f"descriptive; {pairs_meta['with_context']} with the source passage in the prompt) from "
+            f"{pairs_meta['attempts']} question attempts; dropped: "
+            f"{json.dumps(pairs_meta['dropped'], ensure_ascii=False)}.",
+            f"Questions written by: {pairs_meta.get('this_run', {}).get('writer', 'teacher')}. "
+            + (f"Most likely option = the key on {pairs_meta['mc_answered']} answered multiple-choice questions "
+               f"(before the pairs whose teacher misses the key are dropped): teacher "
+               f"**{pairs_meta['teacher_top1_on_key']:.3f}**, student **{pairs_meta['student_top1_on_key']:.3f}**. "
+               if pairs_meta.get("mc_answered") else "")
+            + f"Sampled teacher answer = the key on {pairs_meta['teacher_matches_key']:.0%} of the kept "
+            f"multiple-choice pairs, sampled student answer on {pairs_meta['student_matches_key']:.0%}.",
+            pairs_meta.get("note", ""),
+            "" if not r["batches"] else
+            f"Throughput over {r['batches']} timed batches: {r['answers']} prompts answered by both models, "
+            f"**{r['answers_per_minute']} answers/minute** "
+            + (f"(multiple choice {r['mc_prompts_per_minute_both_models']} prompts/min answered by both "
+               f"models, descriptive {r.get('desc_prompts_per_minute_both_models') or '–'}; "
+               if r.get("mc_prompts_per_minute_both_models") else "(")
+            + f"teacher {r['teacher_answers_per_minute']}/min, "
+            f"{r['teacher_answer_seconds']:.0f} s; student {r['student_answers_per_minute']}/min, "
+            f"{r['student_answer_seconds']:.0f} s); "
+            + (f"question writing {r['questions_per_minute']} questions/minute ({r['write_seconds']:.0f} s)"
+               if r.get("questions_per_minute") else "questions from templates (no generation)")
+            + f". Peak RSS {pairs_meta['peak_rss_gib']} GiB (both models loaded). Command: `make pairs`.", ""]
 
 
 def distill_report(labels, command):
@@ -161,7 +212,9 @@ def distill_report(labels, command):
     for _, folder in done:
         run_ids = set(evaluate.load_run(folder)[0])
         ids = run_ids if ids is None else ids & run_ids
-    scores = {name: subset_scores(folder, ids, labels) for name, folder in done}
+    answers = {name: subset_answers(folder, ids) for name, folder in done}
+    scores = {name: evaluate.score(a, labels) for name, a in answers.items()}
+    raw = {name: evaluate.score(subset_answers(folder, ids, "none"), labels)["mc_acc"] for name, folder in done}
     any_s = next(iter(scores.values()), None)
     lines = ["# Distillation: DistiLLM-2 vs a baseline loss", "", f"Produced by `{command}`.", "",
              "## Development score", "",
@@ -169,44 +222,40 @@ def distill_report(labels, command):
              f"{any_s['n_desc'] if any_s else 0} descriptive development questions (the questions every run "
              "answered), no retrieval (`04_infer.py --no-rag`), multiple choice re-calibrated on that set "
              f"(`{REPORT_CALIBRATION}`, the same for every run). "
-             "Gap closed = (distilled - base student) / (teacher - base student).", "",
-             "| model | score | MC accuracy | descriptive | gap closed (score) | gap closed (MC) |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {name} | not run ({folder.relative_to(common.ROOT)}) | | | | |" for name, folder in runs
+             "Gap closed = (distilled - base student) / (teacher - base student). MC change = MC accuracy minus the "
+             "base student's, ± the paired standard error over the same questions. Raw MC = without calibration "
+             "(the option with the highest log-probability).", "",
+             "| model | score | MC accuracy | descriptive | gap closed (score) | gap closed (MC) | MC change vs base "
+             "| raw MC |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | not run ({folder.relative_to(common.ROOT)}) | | | | | | |" for name, folder in runs
               if (name, folder) not in done]
     st, te = scores.get("base student"), scores.get("teacher")
     for name, s in scores.items():
         closed = gap_closed(st.get("score"), te.get("score"), s.get("score")) if st and te and s.get("score") else None
         closed_mc = gap_closed(st["mc_acc"], te["mc_acc"], s["mc_acc"]) if st and te else None
+        change = "–"
+        if st and name != "base student":
+            diff, se = mc_difference(answers[name], answers["base student"], labels)
+            change = f"{diff:+.3f} ± {se:.3f}"
         lines.append(f"| {name} | {evaluate.fmt(s.get('score'))} | {evaluate.fmt(s['mc_acc'])} | "
-                     f"{evaluate.fmt(s.get('desc_score'))} | {evaluate.fmt(closed, 2)} | {evaluate.fmt(closed_mc, 2)} |")
+                     f"{evaluate.fmt(s.get('desc_score'))} | {evaluate.fmt(closed, 2)} | "
+                     f"{evaluate.fmt(closed_mc, 2)} | {change} | {evaluate.fmt(raw[name])} |")
     lines += [""]
-    pairs_meta = training_meta(common.PAIRS)
-    if pairs_meta:
-        r = pairs_meta["timed_batches"]
-        lines += ["## Pairs (00_generate_pairs.py, `make pairs`)", "",
-                  f"{pairs_meta['pairs']} pairs ({pairs_meta['mc_pairs']} multiple choice, {pairs_meta['desc_pairs']} "
-                  f"descriptive; {pairs_meta['with_context']} with the source passage in the prompt) from "
-                  f"{pairs_meta['attempts']} question attempts; dropped: {json.dumps(pairs_meta['dropped'], ensure_ascii=False)}.",
-                  f"Teacher answer = the writer's key on {pairs_meta['teacher_matches_key']:.0%} of the multiple-choice "
-                  f"pairs, student answer on {pairs_meta['student_matches_key']:.0%}.",
-                  pairs_meta.get("note", ""),
-                  "" if not r["batches"] else
-                  f"Throughput over {r['batches']} timed batches: {r['answers']} prompts answered by both models, "
-                  f"**{r['answers_per_minute']} answers/minute** (teacher {r['teacher_answers_per_minute']}/min, "
-                  f"{r['teacher_answer_seconds']:.0f} s; student {r['student_answers_per_minute']}/min, "
-                  f"{r['student_answer_seconds']:.0f} s); question writing {r['questions_per_minute']} "
-                  f"questions/minute ({r['write_seconds']:.0f} s). Peak RSS {pairs_meta['peak_rss_gib']} GiB (both "
-                  "models loaded). Command: `make pairs`.", ""]
-    lines += ["## Training runs", "", "| adapter | loss | steps | pairs | s/step | first loss | last loss | peak RSS GiB |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += pairs_lines(training_meta(common.PAIRS))
+    lines += ["## Training runs", "", "Loss: mean over the first and the last 10% of the logged micro-batches (one "
+              "micro-batch is a few pairs, so single values are noisy).", "",
+              "| adapter | loss | steps | pairs | s/step | loss, first 10% | loss, last 10% | gradient checkpointing "
+              "| peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for folder in [common.DISTILLED] + [DISTILL_DIR / f"adapter-{n}" for n in DISTILL_RUNS]:
         t = training_meta(folder)
         if t:
-            h = t.get("history", [])
+            first, last = loss_ends(t.get("history", []))
+            checkpointing = t.get("settings", {}).get("GRADIENT_CHECKPOINTING", "–")
+            if isinstance(checkpointing, dict):  # per device
+                checkpointing = ", ".join(f"{device} {value}" for device, value in checkpointing.items())
             lines.append(f"| {folder.relative_to(common.ROOT)} | {t['loss_config']['loss_type']} | {t['max_steps']} | "
-                         f"{t['n_pairs']} | {t['seconds']['per_step']} | {evaluate.fmt(h[0]['loss'] if h else None, 4)} | "
-                         f"{evaluate.fmt(h[-1]['loss'] if h else None, 4)} | {t['peak_rss_gib']} |")
+                         f"{t['n_pairs']} | {t['seconds']['per_step']} | {evaluate.fmt(first, 4)} | "
+                         f"{evaluate.fmt(last, 4)} | {checkpointing} | {t['peak_rss_gib']} |")
     return lines + [""] + measurement_lines()
 
 

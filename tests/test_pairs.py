@@ -51,7 +51,8 @@ def test_shuffled_question_is_in_the_competition_layout_and_keeps_the_key():
     assert q.kind == "mc" and q.options == shuffled and q.stem == stem
 
 
-def test_prompt_matches_04_and_context_is_shared():
+def test_prompt_matches_04_and_context_is_shared(monkeypatch):
+    monkeypatch.setattr(g, "CONTEXT_RATE", 0.5)  # the default follows 04's RAG_PASSAGES (0 = never)
     (stem, options, _), _ = g.parse_mc(GOOD_MC, 4)
     text = g.mc_question_text(stem, options)
     plain = g.build_prompt("a", "mc", text, "제1조 목적", random.Random(1))  # rng().random() = 0.13 < 0.5
@@ -109,6 +110,7 @@ def fake_writer(teacher, tokenizer, jobs, seed):
 def test_resume_appends_only_new_chunks(tiny, tmp_path, monkeypatch):
     tok, model = tiny
     monkeypatch.setattr(g, "write_questions", fake_writer)
+    monkeypatch.setattr(g, "KEEP_TEACHER_WRONG", True)  # the tiny teacher's option is noise
     monkeypatch.setattr(g, "ANSWER_MAX_NEW_TOKENS", 4)
     monkeypatch.setattr(g, "BATCH", 2)
     monkeypatch.setattr(g, "MIN_CHUNK_CHARS", 5)
@@ -140,6 +142,7 @@ def test_duplicates_are_dropped(tiny, tmp_path, monkeypatch):
                 for j in jobs}
 
     monkeypatch.setattr(g, "write_questions", same_writer)
+    monkeypatch.setattr(g, "KEEP_TEACHER_WRONG", True)
     monkeypatch.setattr(g, "ANSWER_MAX_NEW_TOKENS", 4)
     monkeypatch.setattr(g, "MIN_CHUNK_CHARS", 5)
     monkeypatch.setattr(g, "OPTION_COUNTS", (4,))
@@ -158,3 +161,128 @@ def test_sweep_grid_and_gap_closed():
     assert points[-1]["name"] == "kd-a0.1-b1.0-t1.0"
     assert sweep.gap_closed(0.25, 0.45, 0.35) == pytest.approx(0.5)
     assert sweep.gap_closed(0.3, 0.3, 0.4) is None
+
+
+LAW = "laws/가상법__법률.md"
+ARTICLE_TEXT = {  # article -> body lines (numbering, bold markers and amendment notes as in the corpus)
+    "제1조": ["이 법은 전자금융거래의 안전성과 신뢰성을 확보함을 목적으로 한다. <개정 2020.1.1>"],
+    "제2조": ["**①** 금융회사는 전자금융거래의 안전성을 확보하기 위하여 보안대책을 마련하여야 한다.",
+             "**②** 금융회사는 이용자의 접근매체를 분실한 경우 즉시 지급을 정지하여야 한다.",
+             "다만, 대통령령으로 정하는 경우에는 그러하지 아니하다.",
+             "  1\\. 전자금융업자는 매년 정보보호 교육계획을 수립하고 시행하여야 한다.",
+             "짧은 문장이다."],
+    "제3조": ["금융위원회는 전자금융업자의 업무에 관하여 필요한 자료의 제출을 요구할 수 있다.",
+             "전자금융업자는 이용자의 거래기록을 오 년간 보존하여야 한다."],
+    "제4조": ["이용자는 접근매체를 제3자에게 대여하거나 양도하여서는 아니 된다.",
+             "금융회사는 전자적 침해행위에 대비하여 비상계획을 수립하여야 한다."],
+}
+
+
+def law_chunks():
+    return [dict(id=g.chunk_id(f"{a}{body}"), source=LAW, law="가상법", kind="법률", article=a, title=f"제목{a}",
+                 text="\n".join([f"가상법 [법률] {a} (제목{a})"] + body)) for a, body in ARTICLE_TEXT.items()]
+
+
+def test_sentences_are_clean_and_standalone():
+    got = g.sentences(law_chunks()[1])
+    assert got == ["금융회사는 전자금융거래의 안전성을 확보하기 위하여 보안대책을 마련하여야 한다.",
+                   "금융회사는 이용자의 접근매체를 분실한 경우 즉시 지급을 정지하여야 한다.",
+                   "전자금융업자는 매년 정보보호 교육계획을 수립하고 시행하여야 한다."]  # no 다만, no short one
+    assert g.sentences(law_chunks()[0]) == ["이 법은 전자금융거래의 안전성과 신뢰성을 확보함을 목적으로 한다."]
+
+
+@pytest.mark.parametrize("n", [4, 5])
+def test_template_questions_parse_and_their_key_is_right(n):
+    chunks = law_chunks()
+    pool = g.template_pool(chunks)
+    own = g.sentences(chunks[1])
+    seen_kinds = set()
+    for seed in range(30):
+        job = dict(id="x-mc", chunk=chunks[1], kind="mc", n_options=n)
+        raw = g.template_questions([job], pool, seed)["x-mc"]
+        (stem, options, key), reason = g.parse_mc(raw, n)
+        assert reason is None and stem.startswith("다음 중 「가상법」 제2조(제목제2조)")
+        inside = [o in own for o in options]
+        if "아닌 것은" in stem:
+            assert not inside[key - 1] and sum(inside) == n - 1
+            seen_kinds.add("not_in")
+        else:
+            assert inside[key - 1] and sum(inside) == 1
+            seen_kinds.add("in")
+    assert seen_kinds == ({"in", "not_in"} if n == 4 else {"in"})  # 3 own sentences: "not in" needs n - 1
+
+
+def test_template_title_question_and_descriptive_and_too_small_pool():
+    chunks = law_chunks()
+    pool = g.template_pool(chunks)
+    title_only = dict(chunks[0], text="가상법 [법률] 제1조 (제목제1조)\n삭제 <2020.1.1>")
+    raw = g.template_questions([dict(id="t", chunk=title_only, kind="mc", n_options=4)], pool, 0)["t"]
+    (stem, options, key), _ = g.parse_mc(raw, 4)
+    assert "제목으로 옳은 것은" in stem and options[key - 1] == "제목제1조" and len(set(options)) == 4
+    desc = g.template_questions([dict(id="d", chunk=chunks[2], kind="desc", n_options=0)], pool, 0)["d"]
+    assert g.parse_desc(desc) == ("「가상법」 제3조(제목제3조)에서 규정하는 내용을 설명하세요.", None)
+    lonely = g.template_pool(chunks[:1])
+    job = dict(id="e", chunk=chunks[0], kind="mc", n_options=5)
+    assert g.template_questions([job], lonely, 0)["e"] == ""
+    assert g.checked_question(job, "", random.Random(0))[2].startswith("nothing written")
+
+
+def test_template_run_keeps_only_mc_the_teacher_gets_right(tiny, tmp_path, monkeypatch):
+    tok, model = tiny
+    monkeypatch.setattr(g, "ANSWER_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(g, "MIN_CHUNK_CHARS", 5)
+    monkeypatch.setattr(g, "OPTION_COUNTS", (4,))
+    chunks = law_chunks()
+    g.run(chunks, model, model, tok, tmp_path, n_chunks=4, writer="template")
+    pairs, attempts = g.read_jsonl(tmp_path / "pairs.jsonl"), g.read_jsonl(tmp_path / "attempts.jsonl")
+    mc = [p for p in pairs if p["kind"] == "mc"]
+    wrong = [a for a in attempts if a["reason"] == "the teacher's most likely option is not the key"]
+    assert len(mc) + len(wrong) == 4 and all(p["writer"] == "template" for p in pairs)
+    for p in mc:
+        assert p["teacher_probs"].index(max(p["teacher_probs"])) + 1 == p["key"]
+    assert sum(p["kind"] == "desc" for p in pairs) == 4
+    meta = g.summary(tmp_path, {}, 1.0)
+    assert meta["mc_answered"] == 4 and meta["teacher_top1_on_key"] == len(mc) / 4  # dropped ones count too
+    assert 0 <= meta["student_top1_on_key"] <= 1
+    with pytest.raises(SystemExit, match="WRITER"):
+        g.run(chunks, model, model, tok, tmp_path, n_chunks=4, writer="gpt")
+
+
+def test_keep_teacher_wrong_keeps_every_mc(tiny, tmp_path, monkeypatch):
+    tok, model = tiny
+    monkeypatch.setattr(g, "ANSWER_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(g, "MIN_CHUNK_CHARS", 5)
+    monkeypatch.setattr(g, "OPTION_COUNTS", (4,))
+    monkeypatch.setattr(g, "KEEP_TEACHER_WRONG", True)
+    g.run(law_chunks(), model, model, tok, tmp_path, n_chunks=4, writer="template")
+    assert sum(p["kind"] == "mc" for p in g.read_jsonl(tmp_path / "pairs.jsonl")) == 4
+
+
+def test_distill_report_pairs_section_for_template_pairs(tiny, tmp_path, monkeypatch):
+    tok, model = tiny
+    monkeypatch.setattr(g, "MIN_CHUNK_CHARS", 5)
+    monkeypatch.setattr(g, "OPTION_COUNTS", (4,))
+    stats = g.run(law_chunks(), model, model, tok, tmp_path, n_chunks=4, writer="template", kinds=("mc",))
+    meta = g.summary(tmp_path, stats, 1.0)
+    text = "\n".join(importlib.import_module("sweep_distill").pairs_lines(meta))
+    assert "Questions written by: template" in text and "questions from templates (no generation)" in text
+    assert f"teacher **{meta['teacher_top1_on_key']:.3f}**" in text and "None" not in text
+    assert meta["desc_pairs"] == 0 and meta["timed_batches"]["mc_answers"] == 4
+
+
+def test_loss_ends_average_the_first_and_last_tenth():
+    sweep = importlib.import_module("sweep_distill")
+    history = [dict(loss=float(i)) for i in range(20)]
+    assert sweep.loss_ends(history) == (0.5, 18.5) and sweep.loss_ends([]) == (None, None)
+    assert sweep.loss_ends([dict(loss=2.0)]) == (2.0, 2.0)
+
+
+def test_mc_difference_is_paired():
+    sweep = importlib.import_module("sweep_distill")
+    labels = {f"q{i}": dict(kind="mc", Answer="1") for i in range(4)}
+    labels["d"] = dict(kind="desc", Answer="설명")
+    a = {"q0": "1", "q1": "1", "q2": "2", "q3": "1", "d": "x"}
+    b = {"q0": "1", "q1": "2", "q2": "2", "q3": "2", "d": "y"}
+    diff, se = sweep.mc_difference(a, b, labels)
+    assert diff == 0.5  # a right on q1 and q3 where b is wrong; descriptive ignored
+    assert abs(se - (1 / 3) ** 0.5 / 2) < 1e-9  # differences [0, 1, 0, 1]: sample sd sqrt(1/3), over sqrt(4)
