@@ -184,24 +184,31 @@ def run(questions, out_dir, model_id, mode=MODE, dtype_name=None):
     tokenizer = lm.load_tokenizer(model_id)
     model = lm.load_model(model_id, device, dtype)
     index = build_index.load_index().attach_encoder(model, tokenizer)
-    stats, failures, t0 = {}, 0, time.time()
+    failures, t0 = 0, time.time()
     for start in tqdm(range(0, len(todo), CHECKPOINT_EVERY), desc="03 reranking", unit="chunk"):
         chunk = todo[start:start + CHECKPOINT_EVERY]
+        t_search = time.time()
         all_hits = index.search_many([q.text for q in chunk], k=CANDIDATES)
+        search_each = (time.time() - t_search) / len(chunk)
         records = []
         for q, hits in zip(chunk, all_hits):
+            stats, t_question = {}, time.time()
             order, scores, failed = rerank_question(model, tokenizer, q.text, hits, mode, stats)
             failures += failed
             records.append(dict(id=q.id, chunks=[hits[i][0].id for i in order], first_stage=[c.id for c, _ in hits],
-                                first_scores=[s for _, s in hits], llm_scores=scores, fallback=failed))
+                                first_scores=[s for _, s in hits], llm_scores=scores, fallback=failed,
+                                seconds=round(search_each + time.time() - t_question, 3),
+                                tokens=stats.get("tokens", 0)))
         with open(checkpoint, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         done.update((r["id"], r) for r in records)
     seconds = time.time() - t0
+    timed = [done[q.id] for q in questions if "seconds" in done[q.id]]  # per question, this run and earlier ones
     meta = dict(model=model_id, key=key, mode=mode, device=device, dtype=str(dtype).replace("torch.", ""),
-                questions=len(questions), reranked_now=len(todo), failures=failures,
-                seconds=dict(total=round(seconds, 1), per_question=round(seconds / max(len(todo), 1), 2)),
-                tokens_per_question=round(stats.get("tokens", 0) / max(len(todo), 1), 1),
+                questions=len(questions), reranked_now=len(todo), failures=failures, timed_questions=len(timed),
+                seconds=dict(total=round(seconds, 1), per_question=round(sum(r["seconds"] for r in timed)
+                                                                         / len(timed), 2) if timed else None),
+                tokens_per_question=round(sum(r["tokens"] for r in timed) / len(timed), 1) if timed else None,
                 settings=dict(CANDIDATES=CANDIDATES, KEEP=KEEP, PASSAGE_TOKENS=PASSAGE_TOKENS, BLEND=BLEND,
                               SHARE_PREFIX=SHARE_PREFIX, BATCH=BATCH), peak_rss_gib=round(lm.peak_rss_gib(), 2),
                 versions=lm.versions())
@@ -234,8 +241,9 @@ def main():
     tmp.replace(args.out / "ranked.jsonl")
     lm.write_json(args.out / "meta.json", meta)
     (args.out / "DONE").touch()
+    per_question = meta["seconds"]["per_question"]
     print(f"03: reranked {meta['reranked_now']} questions in {meta['seconds']['total']:.1f} s "
-          f"({meta['seconds']['per_question']:.2f} s/question, {meta['failures']} fell back)")
+          f"({'–' if per_question is None else f'{per_question:.2f}'} s/question, {meta['failures']} fell back)")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ from pathlib import Path
 import common
 
 # ----------------------------------------------------------------------------- settings
-EVAL_QUESTIONS = 20  # law questions measured on this CPU (tens of seconds each under load); all of them on a GPU
+EVAL_QUESTIONS = 60  # law questions measured on this CPU (about 15 s each on a quiet CPU); all of them on a GPU
 KS = (1, 3, 5)
 MODES = ["pointwise", "listwise"]
 BLENDS = [1.0, 0.7, 0.5]  # weight of the LLM score against the first stage (03_rerank.BLEND is the default)
+ANSWER_PASSAGES = 3  # passages in the answer prompt for the score comparison (04's RAG_PASSAGES may be 0: no passages)
 TEST_QUESTIONS = 515  # the competition test
 # Assumed prefill throughput on one RTX 4090 (bf16, tokens/s), used only for the projection: not measured here.
 GPU_PREFILL_TOKENS_PER_S = {"0.5B": 60_000, "7B": 9_000}
@@ -104,9 +105,10 @@ def score_lines(questions, results, model_id):
     infer = importlib.import_module("04_infer")
     evaluate = importlib.import_module("evaluate")
     labels = evaluate.read_labels()
+    infer.RAG_PASSAGES = ANSWER_PASSAGES  # the same override as 04_infer.py --passages
     lines = ["## Answers with first-stage vs reranked passages (the same questions)", "",
-             f"{infer.RAG_PASSAGES} passages in the prompt, blend {rerank.BLEND}, calibration `{infer.CALIBRATION}` "
-             "(batch calibration falls back to the content-free prior on fewer than "
+             f"{infer.RAG_PASSAGES} passages ({infer.RAG_MAX_TOKENS} tokens) in the prompt, blend {rerank.BLEND}, "
+             f"calibration `{infer.CALIBRATION}` (batch calibration falls back to the content-free prior on fewer than "
              f"{infer.BATCH_MIN} questions).", "",
              "| passages | MC accuracy | questions | s/question |", "|---|---|---|---|"]
     variants = [("first stage", None)] + [(mode, {r["id"]: r["chunks"] for r in results[mode]}) for mode in MODES]

@@ -122,6 +122,9 @@ def test_run_writes_every_question_and_resumes(tiny_model_dir, tiny_index, tmp_p
     assert meta["tokens_per_question"] > 0
     again, meta2 = rerank.run(questions, tmp_path / "rr", str(tiny_model_dir), mode, "float32")
     assert meta2["reranked_now"] == 0 and again == records
+    # a checkpoint-only rerun reports the cost measured when the questions were reranked (eval_rerank's table)
+    assert meta2["tokens_per_question"] == meta["tokens_per_question"] and meta2["timed_questions"] == 2
+    assert meta2["seconds"]["per_question"] == meta["seconds"]["per_question"] > 0
     ranked = rerank.load_ranked(tmp_path / "rr" / f"ranked-{meta['key']}.jsonl")
     assert json.dumps(ranked["Q0"]) == json.dumps(records[0])
 
