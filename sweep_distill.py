@@ -122,8 +122,8 @@ def measurement_lines():
              f"Random token ids, the second half of each sequence is the answer; {m0['batch'] // 2} teacher-answer + "
              f"{m0['batch'] // 2} student-answer sequences, `{m0['loss_type']}`, LoRA r{m0.get('lora_r', 16)}, "
              f"student {m0['student_dtype']}, teacher bf16 no-grad, gradient checkpointing "
-             f"{m0['gradient_checkpointing']}. s/step: mean over the steps after the first (warm-up) when there are several. "
-             "Command: `make distill-measure` (`01_train_distillm.py --measure FILE [--chunk 0]`).", "",
+             f"{m0['gradient_checkpointing']}. s/step: mean over the steps after the first (warm-up) when there are "
+             "several. Command: `make distill-measure` (`01_train_distillm.py --measure FILE [--chunk 0]`).", "",
              "| loss | s/step | step times (s) | process peak RSS GiB | RSS after loading GiB | peak RSS during the "
              "steps GiB | step overhead GiB |", "|---|---|---|---|---|---|---|"]
     for name, m in rows:
