@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import importlib
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -300,13 +299,8 @@ def agreement(result, reference):
 def paired_se(a, b, labels):
     """Standard error of score(a) - score(b) from the multiple-choice questions both answered: the per-question
     differences in correctness are paired, so agreement between the levels shrinks it. 0 without answers."""
-    ids = [i for i in a.get("answers", {}) if i in b.get("answers", {}) and labels.get(i, {}).get("kind") == "mc"]
-    if len(ids) < 2:
-        return 0.0
-    d = [(a["answers"][i] == labels[i]["Answer"]) - (b["answers"][i] == labels[i]["Answer"]) for i in ids]
-    mean = sum(d) / len(d)
-    variance = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
-    return 0.5 * math.sqrt(variance / len(d))  # the MC accuracy is half the score
+    evaluate = importlib.import_module("evaluate")
+    return 0.5 * evaluate.mc_difference(a.get("answers", {}), b.get("answers", {}), labels)[1]  # MC is half the score
 
 
 def better(a, b, noise=None, tolerance=SCORE_TOLERANCE, z=NOISE_Z):

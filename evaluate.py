@@ -138,6 +138,18 @@ def score(answers, labels, encoder=SCORER_ENCODER):
     return result
 
 
+def mc_difference(a, b, labels):
+    """(MC accuracy of answers a minus answers b, its standard error) over the multiple-choice questions both
+    answered: the per-question differences in correctness are paired, so agreement between the runs shrinks the
+    error. Error 0 with fewer than 2 such questions."""
+    ids = [i for i in a if i in b and labels.get(i, {}).get("kind") == "mc"]
+    d = [(a[i] == labels[i]["Answer"]) - (b[i] == labels[i]["Answer"]) for i in ids]
+    mean = sum(d) / max(len(d), 1)
+    if len(d) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
 def calibration_table(records, meta, labels):
     """Accuracy and answer spread per calibration mode, from the raw option log-probabilities."""
     rows = []

@@ -10,7 +10,6 @@ naive vs chunked loss measurement; writes reports/distill.md. Run by `make disti
 Copy the winning values into the settings block of 01_train_distillm.py: `make distill` trains with those.
 """
 import argparse
-import importlib
 import itertools
 import json
 import shutil
@@ -144,24 +143,16 @@ def measurement_lines():
     return lines + [""]
 
 
-def subset_answers(folder, ids, calibration=None):
-    """Answers of a 04 run on the question ids only, multiple choice re-calibrated on that subset from the raw
-    log-probabilities (REPORT_CALIBRATION unless given), so runs answered on different subsets (--limit,
-    --mc-only) compare fairly."""
-    answers, meta, records = evaluate.load_run(folder)
+def subset_answers(run, ids, calibration=None):
+    """Answers of a loaded 04 run (evaluate.load_run) on the question ids only, multiple choice re-calibrated on that
+    subset from the raw log-probabilities (REPORT_CALIBRATION unless given), so runs answered on different subsets
+    (--limit, --mc-only) compare fairly."""
+    answers, meta, records = run
     records = [r for r in records if r["id"] in ids]
     subset = {r["id"]: answers[r["id"]] for r in records if r["kind"] == "desc"}
     subset.update(evaluate.infer.calibrated_answers(records, calibration or REPORT_CALIBRATION,
                                                     meta.get("content_free")))
     return subset
-
-
-def mc_difference(a, b, labels):
-    """(MC accuracy of a minus b, its paired standard error) over the multiple-choice questions both answered."""
-    quantize = importlib.import_module("05_quantize")
-    ids = [i for i in a if i in b and labels.get(i, {}).get("kind") == "mc"]
-    diff = sum((a[i] == labels[i]["Answer"]) - (b[i] == labels[i]["Answer"]) for i in ids) / max(len(ids), 1)
-    return diff, 2 * quantize.paired_se(dict(answers=a), dict(answers=b), labels)  # paired_se is on the score
 
 
 def loss_ends(history, share=0.1):
@@ -208,13 +199,11 @@ def distill_report(labels, command):
     runs = [("base student", BASELINE_DIR / "student"), ("teacher", BASELINE_DIR / "teacher")]
     runs += [(f"student + {name}", DISTILL_DIR / name) for name in DISTILL_RUNS]
     done = [(name, folder) for name, folder in runs if (folder / "DONE").exists()]
-    ids = None
-    for _, folder in done:
-        run_ids = set(evaluate.load_run(folder)[0])
-        ids = run_ids if ids is None else ids & run_ids
-    answers = {name: subset_answers(folder, ids) for name, folder in done}
+    loaded = {name: evaluate.load_run(folder) for name, folder in done}
+    ids = set.intersection(*(set(run[0]) for run in loaded.values())) if loaded else set()
+    answers = {name: subset_answers(run, ids) for name, run in loaded.items()}
     scores = {name: evaluate.score(a, labels) for name, a in answers.items()}
-    raw = {name: evaluate.score(subset_answers(folder, ids, "none"), labels)["mc_acc"] for name, folder in done}
+    raw = {name: evaluate.score(subset_answers(run, ids, "none"), labels)["mc_acc"] for name, run in loaded.items()}
     any_s = next(iter(scores.values()), None)
     lines = ["# Distillation: DistiLLM-2 vs a baseline loss", "", f"Produced by `{command}`.", "",
              "## Development score", "",
@@ -235,7 +224,7 @@ def distill_report(labels, command):
         closed_mc = gap_closed(st["mc_acc"], te["mc_acc"], s["mc_acc"]) if st and te else None
         change = "–"
         if st and name != "base student":
-            diff, se = mc_difference(answers[name], answers["base student"], labels)
+            diff, se = evaluate.mc_difference(answers[name], answers["base student"], labels)
             change = f"{diff:+.3f} ± {se:.3f}"
         lines.append(f"| {name} | {evaluate.fmt(s.get('score'))} | {evaluate.fmt(s['mc_acc'])} | "
                      f"{evaluate.fmt(s.get('desc_score'))} | {evaluate.fmt(closed, 2)} | "

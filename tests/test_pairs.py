@@ -278,11 +278,11 @@ def test_loss_ends_average_the_first_and_last_tenth():
 
 
 def test_mc_difference_is_paired():
-    sweep = importlib.import_module("sweep_distill")
+    evaluate = importlib.import_module("evaluate")
     labels = {f"q{i}": dict(kind="mc", Answer="1") for i in range(4)}
     labels["d"] = dict(kind="desc", Answer="설명")
     a = {"q0": "1", "q1": "1", "q2": "2", "q3": "1", "d": "x"}
     b = {"q0": "1", "q1": "2", "q2": "2", "q3": "2", "d": "y"}
-    diff, se = sweep.mc_difference(a, b, labels)
+    diff, se = evaluate.mc_difference(a, b, labels)
     assert diff == 0.5  # a right on q1 and q3 where b is wrong; descriptive ignored
     assert abs(se - (1 / 3) ** 0.5 / 2) < 1e-9  # differences [0, 1, 0, 1]: sample sd sqrt(1/3), over sqrt(4)
