@@ -41,6 +41,7 @@ BATCH_MIN = 50  # fewer questions of one option count than this: batch calibrati
 RAG_PASSAGES = 0
 RAG_MAX_TOKENS = 512  # token budget of those passages: prefill time grows with it
 RAG_METHOD = "fused"  # bm25 | dense | fused first-stage retrieval (reports/retrieval.md)
+RAG_NO_COPY_TOKENS = 12  # a descriptive answer never repeats this many consecutive passage tokens (~19 characters)
 # -----------------------------------------------------------------------------
 
 
@@ -141,9 +142,20 @@ def answer_mc(model, tokenizer, questions, contexts, stats):
 
 
 def answer_desc(model, tokenizer, questions, contexts, stats):
+    """Greedy answers; with passages, no run of RAG_NO_COPY_TOKENS passage tokens is repeated (the rules forbid a
+    verbatim copy of retrieved text), and the record keeps that rule (stale_records)."""
     prompts = [lm.render(tokenizer, common.desc_messages(q.text, c)) for q, c in zip(questions, contexts)]
-    texts = lm.generate(model, tokenizer, prompts, DESC_MAX_NEW_TOKENS, DESC_BATCH, stats)
-    return [dict(id=q.id, kind="desc", raw=t) for q, t in zip(questions, texts)]
+    texts = lm.generate(model, tokenizer, prompts, DESC_MAX_NEW_TOKENS, DESC_BATCH, stats, sources=contexts,
+                        no_copy=RAG_NO_COPY_TOKENS)
+    return [dict(id=q.id, kind="desc", raw=t, **({"no_copy": RAG_NO_COPY_TOKENS} if c else {}))
+            for q, t, c in zip(questions, texts, contexts)]
+
+
+def stale_records(done):
+    """Ids of checkpointed descriptive answers written with passages under another copy rule (RAG_NO_COPY_TOKENS):
+    they are answered again; the multiple-choice records of the same checkpoint stay valid."""
+    return [i for i, r in done.items() if r["kind"] == "desc" and r.get("context")
+            and r.get("no_copy", 0) != RAG_NO_COPY_TOKENS]
 
 
 def retrieve(index, tokenizer, questions, ranked=None):
@@ -217,6 +229,11 @@ def run(questions, out_dir, model_id, dtype_name=None, rag=False, ranked=None):
     key = config_key(model_id, dtype_name, rag_settings)
     checkpoint = out_dir / f"predictions-{key}.jsonl"
     done = load_checkpoint(checkpoint)
+    stale = stale_records(done)
+    if stale:
+        print(f"04: {len(stale)} descriptive answers were written under another copy rule: answering them again")
+    for i in stale:
+        del done[i]
     todo = [q for q in questions if q.id not in done]
     print(f"04: {len(questions)} questions, {len(done)} from checkpoint, model {model_id} on {device} ({dtype_name})")
     t0 = time.time()
@@ -245,7 +262,8 @@ def run(questions, out_dir, model_id, dtype_name=None, rag=False, ranked=None):
     answer_seconds = time.time() - t_answer
     records = [done[q.id] for q in questions]
     meta = dict(model=model_id, key=key, device=device, dtype=dtype_name, calibration=CALIBRATION,
-                rag=rag_settings, content_free=content_free, questions=len(questions), answered_now=len(todo),
+                rag=rag_settings, no_copy=RAG_NO_COPY_TOKENS if rag_settings else None, content_free=content_free,
+                questions=len(questions), answered_now=len(todo),
                 seconds=dict(load=round(load_seconds, 1), answering=round(answer_seconds, 1),
                              per_question=round(sum(r["seconds"] for r in records) / max(len(records), 1), 3)),
                 prefill_tokens_per_s=round(stats["prefill_tokens"] / stats["prefill_seconds"], 1)

@@ -202,16 +202,13 @@ def settings_of(module):
             if k.isupper() and isinstance(v, (bool, int, float, str, list, tuple, dict))}
 
 
-def library_versions():
-    from importlib import metadata
-
-    versions = {}
-    for name in ("torch", "transformers", "bitsandbytes", "torchao"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+def answer_settings():
+    """04's settings that change a level's answers: without passages (RAG_PASSAGES = 0) the other RAG_* settings
+    change nothing, so a retrieval experiment does not re-measure every level."""
+    settings = settings_of(infer)
+    if infer.RAG_PASSAGES == 0:
+        settings = {k: v for k, v in settings.items() if not k.startswith("RAG_") or k == "RAG_PASSAGES"}
+    return settings
 
 
 def level_key(source_dir, level, indexed):
@@ -220,13 +217,14 @@ def level_key(source_dir, level, indexed):
     the index (settings and corpus, not its build timings) and the library versions. Like the checkpoint keys of 03
     and 04 it follows settings, not source text: an edit to the code itself does not re-measure (delete
     outputs/05_quantize to force it)."""
-    settings = {name: settings_of(module) for name, module in (("common", common), ("04", infer), ("03", rerank),
+    settings = {name: settings_of(module) for name, module in (("common", common), ("03", rerank),
                                                                ("evaluate", importlib.import_module("evaluate")))}
+    settings["04"] = answer_settings()
     index_meta = json.loads((common.INDEX / "meta.json").read_text(encoding="utf-8")) if indexed else {}
     index = json.dumps({k: index_meta.get(k) for k in ("settings", "corpus", "dense_variant")}, sort_keys=True)
     parts = [lm.model_fingerprint(str(source_dir)), level, json.dumps(LEVELS[level], sort_keys=True),
              str(EVAL_MC), str(EVAL_DESC), str(RERANK_QUESTIONS), index, json.dumps(settings, sort_keys=True),
-             json.dumps(library_versions(), sort_keys=True)]
+             json.dumps(lm.versions("bitsandbytes", "torchao"), sort_keys=True)]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:16]
 
 

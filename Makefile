@@ -50,7 +50,7 @@ data: $(DATA) ## corpus into data/corpus, question set (data/test.csv or the dev
 $(DATA): prepare_data.py common.py $(SETUP) $(TEST_CSV)
 	$(PY) $<
 
-.PHONY: index eval-retrieval rag-report rerank rerank-report
+.PHONY: index eval-retrieval rag-report gate-report rerank rerank-report
 index: $(INDEX) ## chunk the laws + guidelines, Korean BM25 and dense FAISS index -> outputs/02_index
 
 $(INDEX): 02_build_index.py common.py lm.py $(DATA) $(STUDENT)
@@ -150,6 +150,11 @@ rag-report: reports/rag.md ## development score without and with retrieved conte
 reports/rag.md: evaluate.py $(BASELINE)/student/DONE $(BASELINE)/rag/DONE $(BASELINE)/rag1/DONE submission.csv
 	$(PY) $< --run $(BASELINE)/student --run $(BASELINE)/rag --run $(BASELINE)/rag1 --run outputs/04_infer --out $@ \
 		--command "make rag-report"
+
+gate-report: reports/gate.md ## would passages help only where retrieval looks sure? (no model run) -> reports/gate.md
+
+reports/gate.md: eval_gate.py 04_infer.py eval_retrieval.py $(BASELINE)/student/DONE $(BASELINE)/rag/DONE $(INDEX)
+	$(PY) $< --out $@ --command "make gate-report"
 
 baseline-report: reports/baseline.md ## student vs teacher, no retrieval, dtype check -> reports/baseline.md
 

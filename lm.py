@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 import common
 
@@ -173,14 +173,46 @@ def next_token_logprobs(model, tokenizer, prompts, token_ids, batch_size=8, stat
     return results
 
 
+class NoCopy(LogitsProcessor):
+    """Greedy decoding that never reproduces a run of n tokens of its row's source (the retrieved passages): a
+    token that would complete such a run gets -inf. Only the generated tokens are checked, from prompt_length on,
+    so the copy of the passages inside the prompt does not count. sources: one token-id list per row ([] for none)."""
+
+    def __init__(self, sources, n, prompt_length):
+        self.n, self.prompt_length = n, prompt_length
+        self.tables = [ngram_continuations(ids, n) for ids in sources]
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.prompt_length < self.n - 1:
+            return scores
+        for row, table in enumerate(self.tables):
+            banned = table.get(tuple(input_ids[row, input_ids.shape[1] - self.n + 1:].tolist())) if table else None
+            if banned:
+                scores[row, sorted(banned)] = float("-inf")
+        return scores
+
+
+def ngram_continuations(ids, n):
+    """{(n-1) consecutive tokens of ids: the set of tokens that follow them in ids}."""
+    table = {}
+    for i in range(len(ids) - n + 1):
+        table.setdefault(tuple(ids[i:i + n - 1]), set()).add(ids[i + n - 1])
+    return table
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, batch_size=8, stats=None):
-    """Greedy continuations of the prompts (text only, special tokens dropped)."""
+def generate(model, tokenizer, prompts, max_new_tokens, batch_size=8, stats=None, sources=None, no_copy=0):
+    """Greedy continuations of the prompts (text only, special tokens dropped). With sources (one text per prompt)
+    and no_copy > 0, no continuation repeats no_copy consecutive tokens of its source (NoCopy)."""
     results = [None] * len(prompts)
     for idx, enc in _batches(prompts, tokenizer, batch_size):
         t0 = time.time()
         enc = enc.to(model.device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        processors = None
+        if sources and no_copy > 0:
+            ids = [tokenizer(sources[i], add_special_tokens=False).input_ids if sources[i] else [] for i in idx]
+            processors = LogitsProcessorList([NoCopy(ids, no_copy, enc.input_ids.shape[1])])
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors)
         new = out[:, enc.input_ids.shape[1]:]
         for row, i in enumerate(idx):
             results[i] = tokenizer.decode(new[row], skip_special_tokens=True)
@@ -195,10 +227,19 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def versions():
+def versions(*packages):
+    """Versions of torch, transformers and the given installed packages (None for one not installed)."""
+    from importlib import metadata
+
     import transformers
 
-    return dict(torch=torch.__version__, transformers=transformers.__version__)
+    out = dict(torch=torch.__version__, transformers=transformers.__version__)
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def read_records(path):

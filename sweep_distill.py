@@ -1,9 +1,10 @@
 """Hyperparameter sweep of the distillation and the distillation report.
 
---sweep: for every point of SWEEP_GRID (alpha, beta, tau, loss type) trains an adapter with 01_train_distillm.py
-(SWEEP_STEPS steps), merges it, answers the first SWEEP_EVAL_QUESTIONS development questions with 04_infer.py and
-scores them with evaluate.py; the base student is answered on the same questions. Every point is a folder under
-outputs/01_sweep/ with its own DONE stamps, so a killed sweep resumes. Writes reports/sweep.md. Run by `make sweep`.
+--sweep: for every point of this device's SWEEP_GRID (alpha, beta, tau, loss type) trains an adapter with
+01_train_distillm.py (SWEEP_STEPS steps), merges it, answers the first SWEEP_EVAL_QUESTIONS development questions
+with 04_infer.py and scores them with evaluate.py; the base student is answered on the same questions. Every point
+is a folder under outputs/01_sweep/ with its own DONE stamps, so a killed sweep resumes. Writes reports/sweep.md.
+Run by `make sweep`.
 --report: scores the base student and teacher (outputs/baseline), the distilled students (outputs/distill/*) on
 the development set, and collects pair-generation throughput (outputs/00_pairs/meta.json), training meta and the
 naive vs chunked loss measurement; writes reports/distill.md. Run by `make distill-report`.
@@ -15,16 +16,19 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import common
 import evaluate
+import lm
 
 # ----------------------------------------------------------------------------- settings
-SWEEP_GRID = dict(loss_type=["distillm_v2"], alpha=[0.1, 0.3], beta=[1.0, 1.5], temperature=[1.0])
+SWEEP_GRID = dict(cpu=dict(loss_type=["distillm_v2"], alpha=[0.1, 0.3], beta=[1.0], temperature=[1.0]),
+                  cuda=dict(loss_type=["distillm_v2"], alpha=[0.1, 0.3], beta=[1.0, 1.5], temperature=[1.0, 2.0]))
 SWEEP_EXTRA = [dict(loss_type="kd", alpha=0.1, beta=1.0, temperature=1.0)]  # baselines run once
-SWEEP_STEPS = 20  # optimizer steps per point (CPU); a GPU sweep uses the full MAX_STEPS
-SWEEP_EVAL_QUESTIONS = 200  # first development questions (multiple choice only) per point
+SWEEP_STEPS = dict(cpu=20, cuda=None)  # steps per point; None: 01's MAX_STEPS (a distillm_v2 step is ~60 s here)
+SWEEP_EVAL_QUESTIONS = 500  # first development questions (multiple choice only) per point: 500 = all 498
 SWEEP_KEEP_MERGED = False  # merged models are 1 GB each on the student: delete after scoring
 REPORT_CALIBRATION = "batch"  # one option-prior correction for every run in reports/distill.md
 DISTILL_RUNS = ["distillm_v2", "kd"]  # outputs/distill/<name>: 04_infer.py runs of merged distilled students
@@ -35,8 +39,10 @@ DISTILL_DIR = common.OUTPUTS / "distill"
 BASELINE_DIR = common.OUTPUTS / "baseline"
 
 
-def grid_points(grid=SWEEP_GRID, extra=SWEEP_EXTRA):
-    """Every combination of the grid plus the extra points, each with a folder name."""
+def grid_points(grid=None, extra=SWEEP_EXTRA):
+    """Every combination of the grid (SWEEP_GRID of this device unless given) plus the extra points, each with a
+    folder name."""
+    grid = grid or SWEEP_GRID[lm.pick_device()]
     keys = list(grid)
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] + list(extra)
     for p in points:
@@ -57,7 +63,8 @@ def train_and_answer(point, steps, n_questions):
         if not (merged / "DONE").exists():
             run([sys.executable, common.ROOT / "01_train_distillm.py", "--loss-type", point["loss_type"],
                  "--alpha1", point["alpha"], "--alpha2", point["alpha"], "--beta", point["beta"],
-                 "--temperature", point["temperature"], "--max-steps", steps, "--out", adapter, "--merge", merged])
+                 "--temperature", point["temperature"], *(["--max-steps", steps] if steps else []), "--out", adapter,
+                 "--merge", merged])
         run([sys.executable, common.ROOT / "04_infer.py", "--model", merged, "--out", answers, "--mc-only",
              "--limit", n_questions, "--no-rag"])
     if not SWEEP_KEEP_MERGED and merged.exists():
@@ -84,21 +91,40 @@ def training_meta(folder):
 
 
 def sweep_report(points, labels, command):
-    base, _ = scored(base_answers(SWEEP_EVAL_QUESTIONS), labels)
+    """reports/sweep.md: every point against the base student on the same questions, all with REPORT_CALIBRATION
+    (04's "auto" could calibrate one point and not another), the change with its paired standard error."""
+    steps = SWEEP_STEPS[lm.pick_device()]
+    base_run = evaluate.load_run(base_answers(SWEEP_EVAL_QUESTIONS))
+    ids = {r["id"] for r in base_run[2]}
+    base = subset_answers(base_run, ids)
+    base_acc = evaluate.score(base, labels)["mc_acc"]
     rows = []
     for p in points:
-        s, _ = scored(train_and_answer(p, SWEEP_STEPS, SWEEP_EVAL_QUESTIONS), labels)
+        run = evaluate.load_run(train_and_answer(p, steps, SWEEP_EVAL_QUESTIONS))
+        answers, raw = subset_answers(run, ids), subset_answers(run, ids, "none")
+        diff, se = evaluate.mc_difference(answers, base, labels)
+        spread = Counter(raw.values()).most_common(1)[0]
         t = training_meta(SWEEP_DIR / p["name"] / "adapter")
-        rows.append((s["mc_acc"], p, t))
-    lines = ["# Distillation sweep", "", f"Produced by `{command}`. Each point: {SWEEP_STEPS} LoRA steps on "
-             f"outputs/00_pairs, scored on the first {SWEEP_EVAL_QUESTIONS} development questions (multiple choice "
-             "only, 04_infer.py calibration). Small CPU budget: differences of a few questions are noise "
-             f"(one question = {1 / max(base['n_mc'], 1):.3f}).", "",
-             f"Base student on the same questions: MC accuracy **{base['mc_acc']:.3f}**.", "",
-             "| loss | alpha | beta | tau | MC accuracy | final train loss | s/step |", "|---|---|---|---|---|---|---|"]
-    for acc, p, t in sorted(rows, key=lambda r: -r[0]):
+        first, last = loss_ends(t.get("history"))
+        rows.append((evaluate.score(answers, labels)["mc_acc"], p, t, diff, se,
+                     evaluate.score(raw, labels)["mc_acc"], f"{spread[0]} ({spread[1] / max(len(raw), 1):.0%})",
+                     first, last))
+    raw_base = subset_answers(base_run, ids, "none")
+    spread = Counter(raw_base.values()).most_common(1)[0]
+    lines = ["# Distillation sweep", "", f"Produced by `{command}`. Each point: {steps or 'MAX_STEPS'} LoRA steps on "
+             f"outputs/00_pairs, scored on the first {len(ids)} development questions (multiple choice only), "
+             f"calibration `{REPORT_CALIBRATION}` for every row (raw = no calibration). Change: MC accuracy minus the "
+             "base student's on the same questions, with the paired standard error of that difference "
+             f"(one question = {1 / max(len(ids), 1):.3f}).", "",
+             f"Base student on the same questions: MC accuracy **{base_acc:.3f}**, raw "
+             f"{evaluate.score(raw_base, labels)['mc_acc']:.3f}, most frequent raw answer "
+             f"{spread[0]} ({spread[1] / max(len(raw_base), 1):.0%}).", "",
+             "| loss | alpha | beta | tau | MC accuracy | change ± SE | raw MC | most frequent raw answer | "
+             "loss first → last 10% | s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for acc, p, t, diff, se, raw_acc, top, first, last in sorted(rows, key=lambda r: -r[0]):
         lines.append(f"| {p['loss_type']} | {p['alpha']} | {p['beta']} | {p['temperature']} | {acc:.3f} | "
-                     f"{evaluate.fmt(t.get('train_loss'), 4)} | {t.get('seconds', {}).get('per_step', '–')} |")
+                     f"{diff:+.3f} ± {se:.3f} | {raw_acc:.3f} | {top} | {evaluate.fmt(first, 4)} → "
+                     f"{evaluate.fmt(last, 4)} | {t.get('seconds', {}).get('per_step', '–')} |")
     return lines + [""]
 
 

@@ -175,3 +175,62 @@ def test_auto_calibration_corrects_only_a_piled_up_prior():
     assert infer.auto_mode(piled) == "batch" and infer.auto_mode(spread) == "none"
     assert infer.calibrated_answers(spread, "auto") == infer.calibrated_answers(spread, "none")
     assert infer.calibrated_answers(piled, "auto") == infer.calibrated_answers(piled, "batch")
+
+
+def test_no_copy_bans_the_token_that_would_complete_a_source_run():
+    assert lm.ngram_continuations([1, 2, 3, 2, 4], 2) == {(1,): {2}, (2,): {3, 4}, (3,): {2}}
+    rule = lm.NoCopy([[5, 6, 7, 8], []], n=3, prompt_length=2)
+    scores = torch.zeros(2, 10)
+    rule(torch.tensor([[0, 0, 5, 6], [0, 0, 5, 6]]), scores)
+    assert scores[0, 7] == float("-inf") and torch.isfinite(scores[0, :7]).all() and torch.isfinite(scores[1]).all()
+    # the prompt's own tokens do not count: only one token generated so far
+    scores = torch.zeros(1, 10)
+    lm.NoCopy([[5, 6, 7]], n=3, prompt_length=3)(torch.tensor([[0, 5, 6, 1]]), scores)
+    assert torch.isfinite(scores).all()
+
+
+def test_generation_never_repeats_a_run_of_its_source(tiny_model_dir, monkeypatch):
+    tokenizer = lm.load_tokenizer(str(tiny_model_dir))
+    model = lm.load_model(str(tiny_model_dir), "cpu", torch.float32)
+    calls, real_generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append((kw["input_ids"], real_generate(**kw)))
+                        or calls[-1][1])
+
+    def new_ids():  # token ids each prompt generated in the last call, in prompt order (a batch is sorted by length)
+        prompt, out = calls[-1]
+        rows = {tuple(r[r != tokenizer.pad_token_id].tolist()): out[k, prompt.shape[1]:].tolist()
+                for k, r in enumerate(prompt)}
+        return [rows[tuple(tokenizer(p, add_special_tokens=False).input_ids)] for p in prompts]
+
+    def shares_a_run(ids, source_ids, n):
+        grams = {tuple(source_ids[i:i + n]) for i in range(len(source_ids) - n + 1)}
+        return any(tuple(ids[i:i + n]) in grams for i in range(len(ids) - n + 1))
+
+    prompts = ["질문: 전자금융거래법의 목적을 설명하세요.", "질문: 개인정보를 설명하세요."]
+    n = 3
+    free = lm.generate(model, tokenizer, prompts, 12)  # the source: what the model says unconstrained
+    free_ids = new_ids()
+    sources = [tokenizer(t, add_special_tokens=False).input_ids for t in free]
+    assert all(shares_a_run(ids, src, n) for ids, src in zip(free_ids, sources))
+    kept = lm.generate(model, tokenizer, prompts, 12, sources=free, no_copy=n)
+    assert kept != free
+    assert not any(shares_a_run(ids, src, n) for ids, src in zip(new_ids(), sources))
+    assert lm.generate(model, tokenizer, prompts, 12, sources=["", ""], no_copy=n) == free
+
+
+def test_a_changed_copy_rule_answers_only_the_descriptive_questions_again(tiny_model_dir, tiny_index, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(infer, "RAG_PASSAGES", 3)
+    questions = common.read_questions(write_questions(tmp_path / "q.csv", n_mc=2, n_desc=1))
+    records, meta = infer.run(questions, tmp_path / "rag", str(tiny_model_dir), "float32", rag=True)
+    assert meta["no_copy"] == infer.RAG_NO_COPY_TOKENS
+    assert [r.get("no_copy") for r in records if r["kind"] == "desc"] == [infer.RAG_NO_COPY_TOKENS]
+    monkeypatch.setattr(infer, "RAG_NO_COPY_TOKENS", 2)
+    again, meta2 = infer.run(questions, tmp_path / "rag", str(tiny_model_dir), "float32", rag=True)
+    assert meta2["key"] == meta["key"] and meta2["answered_now"] == 1
+    assert [r.get("no_copy") for r in again if r["kind"] == "desc"] == [2]
+    # without passages the rule does not apply: a plain checkpoint stays valid under any rule
+    _, plain = infer.run(questions, tmp_path / "plain", str(tiny_model_dir), "float32")
+    monkeypatch.setattr(infer, "RAG_NO_COPY_TOKENS", 5)
+    assert infer.run(questions, tmp_path / "plain", str(tiny_model_dir), "float32")[1]["answered_now"] == 0

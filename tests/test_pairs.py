@@ -1,6 +1,8 @@
 """00_generate_pairs.py: question checking, layout, no test data, chunking fallback and resume on a tiny model."""
 import importlib
 import inspect
+import json
+import math
 import random
 
 import pytest
@@ -286,3 +288,37 @@ def test_mc_difference_is_paired():
     diff, se = evaluate.mc_difference(a, b, labels)
     assert diff == 0.5  # a right on q1 and q3 where b is wrong; descriptive ignored
     assert abs(se - (1 / 3) ** 0.5 / 2) < 1e-9  # differences [0, 1, 0, 1]: sample sd sqrt(1/3), over sqrt(4)
+
+
+def fake_run(folder, probs_by_id):
+    """A finished 04 run folder (DONE, submission.csv, meta.json, predictions) with the given option probabilities."""
+    folder.mkdir(parents=True)
+    records = [dict(id=i, kind="mc", logprobs=[math.log(p) for p in probs]) for i, probs in probs_by_id.items()]
+    (folder / "predictions-x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    common.write_submission(folder / "submission.csv", [(i, "1") for i in probs_by_id])
+    (folder / "meta.json").write_text(json.dumps(dict(predictions="predictions-x.jsonl", content_free={})))
+    (folder / "DONE").touch()
+    return folder
+
+
+def test_sweep_report_compares_every_point_with_the_base_under_one_calibration(tmp_path, monkeypatch):
+    sweep = importlib.import_module("sweep_distill")
+    monkeypatch.setattr(sweep, "SWEEP_DIR", tmp_path)
+    monkeypatch.setattr(sweep, "REPORT_CALIBRATION", "none")
+    n = 10
+    labels = {f"q{i}": dict(kind="mc", Answer="2", domain="법률") for i in range(n)}
+    wrong, right = [0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]
+    base = fake_run(tmp_path / "base", {f"q{i}": right if i < 4 else wrong for i in range(n)})
+    point = dict(loss_type="kd", alpha=0.1, beta=1.0, temperature=1.0, name="kd-a0.1-b1.0-t1.0")
+    trained = fake_run(tmp_path / "point", {f"q{i}": right if i < 6 else wrong for i in range(n)})
+    adapter = tmp_path / point["name"] / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "meta.json").write_text(json.dumps(dict(history=[dict(loss=2.0), dict(loss=1.0)],
+                                                       seconds=dict(per_step=3.5))))
+    monkeypatch.setattr(sweep, "base_answers", lambda n_questions: base)
+    monkeypatch.setattr(sweep, "train_and_answer", lambda p, steps, n_questions: trained)
+    text = "\n".join(sweep.sweep_report([point], labels, "make sweep"))
+    assert "MC accuracy **0.400**" in text and "most frequent raw answer 1 (60%)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| kd |"))
+    # 6 of 10 right against 4: +0.2; paired differences two 1s and eight 0s -> SE sqrt(0.2*0.8*10/9/10)
+    assert "| 0.600 | +0.200 ± 0.133 | 0.600 | 2 (60%) | 2.0000 → 1.0000 | 3.5 |" in row

@@ -261,5 +261,17 @@ def test_level_key_follows_settings_and_versions_not_source_text(tiny_model_dir,
     monkeypatch.setattr(common, "MC_INSTRUCTION", "다른 지시문")
     assert len({key, changed, quantize.level_key(tiny_model_dir, "bf16", indexed=False)}) == 3
     monkeypatch.undo()
-    monkeypatch.setattr(quantize, "library_versions", lambda: dict(bitsandbytes="0.0"))
+    monkeypatch.setattr(lm, "versions", lambda *packages: dict(bitsandbytes="0.0"))
     assert quantize.level_key(tiny_model_dir, "bf16", indexed=False) != key
+
+
+def test_level_key_ignores_retrieval_settings_while_no_passages_are_used(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(infer, "RAG_PASSAGES", 0)
+    key = quantize.level_key(tiny_model_dir, "bf16", indexed=False)
+    monkeypatch.setattr(infer, "RAG_METHOD", "bm25")
+    monkeypatch.setattr(infer, "RAG_NO_COPY_TOKENS", 3)
+    assert quantize.level_key(tiny_model_dir, "bf16", indexed=False) == key
+    monkeypatch.setattr(infer, "RAG_PASSAGES", 3)
+    with_passages = quantize.level_key(tiny_model_dir, "bf16", indexed=False)
+    monkeypatch.setattr(infer, "RAG_METHOD", "fused")
+    assert len({key, with_passages, quantize.level_key(tiny_model_dir, "bf16", indexed=False)}) == 3
