@@ -393,7 +393,7 @@ def fmt(x, digits=3):
 def report(rows, reference, chosen, warning, tied, source_name, source_rows, command):
     """The markdown report: one table row per level (runnable or not), the selection, how it was measured."""
     first = next((r for r in rows if r.get("runnable")), {})
-    lines = [f"# Quantization levels of the student (05_quantize.py)", "",
+    lines = ["# Quantization levels of the student (05_quantize.py)", "",
              f"Command: `{command}`. Device: {first.get('device', '–')}; load average at the runs: "
              f"{', '.join(fmt(r.get('load_average'), 1) for r in rows if r.get('runnable'))}.", "",
              f"Evaluation subset: {first.get('n_mc', 0)} multiple-choice + {first.get('n_desc', 0)} descriptive "

@@ -150,6 +150,14 @@ def mc_difference(a, b, labels):
     return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
 
 
+def most_frequent(answers):
+    """The most frequent answer and its share, e.g. "1 (96%)"; "–" for no answers."""
+    if not answers:
+        return "–"
+    option, count = Counter(answers.values()).most_common(1)[0]
+    return f"{option} ({count / len(answers):.0%})"
+
+
 def calibration_table(records, meta, labels):
     """Accuracy and answer spread per calibration mode, from the raw option log-probabilities."""
     rows = []
@@ -158,10 +166,8 @@ def calibration_table(records, meta, labels):
         if not answers:
             continue
         acc = sum(answers[i] == labels[i]["Answer"] for i in answers) / len(answers)
-        spread = Counter(answers.values())
-        top_option, top_count = spread.most_common(1)[0]
         name = f"auto → {infer.auto_mode(records)}" if mode == "auto" else mode
-        rows.append((name, acc, len(answers), f"{top_option} ({top_count / len(answers):.0%})"))
+        rows.append((name, acc, len(answers), most_frequent(answers)))
     return rows
 
 

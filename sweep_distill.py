@@ -16,7 +16,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import common
@@ -80,11 +79,6 @@ def base_answers(n_questions):
     return answers
 
 
-def scored(run_dir, labels):
-    answers, meta, _ = evaluate.load_run(run_dir)
-    return evaluate.score(answers, labels), meta
-
-
 def training_meta(folder):
     path = Path(folder) / "meta.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -103,14 +97,11 @@ def sweep_report(points, labels, command):
         run = evaluate.load_run(train_and_answer(p, steps, SWEEP_EVAL_QUESTIONS))
         answers, raw = subset_answers(run, ids), subset_answers(run, ids, "none")
         diff, se = evaluate.mc_difference(answers, base, labels)
-        spread = Counter(raw.values()).most_common(1)[0]
         t = training_meta(SWEEP_DIR / p["name"] / "adapter")
         first, last = loss_ends(t.get("history"))
         rows.append((evaluate.score(answers, labels)["mc_acc"], p, t, diff, se,
-                     evaluate.score(raw, labels)["mc_acc"], f"{spread[0]} ({spread[1] / max(len(raw), 1):.0%})",
-                     first, last))
+                     evaluate.score(raw, labels)["mc_acc"], evaluate.most_frequent(raw), first, last))
     raw_base = subset_answers(base_run, ids, "none")
-    spread = Counter(raw_base.values()).most_common(1)[0]
     lines = ["# Distillation sweep", "", f"Produced by `{command}`. Each point: {steps or 'MAX_STEPS'} LoRA steps on "
              f"outputs/00_pairs, scored on the first {len(ids)} development questions (multiple choice only), "
              f"calibration `{REPORT_CALIBRATION}` for every row (raw = no calibration). Change: MC accuracy minus the "
@@ -118,7 +109,7 @@ def sweep_report(points, labels, command):
              f"(one question = {1 / max(len(ids), 1):.3f}).", "",
              f"Base student on the same questions: MC accuracy **{base_acc:.3f}**, raw "
              f"{evaluate.score(raw_base, labels)['mc_acc']:.3f}, most frequent raw answer "
-             f"{spread[0]} ({spread[1] / max(len(raw_base), 1):.0%}).", "",
+             f"{evaluate.most_frequent(raw_base)}.", "",
              "| loss | alpha | beta | tau | MC accuracy | change ± SE | raw MC | most frequent raw answer | "
              "loss first → last 10% | s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for acc, p, t, diff, se, raw_acc, top, first, last in sorted(rows, key=lambda r: -r[0]):
