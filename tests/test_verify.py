@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 import common
-from conftest import build_tiny_model
 
 verify = importlib.import_module("06_verify")
 package = importlib.import_module("06_package")
