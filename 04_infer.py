@@ -36,8 +36,8 @@ CONTENT_FREE_STEMS = ["N/A", "[빈칸]", ""]  # content-free prompts for content
 BATCH_MIN = 50  # fewer questions of one option count than this: batch calibration uses the content-free prior
 # Retrieved passages put before each question (02_build_index.py; 0 = none, and 03 then reranks nothing). 0 for the
 # embedded 0.5B student: passages lowered its dev MC accuracy from 0.402 to 0.361 (3 passages, 512 tokens) and
-# 0.369 (1 passage, 256 tokens), and 18 of 54 descriptive answers copied 40+ characters (reports/rag.md). A larger
-# model on a GPU: set 3 and rerun `make rag-report`.
+# 0.369 (1 passage, 256 tokens) (reports/rag.md), even where the cited article is among them (reports/gate.md: no
+# relevance gate helps). A larger model on a GPU: set 3 and rerun `make rag-report` and `make gate-report`.
 RAG_PASSAGES = 0
 RAG_MAX_TOKENS = 512  # token budget of those passages: prefill time grows with it
 RAG_METHOD = "fused"  # bm25 | dense | fused first-stage retrieval (reports/retrieval.md)
