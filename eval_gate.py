@@ -85,7 +85,7 @@ def held_out_gain(values, ids, plain, rag, labels, seed=common.SEED):
 
 
 def load(run_dir):
-    answers, meta, records = evaluate.load_run(run_dir)
+    _, meta, records = evaluate.load_run(run_dir)
     return {r["id"]: r for r in records if r["kind"] == "mc"}, meta
 
 

@@ -2,6 +2,8 @@
 import importlib
 import math
 
+import common
+
 gate = importlib.import_module("eval_gate")
 
 
@@ -55,3 +57,15 @@ def test_held_out_gain_finds_a_signal_that_separates_the_questions(monkeypatch):
     assert mean > 0.4  # no passages: half right; the gate at the separating threshold: all right
     noise = {i: float(k % 3) for k, i in enumerate(labels)}  # unrelated to which run is right
     assert gate.held_out_gain(noise, list(labels), plain, rag, labels)[0] < mean
+
+
+def test_signals_rank_the_article_a_question_quotes_as_sure(tiny_index):
+    index = gate.build_index.load_index(tiny_index)
+    questions = [common.Question(id="sure", text="전자서명은 서명자의 신원을 나타내는 정보인가?", stem="", options=[],
+                                 kind="desc"),
+                 common.Question(id="vague", text="무엇이 옳은가?", stem="", options=[], kind="desc")]
+    values = gate.signals(index, questions)
+    assert values["sure"]["top"] > 0 and values["sure"]["margin"] > 0 and values["sure"]["ratio"] > 1
+    assert values["sure"]["per_token"] == values["sure"]["top"] / len(gate.build_index.morphemes(
+        index.kiwi, [questions[0].text])[0])
+    assert values["vague"]["top"] < values["sure"]["top"]
