@@ -21,6 +21,7 @@ import inspect
 import json
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -396,8 +397,7 @@ def append_jsonl(path, records):
 
 
 def settings():
-    return {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, str, tuple, list, dict))
-            and not k.endswith(("_RE", "_WRITER", "_HEADER"))}
+    return common.settings_of(sys.modules[__name__], ("_RE", "_WRITER", "_HEADER"))
 
 
 def checked_question(job, raw, rng):

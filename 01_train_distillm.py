@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -516,7 +517,7 @@ def fresh_or_resumable(run_dir, config):
 
 
 def settings_dict():
-    return {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, str, bool, list, dict))}
+    return common.settings_of(sys.modules[__name__])
 
 
 def save_adapter(model, tokenizer, out_dir, meta):

@@ -196,16 +196,10 @@ def measure_level(model_dir, level, work_dir):
 
 
 # ----------------------------------------------------------------------------- across levels
-def settings_of(module):
-    """The UPPER_CASE settings of a module that are plain values (its settings block; paths left out)."""
-    return {k: v for k, v in vars(module).items()
-            if k.isupper() and isinstance(v, (bool, int, float, str, list, tuple, dict))}
-
-
 def answer_settings():
     """04's settings that change a level's answers: without passages (RAG_PASSAGES = 0) the other RAG_* settings
     change nothing, so a retrieval experiment does not re-measure every level."""
-    settings = settings_of(infer)
+    settings = common.settings_of(infer)
     if infer.RAG_PASSAGES == 0:
         settings = {k: v for k, v in settings.items() if not k.startswith("RAG_") or k == "RAG_PASSAGES"}
     return settings
@@ -217,7 +211,7 @@ def level_key(source_dir, level, indexed):
     the index (settings and corpus, not its build timings) and the library versions. Like the checkpoint keys of 03
     and 04 it follows settings, not source text: an edit to the code itself does not re-measure (delete
     outputs/05_quantize to force it)."""
-    settings = {name: settings_of(module) for name, module in (("common", common), ("03", rerank),
+    settings = {name: common.settings_of(module) for name, module in (("common", common), ("03", rerank),
                                                                ("evaluate", importlib.import_module("evaluate")))}
     settings["04"] = answer_settings()
     index_meta = json.loads((common.INDEX / "meta.json").read_text(encoding="utf-8")) if indexed else {}

@@ -163,6 +163,13 @@ def answer_model():
     return STUDENT_MODEL
 
 
+def settings_of(module, skip_suffixes=()):
+    """The UPPER_CASE settings of a module that are plain values (its settings block; paths and compiled patterns
+    left out, and the names ending in one of skip_suffixes)."""
+    return {k: v for k, v in vars(module).items() if k.isupper() and not k.endswith(tuple(skip_suffixes))
+            and isinstance(v, (bool, int, float, str, list, tuple, dict))}
+
+
 def sha256_file(path):
     """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
