@@ -17,7 +17,6 @@ Multi-GPU: `accelerate launch --num_processes N 01_train_distillm.py` (one teach
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
