@@ -390,8 +390,8 @@ def main():
         f"- Build on this CPU ({meta['device']}, {meta['dtype']}): chunking {s['chunking']} s, morphemes "
         f"{s['bm25_tokenize']} s, BM25 index {s['bm25_index']} s, embeddings {s['embedding']} s "
         "(0 when all chunks came from the cache); total " + f"{s['total']} s"
-        + (f" (1-minute load average {meta['loadavg'][0]} at the start, {meta['loadavg'][1]} at the end: other "
-           "jobs shared the 2 cores)." if "loadavg" in meta else "."),
+        + (f" (1-minute load average {meta['loadavg'][0]} at the start, {meta['loadavg'][1]} at the end"
+           + (": other jobs shared the 2 cores)." if max(meta["loadavg"]) > 2 else ").") if "loadavg" in meta else "."),
         f"- Size: {meta['index_bytes'] / 2**20:.1f} MiB (" + ", ".join(
             f"{n} {v / 2**20:.1f} MiB" for n, v in b.items()) + "; emb_cache.npz holds all four dense variants).",
         f"- Encoder: `{meta['encoder']}` ("
