@@ -12,8 +12,10 @@ conditions (same prompt, with the source passage as context for a CONTEXT_RATE s
 multiple-choice pairs whose key is not the teacher's most likely option are dropped (KEEP_TEACHER_WRONG).
 Writes outputs/00_pairs/: pairs.jsonl ({id, kind, prompt (chat messages), prefix, chosen = teacher answer,
 rejected = student answer, source, writer, settings}), attempts.jsonl (every chunk and kind tried, with the reason
-a question was dropped), timings.jsonl (seconds and answers per batch and kind), meta.json and DONE. The JSONL
-files are appended batch by batch: a killed run resumes where it stopped. Run by `make pairs`.
+a question was dropped), timings.jsonl (seconds and answers per batch and kind), heldout.csv and heldout-keys.csv
+(template questions on articles no pair asks about, with their keys: the distilled students' in-distribution
+check), meta.json and DONE. The JSONL files are appended batch by batch: a killed run resumes where it stopped.
+Run by `make pairs`.
 """
 import hashlib
 import importlib
@@ -50,6 +52,8 @@ WRITE_MAX_NEW_TOKENS = {"mc": 200, "desc": 64}
 ANSWER_TEMPERATURE, ANSWER_TOP_P = 0.7, 0.9  # teacher and student sampling when answering (same settings)
 ANSWER_MAX_NEW_TOKENS = 96  # descriptive answers: two or three sentences
 BATCH = 8  # chunks per batch (question writing, answering, one checkpoint append)
+HELDOUT_CHUNKS = 400  # template MC questions from chunks no pair was written from: the distilled students'
+# in-distribution check (reports/distill.md); templates on every device, so no model and no generation
 DTYPE = "bfloat16"  # CPU; CUDA uses lm.pick_dtype
 # -----------------------------------------------------------------------------
 
@@ -415,6 +419,46 @@ def checked_question(job, raw, rng):
     return (question, norm_key(question), None) if question else (None, None, reason)
 
 
+def pair_stems(pairs):
+    """Duplicate keys of the questions of pairs (the stem of a multiple-choice question, a descriptive one whole)."""
+    return {norm_key(p["question"].split("\n")[0]) if p["kind"] == "desc" else
+            norm_key(common.split_options(p["question"])[0]) for p in pairs}
+
+
+def heldout_set(chunks, used, seen, n_chunks, seed=common.SEED):
+    """(questions [{ID, Question}], keys [{ID, kind, Answer, domain, chunk_id}]) of template multiple-choice
+    questions from the first n_chunks sampled chunks that are not in used (chunk ids a pair was written from), nor
+    another window of a used article, and whose stem is not in seen: the same templates, option counts and
+    shuffling as the pairs, on articles the training never asked about (their sentences may still be distractors
+    there). The domain is the law."""
+    pool = template_pool(chunks)
+    rng = random.Random(seed_of("heldout", seed))
+    asked = {(c["source"], c.get("article")) for c in chunks if c["id"] in used and c.get("article")}
+    fresh = [c for c in pick_chunks(chunks, len(chunks), seed)
+             if c["id"] not in used and (c["source"], c.get("article")) not in asked][:n_chunks]
+    questions, keys, seen = [], [], set(seen)
+    for c in fresh:
+        job = dict(id=f"{c['id']}-mc", chunk=c, kind="mc", n_options=rng.choice(OPTION_COUNTS))
+        question, stem_key, key = checked_question(job, template_question(job, pool, rng), rng)
+        if question is None or stem_key in seen:
+            continue
+        seen.add(stem_key)
+        qid = f"HELDOUT_{len(questions):04d}"
+        questions.append(dict(ID=qid, Question=question))
+        keys.append(dict(ID=qid, kind="mc", Answer=str(key), domain=c.get("law") or Path(c["source"]).stem,
+                         chunk_id=c["id"]))
+    return questions, keys
+
+
+def write_heldout(chunks, out_dir, n_chunks):
+    """heldout_set over the chunks and pairs of out_dir, written to common.HELDOUT and common.HELDOUT_KEYS."""
+    used = {a["id"].rsplit("-", 1)[0] for a in read_jsonl(Path(out_dir) / "attempts.jsonl")}
+    questions, keys = heldout_set(chunks, used, pair_stems(read_jsonl(Path(out_dir) / "pairs.jsonl")), n_chunks)
+    common.write_csv(common.HELDOUT, ["ID", "Question"], questions)
+    common.write_csv(common.HELDOUT_KEYS, ["ID", "kind", "Answer", "domain", "chunk_id"], keys)
+    return len(questions)
+
+
 def top_option(probs):
     """1-based number of the most likely option."""
     return probs.index(max(probs)) + 1
@@ -497,8 +541,7 @@ def run(chunks, teacher, student, tokenizer, out_dir, n_chunks, writer="teacher"
     drop_torn_tail(attempts_path)
     done_chunks = {a["id"].rsplit("-", 1)[0] for a in read_jsonl(attempts_path)}
     existing = read_jsonl(pairs_path)
-    seen = {norm_key(p["question"].split("\n")[0]) if p["kind"] == "desc" else
-            norm_key(common.split_options(p["question"])[0]) for p in existing}
+    seen = pair_stems(existing)
     have = {p["id"] for p in existing}
     todo = [c for c in pick_chunks(chunks, n_chunks) if c["id"] not in done_chunks]
     stats = dict(write_seconds=0.0, teacher_answer_seconds=0.0, student_answer_seconds=0.0, answers=0,
@@ -576,12 +619,15 @@ def main():
     stats = run(chunks, teacher, student, tokenizer, common.PAIRS, args.chunks or N_CHUNKS[device],
                 args.writer or WRITER[device], KINDS[device])
     meta = summary(common.PAIRS, stats, time.time() - t0)
-    meta.update(teacher=common.TEACHER_MODEL, student=common.STUDENT_MODEL, corpus_chunks=len(chunks))
+    heldout = write_heldout(chunks, common.PAIRS, HELDOUT_CHUNKS)
+    meta.update(teacher=common.TEACHER_MODEL, student=common.STUDENT_MODEL, corpus_chunks=len(chunks),
+                heldout_questions=heldout)
     lm.write_json(common.PAIRS / "meta.json", meta)
     (common.PAIRS / "DONE").touch()
     print(f"00: {meta['pairs']} pairs ({meta['mc_pairs']} MC, {meta['desc_pairs']} descriptive) from "
           f"{meta['attempts']} attempts; this run {stats['answers']} prompts answered by both models "
-          f"({meta['timed_batches']['answers_per_minute']} answers/min) in {time.time() - t0:.1f} s -> {common.PAIRS}")
+          f"({meta['timed_batches']['answers_per_minute']} answers/min) in {time.time() - t0:.1f} s; {heldout} "
+          f"held-out template questions -> {common.PAIRS}")
 
 
 if __name__ == "__main__":

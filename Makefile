@@ -84,6 +84,20 @@ $(DISTILL)/distillm_v2/DONE: 04_infer.py common.py lm.py $(DATA) $(ADAPTER)
 $(DISTILL)/$(DISTILL_BASELINE)/DONE: 04_infer.py common.py lm.py $(DATA) $(DISTILL)/adapter-$(DISTILL_BASELINE)/DONE
 	$(PY) $< --model $(DISTILL)/merged-$(DISTILL_BASELINE) --out $(DISTILL)/$(DISTILL_BASELINE) --no-rag
 
+# The in-distribution check: base, teacher and distilled students on the held-out template questions of `make pairs`.
+HELDOUT_Q := outputs/00_pairs/heldout.csv
+HELDOUT_RUNS := $(DISTILL)/heldout-student/DONE $(DISTILL)/heldout-teacher/DONE $(DISTILL)/heldout-distillm_v2/DONE \
+	$(DISTILL)/heldout-$(DISTILL_BASELINE)/DONE
+$(DISTILL)/heldout-student/DONE: 04_infer.py common.py lm.py $(PAIRS) $(STUDENT)
+	$(PY) $< --model models/student-base --questions $(HELDOUT_Q) --out $(@D) --no-rag
+$(DISTILL)/heldout-teacher/DONE: 04_infer.py common.py lm.py $(PAIRS) $(TEACHER)
+	$(PY) $< --model models/teacher-base --questions $(HELDOUT_Q) --out $(@D) --no-rag
+$(DISTILL)/heldout-distillm_v2/DONE: 04_infer.py common.py lm.py $(PAIRS) $(ADAPTER)
+	$(PY) $< --model models/student-distilled-merged --questions $(HELDOUT_Q) --out $(@D) --no-rag
+$(DISTILL)/heldout-$(DISTILL_BASELINE)/DONE: 04_infer.py common.py lm.py $(PAIRS) \
+		$(DISTILL)/adapter-$(DISTILL_BASELINE)/DONE
+	$(PY) $< --model $(DISTILL)/merged-$(DISTILL_BASELINE) --questions $(HELDOUT_Q) --out $(@D) --no-rag
+
 distill-measure: $(DISTILL)/measure-naive.json $(DISTILL)/measure-chunked.json ## s/step + peak RSS, naive vs chunked loss
 
 $(DISTILL)/measure-naive.json: 01_train_distillm.py common.py lm.py $(STUDENT) $(TEACHER)
@@ -91,11 +105,11 @@ $(DISTILL)/measure-naive.json: 01_train_distillm.py common.py lm.py $(STUDENT) $
 $(DISTILL)/measure-chunked.json: 01_train_distillm.py common.py lm.py $(STUDENT) $(TEACHER)
 	$(PY) $< --measure $@
 
-distill-report: reports/distill.md ## dev score: student, distillm_v2, kd, teacher; pair throughput; loss memory -> reports/distill.md
+distill-report: reports/distill.md ## dev and held-out score: student, distillm_v2, kd, teacher; pairs; loss memory -> reports/distill.md
 
 reports/distill.md: sweep_distill.py evaluate.py reports/distill-notes.md outputs/baseline/student/DONE \
 		outputs/baseline/teacher/DONE $(DISTILL)/distillm_v2/DONE $(DISTILL)/$(DISTILL_BASELINE)/DONE \
-		$(DISTILL)/measure-naive.json $(DISTILL)/measure-chunked.json
+		$(DISTILL)/measure-naive.json $(DISTILL)/measure-chunked.json $(HELDOUT_RUNS)
 	$(PY) $< --report --notes reports/distill-notes.md --out $@ --command "make distill-report"
 
 sweep: reports/sweep.md ## grid over alpha, beta, tau, loss type (top of sweep_distill.py) -> reports/sweep.md

@@ -39,6 +39,8 @@ SAMPLE = PREPARED / "sample_submission.csv"
 LABELS = PREPARED / "labels.csv"  # development answers, absent when the competition test is used
 INDEX = OUTPUTS / "02_index"  # chunks, BM25 tokens, dense FAISS index (02_build_index.py)
 PAIRS = OUTPUTS / "00_pairs"  # generated questions, teacher/student answer pairs (00_generate_pairs.py)
+HELDOUT = PAIRS / "heldout.csv"  # ID,Question: template MC questions from chunks no pair uses (00)
+HELDOUT_KEYS = PAIRS / "heldout-keys.csv"  # their keys, in the labels layout (ID,kind,Answer,domain)
 DISTILLED = MODELS / "student-distilled"  # LoRA adapter of 01_train_distillm.py
 DISTILLED_MERGED = MODELS / "student-distilled-merged"  # adapter merged into the base: a `04_infer --model` dir
 RERANK = OUTPUTS / "03_rerank"  # reranked chunk ids per question (03_rerank.py)
@@ -227,12 +229,17 @@ def read_submission(path):
     return [(r[0], r[1] if len(r) > 1 else "") for r in rows]
 
 
-def write_submission(path, rows):
-    """Write ID,Answer rows as UTF-8 (no BOM) atomically."""
+def write_csv(path, fieldnames, rows):
+    """Write dict rows as a UTF-8 CSV (no BOM) atomically; keys outside fieldnames are left out."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["ID", "Answer"])
+        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
+        writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
+
+
+def write_submission(path, rows):
+    """Write ID,Answer rows atomically."""
+    write_csv(path, ["ID", "Answer"], [dict(ID=i, Answer=a) for i, a in rows])

@@ -60,16 +60,6 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def write_csv(path, fieldnames, rows):
-    """Write a UTF-8 CSV atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def dev_question_set(eval_dir):
     """Development questions in the competition layout, and their labels kept apart."""
     for name in (DEV_MC, DEV_DESC):
@@ -108,11 +98,11 @@ def main():
         source, questions, labels = "test", user_question_set(common.USER_TEST, common.USER_SAMPLE), []
     else:
         source, (questions, labels) = "dev", dev_question_set(args.eval_dir)
-    write_csv(common.QUESTIONS, ["ID", "Question"], questions)
+    common.write_csv(common.QUESTIONS, ["ID", "Question"], questions)
     parsed = common.read_questions(common.QUESTIONS)  # the same check the answering step will make
-    write_csv(common.SAMPLE, ["ID", "Answer"], [dict(ID=q.id, Answer="") for q in parsed])
+    common.write_csv(common.SAMPLE, ["ID", "Answer"], [dict(ID=q.id, Answer="") for q in parsed])
     if labels:
-        write_csv(common.LABELS, LABEL_FIELDS, labels)
+        common.write_csv(common.LABELS, LABEL_FIELDS, labels)
     elif common.LABELS.exists():
         common.LABELS.unlink()
     kinds = Counter(q.kind for q in parsed)

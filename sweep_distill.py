@@ -6,13 +6,15 @@ with 04_infer.py and scores them with evaluate.py; the base student is answered 
 is a folder under outputs/01_sweep/ with its own DONE stamps, so a killed sweep resumes. Writes reports/sweep.md.
 Run by `make sweep`.
 --report: scores the base student and teacher (outputs/baseline), the distilled students (outputs/distill/*) on
-the development set, and collects pair-generation throughput (outputs/00_pairs/meta.json), training meta and the
+the development set and all four on 00's held-out template questions (outputs/distill/heldout-*), and collects pair-generation throughput (outputs/00_pairs/meta.json), training meta and the
 naive vs chunked loss measurement; writes reports/distill.md. Run by `make distill-report`.
 Copy the winning values into the settings block of 01_train_distillm.py: `make distill` trains with those.
 """
 import argparse
+import importlib
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -212,15 +214,78 @@ def pairs_lines(pairs_meta):
             + f". Peak RSS {pairs_meta['peak_rss_gib']} GiB (both models loaded). Command: `make pairs`.", ""]
 
 
+def compare(done, labels):
+    """Per run name of done [(name, 04 run folder)]: evaluate.score of its answers plus raw_mc and raw_top (accuracy
+    and most frequent answer without calibration), closed / closed_mc (share of the teacher-student gap, by score
+    and by MC accuracy) and change (MC accuracy minus the base student's, with its paired standard error), all over
+    the questions every run answered, multiple choice re-calibrated alike (subset_answers)."""
+    loaded = {name: evaluate.load_run(folder) for name, folder in done}
+    ids = set.intersection(*(set(run[0]) for run in loaded.values())) if loaded else set()
+    answers = {name: subset_answers(run, ids) for name, run in loaded.items()}
+    raw = {name: subset_answers(run, ids, "none") for name, run in loaded.items()}
+    raw_mc = {name: {i: x for i, x in r.items() if labels.get(i, {}).get("kind") == "mc"} for name, r in raw.items()}
+    scores = {name: dict(evaluate.score(a, labels), raw_mc=evaluate.score(raw[name], labels)["mc_acc"],
+                         raw_top=evaluate.most_frequent(raw_mc[name])) for name, a in answers.items()}
+    st, te = scores.get("base student"), scores.get("teacher")
+    for name, s in scores.items():
+        s["closed"] = gap_closed(st.get("score"), te.get("score"), s.get("score")) \
+            if st and te and s.get("score") else None
+        s["closed_mc"] = gap_closed(st["mc_acc"], te["mc_acc"], s["mc_acc"]) if st and te else None
+        s["change"] = evaluate.mc_difference(answers[name], answers["base student"], labels) \
+            if st and name != "base student" else None
+    return scores
+
+
+def change_text(s):
+    return "–" if s["change"] is None else f"{s['change'][0]:+.3f} ± {s['change'][1]:.3f}"
+
+
+def heldout_lines():
+    """The in-distribution check: base student, teacher and distilled students on 00's held-out template questions
+    (articles no pair asks about), calibrated as the development table."""
+    runs = [(name, DISTILL_DIR / f"heldout-{folder}") for name, folder in
+            [("base student", "student"), ("teacher", "teacher")] + [(f"student + {n}", n) for n in DISTILL_RUNS]]
+    done = [(name, folder) for name, folder in runs if (folder / "DONE").exists()]
+    if not done or not common.HELDOUT_KEYS.exists():
+        return ["Held-out template questions: not answered (`make distill-report` answers them after `make pairs`).",
+                ""]
+    kinds = {q.id: template_kind(q.stem) for q in common.read_questions(common.HELDOUT)}
+    keys = evaluate.read_labels(common.HELDOUT_KEYS)
+    scores = compare(done, {i: dict(k, domain=kinds.get(i, "")) for i, k in keys.items()})  # per_domain: per kind
+    n = next(iter(scores.values()))["n_mc"]
+    lines = ["## Held-out template questions (in distribution)", "",
+             f"{n} template multiple-choice questions that `make pairs` writes after the pairs "
+             f"({os.path.relpath(common.HELDOUT, common.ROOT)}): the same templates, option counts and shuffling, on "
+             "sampled articles that no pair asks about (their sentences can still be distractors in a pair). Same "
+             f"calibration and columns as above; one question = {1 / max(n, 1):.3f}.", "",
+             "| model | MC accuracy | gap closed (MC) | MC change vs base | raw MC | most frequent raw answer |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | not run ({folder.name}) | | | | |" for name, folder in runs if (name, folder) not in done]
+    for name, s in scores.items():
+        lines.append(f"| {name} | {evaluate.fmt(s['mc_acc'])} | {evaluate.fmt(s['closed_mc'], 2)} | "
+                     f"{change_text(s)} | {evaluate.fmt(s['raw_mc'])} | {s['raw_top']} |")
+    names = sorted({k for s in scores.values() for k in s["per_domain"]})
+    lines += ["", "Per template (\"in\": which statement is in the article; \"not_in\": which is not; \"title\": "
+              "its title), MC accuracy (questions):", "", "| model | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 1) + "|"]
+    for name, s in scores.items():
+        cells = [f"{s['per_domain'][k][0]:.3f} ({s['per_domain'][k][1]})" if k in s["per_domain"] else "–"
+                 for k in names]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def template_kind(stem):
+    """The TEMPLATE_STEMS kind of 00_generate_pairs ("in", "not_in", "title") whose wording ends the stem; "other"."""
+    stems = importlib.import_module("00_generate_pairs").TEMPLATE_STEMS
+    return next((kind for kind, text in stems.items() if stem.strip().endswith(text.split("{where}")[1])), "other")
+
+
 def distill_report(labels, command):
     runs = [("base student", BASELINE_DIR / "student"), ("teacher", BASELINE_DIR / "teacher")]
     runs += [(f"student + {name}", DISTILL_DIR / name) for name in DISTILL_RUNS]
     done = [(name, folder) for name, folder in runs if (folder / "DONE").exists()]
-    loaded = {name: evaluate.load_run(folder) for name, folder in done}
-    ids = set.intersection(*(set(run[0]) for run in loaded.values())) if loaded else set()
-    answers = {name: subset_answers(run, ids) for name, run in loaded.items()}
-    scores = {name: evaluate.score(a, labels) for name, a in answers.items()}
-    raw = {name: evaluate.score(subset_answers(run, ids, "none"), labels)["mc_acc"] for name, run in loaded.items()}
+    scores = compare(done, labels)
     any_s = next(iter(scores.values()), None)
     lines = ["# Distillation: DistiLLM-2 vs a baseline loss", "", f"Produced by `{command}`.", "",
              "## Development score", "",
@@ -235,18 +300,11 @@ def distill_report(labels, command):
              "| raw MC |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {name} | not run ({folder.relative_to(common.ROOT)}) | | | | | | |" for name, folder in runs
               if (name, folder) not in done]
-    st, te = scores.get("base student"), scores.get("teacher")
     for name, s in scores.items():
-        closed = gap_closed(st.get("score"), te.get("score"), s.get("score")) if st and te and s.get("score") else None
-        closed_mc = gap_closed(st["mc_acc"], te["mc_acc"], s["mc_acc"]) if st and te else None
-        change = "–"
-        if st and name != "base student":
-            diff, se = evaluate.mc_difference(answers[name], answers["base student"], labels)
-            change = f"{diff:+.3f} ± {se:.3f}"
         lines.append(f"| {name} | {evaluate.fmt(s.get('score'))} | {evaluate.fmt(s['mc_acc'])} | "
-                     f"{evaluate.fmt(s.get('desc_score'))} | {evaluate.fmt(closed, 2)} | "
-                     f"{evaluate.fmt(closed_mc, 2)} | {change} | {evaluate.fmt(raw[name])} |")
-    lines += [""]
+                     f"{evaluate.fmt(s.get('desc_score'))} | {evaluate.fmt(s['closed'], 2)} | "
+                     f"{evaluate.fmt(s['closed_mc'], 2)} | {change_text(s)} | {evaluate.fmt(s['raw_mc'])} |")
+    lines += [""] + heldout_lines()
     lines += pairs_lines(training_meta(common.PAIRS))
     lines += ["## Training runs", "", "Loss: mean over the first and the last 10% of the logged micro-batches (one "
               "micro-batch is a few pairs, so single values are noisy).", "",

@@ -162,6 +162,20 @@ def test_retrieved_context_goes_into_the_prompt_and_the_key(tiny_model_dir, tiny
     assert plain["key"] != meta["key"] and plain["rag"] is None
 
 
+def test_a_question_with_nothing_retrieved_is_still_answered(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
+    monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(infer, "RAG_PASSAGES", 3)
+    monkeypatch.setattr(infer, "RAG_METHOD", "bm25")  # dense and fused always return the nearest chunks
+    rows = [dict(ID="hit", Question="전자서명의 정의를 설명하세요."), dict(ID="none", Question="여행 일정을 설명하세요.")]
+    common.write_csv(tmp_path / "q.csv", ["ID", "Question"], rows)
+    questions = common.read_questions(tmp_path / "q.csv")
+    records, meta = infer.run(questions, tmp_path / "out", str(tiny_model_dir), "float32", rag=True)
+    context = {r["id"]: r["context"] for r in records}
+    assert context["hit"] and context["none"] == []  # no word of the second question is in the corpus
+    answers = infer.submission_rows(questions, records, "none", meta["content_free"])
+    assert [i for i, _ in answers] == ["hit", "none"] and all(a.strip() for _, a in answers)
+
+
 def test_missing_index_says_what_to_do(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "INDEX", tmp_path / "absent")
     questions = common.read_questions(write_questions(tmp_path / "q.csv", n_mc=1, n_desc=0))

@@ -260,6 +260,32 @@ def test_keep_teacher_wrong_keeps_every_mc(tiny, tmp_path, monkeypatch):
     assert sum(p["kind"] == "mc" for p in g.read_jsonl(tmp_path / "pairs.jsonl")) == 4
 
 
+def test_heldout_set_is_disjoint_from_the_pairs_and_keyed_right(tiny, tmp_path, monkeypatch):
+    evaluate = importlib.import_module("evaluate")
+    tok, model = tiny
+    monkeypatch.setattr(g, "MIN_CHUNK_CHARS", 5)
+    monkeypatch.setattr(g, "OPTION_COUNTS", (4,))
+    monkeypatch.setattr(common, "HELDOUT", tmp_path / "heldout.csv")
+    monkeypatch.setattr(common, "HELDOUT_KEYS", tmp_path / "heldout-keys.csv")
+    chunks = law_chunks()
+    g.run(chunks, model, model, tok, tmp_path, n_chunks=2, writer="template", kinds=("mc",))
+    assert g.write_heldout(chunks, tmp_path, n_chunks=10) == 2
+    used = {a["id"].rsplit("-", 1)[0] for a in g.read_jsonl(tmp_path / "attempts.jsonl")}
+    questions, keys = common.read_questions(common.HELDOUT), evaluate.read_labels(common.HELDOUT_KEYS)
+    assert len(used) == 2 and not used & {k["chunk_id"] for k in keys.values()}
+    by_id = {c["id"]: c for c in chunks}
+    for q in questions:
+        k = keys[q.id]
+        assert q.kind == "mc" and len(q.options) == 4 and k["kind"] == "mc" and k["domain"] == "가상법"
+        key_in_article = q.options[int(k["Answer"]) - 1] in g.sentences(by_id[k["chunk_id"]])
+        assert key_in_article != ("아닌 것은" in q.stem)  # "in": the article's sentence; "not in": another's
+    assert evaluate.score({i: k["Answer"] for i, k in keys.items()}, keys)["mc_acc"] == 1.0
+    assert g.heldout_set(chunks, used, {g.norm_key(q.stem) for q in questions}, 10) == ([], [])  # asked stems
+    window = dict(chunks[0], id="w2", text=chunks[0]["text"] + "\n이용자는 비밀번호를 타인에게 알려서는 아니 된다.")
+    keys = g.heldout_set(chunks + [window], {chunks[0]["id"]}, set(), 10)[1]
+    assert {k["chunk_id"] for k in keys} == {c["id"] for c in chunks[1:]}  # not another window of an asked article
+
+
 def test_distill_report_pairs_section_for_template_pairs(tiny, tmp_path, monkeypatch):
     tok, model = tiny
     monkeypatch.setattr(g, "MIN_CHUNK_CHARS", 5)
@@ -322,3 +348,34 @@ def test_sweep_report_compares_every_point_with_the_base_under_one_calibration(t
     row = next(line for line in text.splitlines() if line.startswith("| kd |"))
     # 6 of 10 right against 4: +0.2; paired differences two 1s and eight 0s -> SE sqrt(0.2*0.8*10/9/10)
     assert "| 0.600 | +0.200 ± 0.133 | 0.600 | 2 (60%) | 2.0000 → 1.0000 | 3.5 |" in row
+
+
+def test_heldout_table_compares_students_and_teacher_on_the_keys(tmp_path, monkeypatch):
+    sweep = importlib.import_module("sweep_distill")
+    monkeypatch.setattr(sweep, "DISTILL_DIR", tmp_path)
+    monkeypatch.setattr(sweep, "REPORT_CALIBRATION", "none")
+    monkeypatch.setattr(common, "HELDOUT", tmp_path / "heldout.csv")
+    monkeypatch.setattr(common, "HELDOUT_KEYS", tmp_path / "keys.csv")
+    assert sweep.heldout_lines()[0].startswith("Held-out template questions: not answered")
+    n = 10
+    common.write_csv(common.HELDOUT_KEYS, ["ID", "kind", "Answer", "domain"],
+                     [dict(ID=f"h{i}", kind="mc", Answer="2", domain="가상법") for i in range(n)])
+    stems = [g.TEMPLATE_STEMS["in" if i < 6 else "not_in"].format(where=f"「가상법」 제{i}조") for i in range(n)]
+    common.write_csv(common.HELDOUT, ["ID", "Question"],
+                     [dict(ID=f"h{i}", Question=g.mc_question_text(stem, ["가", "나", "다", "라"]))
+                      for i, stem in enumerate(stems)])
+    wrong, right = [0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]
+    for folder, n_right in (("student", 2), ("teacher", 8), ("distillm_v2", 5)):
+        fake_run(tmp_path / f"heldout-{folder}", {f"h{i}": right if i < n_right else wrong for i in range(n)})
+    text = "\n".join(sweep.heldout_lines())
+    overall, per_kind = text.split("Per template")
+    rows = {line.split(" | ")[0]: line for line in overall.splitlines() if line.startswith("| ")}
+    assert len(rows) == 5  # header + 3 runs + kd not run
+    assert rows["| teacher"] == "| teacher | 0.800 | 1.00 | +0.600 ± 0.163 | 0.800 | 2 (80%) |"
+    # 5 of 10 against 2: half of the teacher's lead of 6 questions; differences three 1s, seven 0s
+    assert rows["| student + distillm_v2"] == ("| student + distillm_v2 | 0.500 | 0.50 | +0.300 ± 0.153 | 0.500 | "
+                                              "2 (50%) |")
+    assert rows["| student + kd"] == "| student + kd | not run (heldout-kd) | | | | |"
+    assert "| teacher | 1.000 (6) | 0.500 (4) |" in per_kind  # in: h0-h5, not_in: h6-h9
+    assert "| student + distillm_v2 | 0.833 (6) | 0.000 (4) |" in per_kind
+    assert sweep.template_kind("다음 중 무엇인가?") == "other"
