@@ -178,7 +178,8 @@ def run(questions, out_dir, model_id, mode=MODE, dtype_name=None):
     key = config_key(model_id, built, mode)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / f"ranked-{key}.jsonl"
-    done = load_ranked(checkpoint)
+    lm.drop_torn_tail(checkpoint)  # else the first record appended after a kill would join the torn line
+    done = lm.read_answered(checkpoint, questions)
     todo = [q for q in questions if q.id not in done]
     print(f"03: {len(questions)} questions, {len(done)} from checkpoint, {mode} with {model_id}")
     tokenizer = lm.load_tokenizer(model_id)
@@ -195,8 +196,9 @@ def run(questions, out_dir, model_id, mode=MODE, dtype_name=None):
             stats, t_question = {}, time.time()
             order, scores, failed = rerank_question(model, tokenizer, q.text, hits, mode, stats)
             failures += failed
-            records.append(dict(id=q.id, chunks=[hits[i][0].id for i in order], first_stage=[c.id for c, _ in hits],
-                                first_scores=[s for _, s in hits], llm_scores=scores, fallback=failed,
+            records.append(dict(id=q.id, question_sha=q.digest, chunks=[hits[i][0].id for i in order],
+                                first_stage=[c.id for c, _ in hits], first_scores=[s for _, s in hits],
+                                llm_scores=scores, fallback=failed,
                                 seconds=round(search_each + time.time() - t_question, 3),
                                 tokens=stats.get("tokens", 0)))
         with open(checkpoint, "a", encoding="utf-8") as f:

@@ -228,7 +228,8 @@ def run(questions, out_dir, model_id, dtype_name=None, rag=False, ranked=None):
     rag_settings = index_settings(ranked) if rag and (common.INDEX / "meta.json").exists() else None
     key = config_key(model_id, dtype_name, rag_settings)
     checkpoint = out_dir / f"predictions-{key}.jsonl"
-    done = load_checkpoint(checkpoint)
+    lm.drop_torn_tail(checkpoint)  # else the first record appended after a kill would join the torn line
+    done = lm.read_answered(checkpoint, questions)
     stale = stale_records(done)
     if stale:
         print(f"04: {len(stale)} descriptive answers were written under another copy rule: answering them again")
@@ -253,9 +254,10 @@ def run(questions, out_dir, model_id, dtype_name=None, rag=False, ranked=None):
                 t_chunk = time.time()
                 contexts = retrieve(index, tokenizer, chunk, ranked) if index else [("", [])] * len(chunk)
                 records = fn(model, tokenizer, chunk, [c for c, _ in contexts], stats)
-                for record, (_, cited) in zip(records, contexts):
+                for q, record, (_, cited) in zip(chunk, records, contexts):
                     record["seconds"] = round((time.time() - t_chunk) / len(chunk), 3)
                     record["context"] = cited
+                    record["question_sha"] = q.digest
                     done[record["id"]] = record
                 append_records(checkpoint, records)
                 bar.update(len(chunk))

@@ -89,6 +89,11 @@ class Question:
     stem: str
     options: list = field(default_factory=list)
 
+    @property
+    def digest(self):
+        """Short hash of the text: a checkpointed answer is reused only for the same text under the same id."""
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()[:12]
+
 
 def clean_text(text):
     """Strip a BOM, normalise CRLF/CR to LF and trim stray whitespace at the line ends."""

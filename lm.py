@@ -255,6 +255,23 @@ def read_records(path):
     return done
 
 
+def drop_torn_tail(path):
+    """Cut a partial last line (a kill during an append) so the next append starts on a fresh line."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_answered(path, questions):
+    """The checkpointed records (read_records) of these common.Questions by id, each only when its "question_sha"
+    is the question's digest: a question whose text changed under the same id is answered again."""
+    done = read_records(path)
+    return {q.id: done[q.id] for q in questions if q.id in done and done[q.id].get("question_sha") == q.digest}
+
+
 def write_json(path, obj):
     """Write JSON atomically (tmp + replace)."""
     path = Path(path)

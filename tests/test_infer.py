@@ -119,6 +119,12 @@ def test_run_answers_every_question_and_resumes(tiny_model_dir, tmp_path, monkey
         else:
             assert a["raw"] == b["raw"]  # greedy decoding is deterministic
 
+    # A question whose text changed under the same id is answered again, never taken from the checkpoint.
+    edited = [common.parse_question(q.id, q.text.replace("옳은 것은", "옳지 않은 것은")) if q.id == "M0" else q
+              for q in questions]
+    _, meta3 = infer.run(edited, out, str(tiny_model_dir), "float32")
+    assert meta3["answered_now"] == 1
+
 
 def test_checkpoint_key_changes_with_the_prompt(tiny_model_dir, monkeypatch):
     key = infer.config_key(str(tiny_model_dir), "float32")

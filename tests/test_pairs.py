@@ -221,6 +221,7 @@ def test_template_title_question_and_descriptive_and_too_small_pool():
     raw = g.template_questions([dict(id="t", chunk=title_only, kind="mc", n_options=4)], pool, 0)["t"]
     (stem, options, key), _ = g.parse_mc(raw, 4)
     assert "제목으로 옳은 것은" in stem and options[key - 1] == "제목제1조" and len(set(options)) == 4
+    assert stem == "다음 중 「가상법」 제1조의 제목으로 옳은 것은?"  # no title in the stem: it is the answer
     desc = g.template_questions([dict(id="d", chunk=chunks[2], kind="desc", n_options=0)], pool, 0)["d"]
     assert g.parse_desc(desc) == ("「가상법」 제3조(제목제3조)에서 규정하는 내용을 설명하세요.", None)
     lonely = g.template_pool(chunks[:1])

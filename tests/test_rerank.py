@@ -127,6 +127,9 @@ def test_run_writes_every_question_and_resumes(tiny_model_dir, tiny_index, tmp_p
     assert meta2["seconds"]["per_question"] == meta["seconds"]["per_question"] > 0
     ranked = rerank.load_ranked(tmp_path / "rr" / f"ranked-{meta['key']}.jsonl")
     assert json.dumps(ranked["Q0"]) == json.dumps(records[0])
+    edited = [questions[0], common.parse_question("Q1", "금융회사의 보안 의무를 설명하세요.")]  # same id, new text
+    _, meta3 = rerank.run(edited, tmp_path / "rr", str(tiny_model_dir), mode, "float32")
+    assert meta3["reranked_now"] == 1
 
 
 def test_rerank_report_metrics_by_hand():
