@@ -54,7 +54,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LEARNING_RATE = 2e-4
 BATCH_PAIRS = 2  # pairs per device step (each pair is a teacher answer and a student answer sequence)
 GRAD_ACCUM = 2  # effective batch 4 pairs
-MAX_STEPS = 30  # optimizer steps: ~1 epoch of the ~120 CPU pairs (a GPU run with thousands of pairs: ~2 epochs)
+MAX_STEPS = 30  # optimizer steps: ~1.4 epochs of the 88 CPU pairs at batch 4 (GPU, thousands of pairs: ~2 epochs)
 WARMUP_RATIO = 0.1
 WEIGHT_DECAY = 0.0
 GRADIENT_CHECKPOINTING = dict(cpu=False, cuda=True)  # per device: the CPU has the memory for short sequences

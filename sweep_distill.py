@@ -3,11 +3,12 @@
 --sweep: for every point of this device's SWEEP_GRID (alpha, beta, tau, loss type) trains an adapter with
 01_train_distillm.py (SWEEP_STEPS steps), merges it, answers the first SWEEP_EVAL_QUESTIONS development questions
 with 04_infer.py and scores them with evaluate.py; the base student is answered on the same questions. Every point
-is a folder under outputs/01_sweep/ with its own DONE stamps, so a killed sweep resumes. Writes reports/sweep.md.
-Run by `make sweep`.
+is a folder under outputs/01_sweep/ with its own DONE stamps, so a killed sweep resumes; a folder made from other
+pairs, questions or settings (its inputs.json) is started again. Writes reports/sweep.md. Run by `make sweep`.
 --report: scores the base student and teacher (outputs/baseline), the distilled students (outputs/distill/*) on
-the development set and all four on 00's held-out template questions (outputs/distill/heldout-*), and collects pair-generation throughput (outputs/00_pairs/meta.json), training meta and the
-naive vs chunked loss measurement; writes reports/distill.md. Run by `make distill-report`.
+the development set and all four on 00's held-out template questions (outputs/distill/heldout-*), and collects
+pair-generation throughput (outputs/00_pairs/meta.json), training meta and the naive vs chunked loss measurement;
+writes reports/distill.md. Run by `make distill-report`.
 Copy the winning values into the settings block of 01_train_distillm.py: `make distill` trains with those.
 """
 import argparse
@@ -56,9 +57,26 @@ def run(cmd):
     subprocess.run([str(c) for c in cmd], check=True)
 
 
+def fresh_folder(folder, inputs):
+    """Create folder for these inputs (a dict), after deleting it when it was made from other inputs: the DONE
+    stamps inside are only reused for the same pairs, questions and settings."""
+    stamp = folder / "inputs.json"
+    if folder.exists() and (not stamp.exists() or json.loads(stamp.read_text(encoding="utf-8")) != inputs):
+        print(f"sweep: {folder} was made from other pairs, questions or settings: starting it again", flush=True)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lm.write_json(stamp, inputs)
+
+
+def question_inputs(n_questions):
+    return dict(questions=common.sha256_file(common.QUESTIONS)[:12], n_questions=n_questions)
+
+
 def train_and_answer(point, steps, n_questions):
     """Adapter, merged model and 04 answers of one grid point (each step skipped when its DONE exists)."""
     folder = SWEEP_DIR / point["name"]
+    fresh_folder(folder, dict(point, steps=steps, pairs=common.sha256_file(common.PAIRS / "pairs.jsonl")[:12],
+                              **question_inputs(n_questions)))
     adapter, merged, answers = folder / "adapter", folder / "merged", folder / "eval"
     if not (answers / "DONE").exists():
         if not (merged / "DONE").exists():
@@ -74,6 +92,7 @@ def train_and_answer(point, steps, n_questions):
 
 
 def base_answers(n_questions):
+    fresh_folder(SWEEP_DIR / "base-student", dict(model=str(common.STUDENT_MODEL), **question_inputs(n_questions)))
     answers = SWEEP_DIR / "base-student" / "eval"
     if not (answers / "DONE").exists():
         run([sys.executable, common.ROOT / "04_infer.py", "--model", common.STUDENT_MODEL, "--out", answers,
@@ -105,7 +124,8 @@ def sweep_report(points, labels, command):
                      evaluate.score(raw, labels)["mc_acc"], evaluate.most_frequent(raw), first, last))
     raw_base = subset_answers(base_run, ids, "none")
     lines = ["# Distillation sweep", "", f"Produced by `{command}`. Each point: {steps or 'MAX_STEPS'} LoRA steps on "
-             f"outputs/00_pairs, scored on the first {len(ids)} development questions (multiple choice only), "
+             f"the {training_meta(common.PAIRS).get('pairs', '?')} pairs of outputs/00_pairs, scored on the first "
+             f"{len(ids)} development questions (multiple choice only), "
              f"calibration `{REPORT_CALIBRATION}` for every row (raw = no calibration). Change: MC accuracy minus the "
              "base student's on the same questions, with the paired standard error of that difference "
              f"(one question = {1 / max(len(ids), 1):.3f}).", "",

@@ -351,6 +351,23 @@ def test_sweep_report_compares_every_point_with_the_base_under_one_calibration(t
     assert "| 0.600 | +0.200 ± 0.133 | 0.600 | 2 (60%) | 2.0000 → 1.0000 | 3.5 |" in row
 
 
+def test_sweep_folder_is_started_again_when_its_pairs_change(tmp_path):
+    sweep = importlib.import_module("sweep_distill")
+    folder = tmp_path / "kd-a0.1-b1.0-t1.0"
+    sweep.fresh_folder(folder, dict(pairs="aaa", steps=20))
+    (folder / "eval").mkdir()
+    (folder / "eval" / "DONE").touch()
+    sweep.fresh_folder(folder, dict(pairs="aaa", steps=20))
+    assert (folder / "eval" / "DONE").exists()  # same inputs: resumed
+    sweep.fresh_folder(folder, dict(pairs="bbb", steps=20))
+    assert not (folder / "eval").exists()  # new pairs: the old answers are not reused
+    assert json.loads((folder / "inputs.json").read_text())["pairs"] == "bbb"
+    (folder / "inputs.json").unlink()
+    (folder / "DONE").touch()
+    sweep.fresh_folder(folder, dict(pairs="bbb", steps=20))
+    assert not (folder / "DONE").exists()  # a folder from before the stamps existed is not trusted either
+
+
 def test_heldout_table_compares_students_and_teacher_on_the_keys(tmp_path, monkeypatch):
     sweep = importlib.import_module("sweep_distill")
     monkeypatch.setattr(sweep, "DISTILL_DIR", tmp_path)
