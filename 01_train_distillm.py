@@ -561,7 +561,7 @@ def merge_adapter(adapter_dir, base_id, out_dir):
 # ----------------------------------------------------------------------------- measurement
 def proc_status_gib(field):
     """A memory field of /proc/self/status (VmRSS, VmHWM) in GiB; None off Linux."""
-    status = Path("/proc/self/status")
+    status = Path("/proc/self/status")  # the kernel's, not a package path (verify: allow)
     if not status.exists():
         return None
     for line in status.read_text().splitlines():
@@ -574,7 +574,7 @@ def reset_peak_rss():
     """Reset the kernel's peak-RSS mark (VmHWM) of this process, so loading the models (which briefly holds the
     checkpoint and the tensors) does not count as training memory; False when the kernel does not allow it."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path("/proc/self/clear_refs").write_text("5")  # the kernel's (verify: allow)
         return True
     except OSError:
         return False
