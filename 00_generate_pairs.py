@@ -18,8 +18,6 @@ check), meta.json and DONE. The JSONL files are appended batch by batch: a kille
 Run by `make pairs`.
 """
 import hashlib
-import importlib
-import inspect
 import json
 import random
 import re
@@ -31,7 +29,9 @@ import torch
 from tqdm import tqdm
 
 import common
+import competition
 import lm
+import retrieval
 
 # ----------------------------------------------------------------------------- settings
 N_CHUNKS = dict(cpu=320, cuda=2500)  # corpus chunks to write questions from, per device (one question per kind)
@@ -41,7 +41,6 @@ KINDS = dict(cpu=("mc",), cuda=("mc", "desc"))  # one question of each kind per 
 # gap is in multiple choice (teacher 0.653 vs student 0.402; descriptive 0.412 vs 0.398, reports/baseline.md) and a
 # descriptive pair costs ~3x an MC one (96 generated tokens per model; reports/distill.md)
 OPTION_COUNTS = (4, 5)  # the competition's multiple-choice layouts
-CORPUS_PARTS = ["laws", "guidelines"]
 MIN_CHUNK_CHARS = 150  # shorter chunks (one-line articles, deleted ones) make poor questions
 PASSAGE_MAX_TOKENS = 320  # passage tokens shown to the question writer
 CONTEXT_RATE = 0.0  # share of prompts answered with the source passage in the prompt (same for both models);
@@ -54,7 +53,6 @@ ANSWER_MAX_NEW_TOKENS = 96  # descriptive answers: two or three sentences
 BATCH = 8  # chunks per batch (question writing, answering, one checkpoint append)
 HELDOUT_CHUNKS = 400  # template MC questions from chunks no pair was written from: the distilled students'
 # in-distribution check (reports/distill.md); templates on every device, so no model and no generation
-DTYPE = "bfloat16"  # CPU; CUDA uses lm.pick_dtype
 # -----------------------------------------------------------------------------
 
 MC_WRITER = ("아래 조문의 내용만 근거로 금융보안 시험용 객관식 문제 1개를 한국어로 만드세요. 보기는 정확히 {n}개, "
@@ -62,8 +60,6 @@ MC_WRITER = ("아래 조문의 내용만 근거로 금융보안 시험용 객관
              "조문:\n{passage}")
 DESC_WRITER = ("아래 조문의 내용만 근거로 2~3문장으로 답할 수 있는 서술형 문제 1개를 한국어로 만드세요. 설명 없이 "
                "아래 형식만 출력하세요.\n\n문제: <질문>\n\n조문:\n{passage}")
-CONTEXT_HEADER = "참고 자료:"
-ARTICLE_RE = re.compile(r"^#####\s*(제\s*\d+\s*조(?:\s*의\s*\d+)?)\s*(?:\((.*)\))?\s*$")
 WRITTEN_OPTION_RE = re.compile(r"^\s*[(\[]?([1-9])\s*[.)\]]?\s+(\S.*?)\s*$")
 KEY_RE = re.compile(r"정답\s*[:：]?\s*[(\[]?([1-9])")
 HANGUL_RE = re.compile(r"[가-힣]")
@@ -85,39 +81,13 @@ def chunk_id(text):
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
 
-def article_chunks(text, source):
-    """Plain fallback chunker: one chunk per `##### 제N조 (제목)` article of a law file, headed by the law name."""
-    law = Path(source).stem.split("__")[0]
-    chunks, current = [], None
-    for line in text.split("\n"):
-        m = ARTICLE_RE.match(line)
-        if m:
-            current = dict(article=re.sub(r"\s+", "", m.group(1)), title=m.group(2) or "",
-                           lines=[f"{law} {m.group(1)}" + (f" ({m.group(2)})" if m.group(2) else "")])
-            chunks.append(current)
-        elif re.match(r"^#{1,4}\s", line):
-            current = None
-        elif current is not None and line.strip():
-            current["lines"].append(line.strip())
-    return [dict(source=source, law=law, kind="", article=c["article"], title=c["title"],
-                 text="\n".join(c["lines"])) for c in chunks if len(c["lines"]) > 1]
-
-
-def load_chunks(tokenizer, corpus=common.CORPUS, parts=CORPUS_PARTS):
-    """Corpus chunks [{id, source, text}]: 02_build_index.chunk_corpus when available, else article_chunks."""
-    try:
-        index = importlib.import_module("02_build_index")
-        raw = index.chunk_corpus(corpus, parts, index.tokenizer_spans(tokenizer))
-        chunks = [dict(source=c.source, law=c.law, kind=c.kind, article=c.article, title=c.title, text=c.text)
-                  for c in raw]
-    except (ImportError, AttributeError):
-        chunks = []
-        for part in parts:
-            for path in sorted((Path(corpus) / part).glob("*.md")):
-                chunks += article_chunks(path.read_text(encoding="utf-8"), f"{part}/{path.name}")
-    if not chunks:
-        raise SystemExit(f"00: no chunks in {corpus} ({parts}): run `make data`.")
-    return [dict(c, id=chunk_id(c["text"])) for c in chunks]
+def load_chunks(tokenizer, corpus=common.CORPUS, parts=None):
+    """Corpus chunks [{id, source, law, kind, article, title, text}] of the retriever's chunker (retrieval.py)."""
+    raw = retrieval.chunk_corpus(corpus, parts or retrieval.CORPUS_PARTS, retrieval.tokenizer_spans(tokenizer))
+    if not raw:
+        raise SystemExit(f"00: no chunks in {corpus}: run `make data`.")
+    return [dict(source=c.source, law=c.law, kind=c.kind, article=c.article, title=c.title, text=c.text,
+                 id=chunk_id(c.text)) for c in raw]
 
 
 def pick_chunks(chunks, n, seed=common.SEED):
@@ -277,27 +247,17 @@ def mc_question_text(stem, options):
     return "\n".join([stem] + [f"{i} {o}" for i, o in enumerate(options, 1)])
 
 
-def with_context(messages, passage):
-    """Messages with the passage above the user's question (fallback when common has no context layout)."""
-    header = getattr(common, "CONTEXT_HEADER", CONTEXT_HEADER)
-    user = dict(messages[-1], content=f"{header}\n{passage}\n\n{messages[-1]['content']}")
-    return messages[:-1] + [user]
-
-
 def question_messages(q, context=""):
-    """04_infer.py's prompt of a parsed question; with a passage in common's retrieval layout when common's prompt
-    functions take a context, so training prompts look like the retrieval-augmented ones at inference."""
-    fn, args = (common.mc_messages, (q.stem, q.options)) if q.kind == "mc" else (common.desc_messages, (q.text,))
-    if not context:
-        return fn(*args)
-    if "context" in inspect.signature(fn).parameters:
-        return fn(*args, context=context)
-    return with_context(fn(*args), context)
+    """04_infer.py's prompt of a parsed question, with the passage in the retrieval layout when given, so training
+    prompts look like the retrieval-augmented ones at inference."""
+    if q.kind == "mc":
+        return common.mc_messages(q.stem, q.options, context=context)
+    return common.desc_messages(q.text, context=context)
 
 
 def build_prompt(qid, kind, question, passage, rng):
     """Prompt record of a checked question: chat messages, assistant prefix, whether the passage is shown."""
-    q = common.parse_question(qid, question)
+    q = competition.parse_question(qid, question)
     if kind == "mc" and q.kind != "mc":
         return None
     context = rng.random() < CONTEXT_RATE
@@ -373,18 +333,6 @@ def write_questions(teacher, tokenizer, jobs, seed):
 
 
 # ----------------------------------------------------------------------------- checkpoint
-def read_jsonl(path):
-    """Records of a JSONL file (a torn last line from a kill is ignored)."""
-    records = []
-    if Path(path).exists():
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
 def append_jsonl(path, records):
     with open(path, "a", encoding="utf-8") as f:
         for r in records:
@@ -393,7 +341,7 @@ def append_jsonl(path, records):
 
 
 def settings():
-    return common.settings_of(sys.modules[__name__], ("_RE", "_WRITER", "_HEADER"))
+    return common.settings_of(sys.modules[__name__], ("_RE", "_WRITER"))
 
 
 def checked_question(job, raw, rng):
@@ -414,7 +362,7 @@ def checked_question(job, raw, rng):
 def pair_stems(pairs):
     """Duplicate keys of the questions of pairs (the stem of a multiple-choice question, a descriptive one whole)."""
     return {norm_key(p["question"].split("\n")[0]) if p["kind"] == "desc" else
-            norm_key(common.split_options(p["question"])[0]) for p in pairs}
+            norm_key(competition.split_options(p["question"])[0]) for p in pairs}
 
 
 def heldout_set(chunks, used, seen, n_chunks, seed=common.SEED):
@@ -444,8 +392,8 @@ def heldout_set(chunks, used, seen, n_chunks, seed=common.SEED):
 
 def write_heldout(chunks, out_dir, n_chunks):
     """heldout_set over the chunks and pairs of out_dir, written to common.HELDOUT and common.HELDOUT_KEYS."""
-    used = {a["id"].rsplit("-", 1)[0] for a in read_jsonl(Path(out_dir) / "attempts.jsonl")}
-    questions, keys = heldout_set(chunks, used, pair_stems(read_jsonl(Path(out_dir) / "pairs.jsonl")), n_chunks)
+    used = {a["id"].rsplit("-", 1)[0] for a in lm.read_jsonl(Path(out_dir) / "attempts.jsonl")}
+    questions, keys = heldout_set(chunks, used, pair_stems(lm.read_jsonl(Path(out_dir) / "pairs.jsonl")), n_chunks)
     common.write_csv(common.HELDOUT, ["ID", "Question"], questions)
     common.write_csv(common.HELDOUT_KEYS, ["ID", "kind", "Answer", "domain", "chunk_id"], keys)
     return len(questions)
@@ -531,8 +479,8 @@ def run(chunks, teacher, student, tokenizer, out_dir, n_chunks, writer="teacher"
     pairs_path, attempts_path = out_dir / "pairs.jsonl", out_dir / "attempts.jsonl"
     lm.drop_torn_tail(pairs_path)
     lm.drop_torn_tail(attempts_path)
-    done_chunks = {a["id"].rsplit("-", 1)[0] for a in read_jsonl(attempts_path)}
-    existing = read_jsonl(pairs_path)
+    done_chunks = {a["id"].rsplit("-", 1)[0] for a in lm.read_jsonl(attempts_path)}
+    existing = lm.read_jsonl(pairs_path)
     seen = pair_stems(existing)
     have = {p["id"] for p in existing}
     todo = [c for c in pick_chunks(chunks, n_chunks) if c["id"] not in done_chunks]
@@ -555,12 +503,12 @@ def run(chunks, teacher, student, tokenizer, out_dir, n_chunks, writer="teacher"
 
 def summary(out_dir, stats, seconds):
     """meta.json content: counts over the whole file (all runs), throughput of this run."""
-    pairs, attempts = read_jsonl(Path(out_dir) / "pairs.jsonl"), read_jsonl(Path(out_dir) / "attempts.jsonl")
+    pairs, attempts = lm.read_jsonl(Path(out_dir) / "pairs.jsonl"), lm.read_jsonl(Path(out_dir) / "attempts.jsonl")
     reasons = {}
     for a in attempts:
         if not a["kept"]:
             reasons[a["reason"]] = reasons.get(a["reason"], 0) + 1
-    timings = read_jsonl(Path(out_dir) / "timings.jsonl")  # per batch, over every run (resumed runs too)
+    timings = lm.read_jsonl(Path(out_dir) / "timings.jsonl")  # per batch, over every run (resumed runs too)
     total = {k: sum(t.get(k, 0) for t in timings) for k in TIMED + ("chunks", "questions")}
     answer_seconds = total["teacher_answer_seconds"] + total["student_answer_seconds"]
     mc = [p for p in pairs if p["kind"] == "mc"]
@@ -587,7 +535,7 @@ def summary(out_dir, stats, seconds):
                                        "desc_answer_seconds"] * 60, 1) if total["desc_answer_seconds"] else None,
                                    questions_per_minute=round(total["questions"] / total["write_seconds"] * 60, 1)
                                    if total["write_seconds"] else None),
-                peak_rss_gib=round(lm.peak_rss_gib(), 2), settings=settings(), versions=lm.versions())
+                peak_rss_gib=round(lm.peak_rss_gib(), 2))
 
 
 def main():
@@ -602,7 +550,7 @@ def main():
     t0 = time.time()
     print(f"00: settings {json.dumps(settings(), ensure_ascii=False)}")
     device = lm.pick_device()
-    dtype = lm.pick_dtype(device, DTYPE if device == "cpu" else None)
+    dtype = lm.pick_dtype(device)
     tokenizer = lm.load_tokenizer(common.STUDENT_MODEL)
     lm.shared_vocab_size(tokenizer, lm.load_tokenizer(common.TEACHER_MODEL))
     chunks = load_chunks(tokenizer)
@@ -614,7 +562,7 @@ def main():
     heldout = write_heldout(chunks, common.PAIRS, HELDOUT_CHUNKS)
     meta.update(teacher=common.TEACHER_MODEL, student=common.STUDENT_MODEL, corpus_chunks=len(chunks),
                 heldout_questions=heldout)
-    lm.write_json(common.PAIRS / "meta.json", meta)
+    common.write_meta(common.PAIRS / "meta.json", settings=settings(), **meta)
     (common.PAIRS / "DONE").touch()
     print(f"00: {meta['pairs']} pairs ({meta['mc_pairs']} MC, {meta['desc_pairs']} descriptive) from "
           f"{meta['attempts']} attempts; this run {stats['answers']} prompts answered by both models "

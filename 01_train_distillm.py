@@ -453,13 +453,6 @@ class PairDataset(torch.utils.data.Dataset):
         return self.encoded[i]
 
 
-def library_versions():
-    import accelerate
-    import peft
-
-    return dict(lm.versions(), peft=peft.__version__, accelerate=accelerate.__version__)
-
-
 def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id):
     """Train LoRA adapters with the DistiLLMTrainer and save them with meta.json; returns the meta dict."""
     from transformers import TrainingArguments
@@ -495,7 +488,7 @@ def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id):
                 resumed=resume, train_loss=result.training_loss, history=trainer.history,
                 seconds=dict(total=round(time.time() - t0, 1), train=round(train_seconds, 1),
                              per_step=round(train_seconds / max(max_steps, 1), 1)),
-                peak_rss_gib=round(lm.peak_rss_gib(), 2), settings=settings_dict(), versions=library_versions())
+                peak_rss_gib=round(lm.peak_rss_gib(), 2), settings=settings_dict(), versions=common.versions("accelerate", "trl"))
     if trainer.is_world_process_zero():
         save_adapter(trainer.model, tokenizer, out_dir, meta)
     return meta
@@ -525,7 +518,7 @@ def save_adapter(model, tokenizer, out_dir, meta):
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    lm.write_json(tmp / "meta.json", meta)
+    common.write_meta(tmp / "meta.json", **meta)
     (tmp / "DONE").touch()
     if out_dir.exists():
         import shutil
@@ -548,7 +541,7 @@ def merge_adapter(adapter_dir, base_id, out_dir):
     meta = json.loads((adapter_dir / "meta.json").read_text(encoding="utf-8"))
     meta = dict(merged_from=str(adapter_dir), base=base_id, adapter_sha256=common.sha256_file(
         adapter_dir / "adapter_model.safetensors"), training={k: meta[k] for k in meta if k != "history"})
-    lm.write_json(tmp / "meta.json", meta)
+    common.write_meta(tmp / "meta.json", **meta)
     (tmp / "DONE").touch()
     if out_dir.exists():
         import shutil
@@ -623,7 +616,7 @@ def measure(cfg, steps, batch, length, student_id, teacher_id):
                 if loaded_rss else None, step_peak_rss_gib=round(step_peaks[-1], 2) if hwm_reset and step_peaks[-1]
                 else None, step_overhead_gib=round(step_peaks[-1] - loaded_rss, 2) if hwm_reset and loaded_rss
                 else None, weights_paged_in=True, gradient_checkpointing=MEASURE_GRADIENT_CHECKPOINTING,
-                student_dtype=STUDENT_TRAIN_DTYPE, versions=library_versions())
+                student_dtype=STUDENT_TRAIN_DTYPE, versions=common.versions("accelerate", "trl"))
 
 
 # ----------------------------------------------------------------------------- main
@@ -657,7 +650,7 @@ def main():
         result = measure(cfg, args.measure_steps, MEASURE_BATCH, MEASURE_LENGTH, common.STUDENT_MODEL,
                          common.TEACHER_MODEL)
         args.measure.parent.mkdir(parents=True, exist_ok=True)
-        lm.write_json(args.measure, result)
+        common.write_json(args.measure, result)
         print(f"01: measured chunk={cfg.chunk}: {result['seconds_per_step']} s/step, {result['peak_rss_gib']} GiB")
         return
     run_dir = common.OUTPUTS / "01_train" / args.out.name

@@ -1,733 +1,80 @@
 """Build the retriever over the laws and guidelines: article chunks, Korean BM25 and a dense FAISS index.
 
-Reads data/corpus/{laws,guidelines}/ (`make data`) and the student model (its tokenizer sizes the token windows;
-the model itself is the default dense encoder: one LLM answers, reranks and embeds). Writes outputs/02_index/:
-chunks.jsonl (one chunk per article or window, with source file and article), bm25_tokens.json (kiwipiepy
-morphemes per chunk), dense.faiss (inner product over L2-normalised vectors), emb_cache.npz (per-chunk embedding
-cache: only new or changed chunks are embedded again), meta.json and DONE (written last). Run by `make index`.
+Reads data/corpus/ (`make data`) and the answering model (its tokenizer sizes the token windows and the model
+itself embeds: one LLM answers, reranks and embeds). Writes outputs/02_index/: chunks.jsonl (one chunk per article
+or window, with source file and article), bm25_tokens.json (kiwipiepy morphemes per chunk), dense.faiss (inner
+product over L2-normalised vectors), emb_cache.npz (per-chunk embedding cache: only new or changed chunks are
+embedded again, and a killed build resumes), meta.json and DONE (written last). The chunker, BM25, the embedder
+and their settings live in retrieval.py. Run by `make index`, only when the chosen answers use passages.
 Does not read the development questions: they only measure (eval_retrieval.py, `make eval-retrieval`).
-
-Importable API (03_rerank.py, 04_infer.py, eval_retrieval.py):
-    index = load_index()                         # outputs/02_index, fails with a message when not built
-    index.attach_encoder(model, tokenizer)       # dense/fused only: reuse the loaded answering LLM for queries
-    hits = index.search(text, k=5, method=SEARCH_METHOD)  # [(Chunk, score)], best first; "bm25" (recommended:
-                                                 # reports/retrieval.md) | "dense" | "fused" (default; need the encoder)
-    hits_per_q = index.search_many(texts, k=5)   # batched dense forward passes
-    context = format_context(hits, tokenizer, max_passages=3, max_tokens=768)   # "" when nothing was retrieved
 """
-import hashlib
-import json
+import argparse
+import dataclasses
 import os
-import re
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+import answering
 import common
-
-# ----------------------------------------------------------------------------- settings
-CORPUS_PARTS = ["laws", "guidelines"]  # laws_extended/ lowers recall on the dev set (reports/retrieval.md)
-CORPUS_SUFFIXES = {".md", ".txt"}
-WINDOW_TOKENS = 384  # body tokens (student tokenizer) per chunk; longer articles become overlapping windows
-WINDOW_OVERLAP = 64  # tokens shared by consecutive windows, snapped to a line (항/호) boundary when possible
-ADDENDA = "latest"  # 부칙: "latest" keeps only the newest amendment's 부칙, "all" every one, "none" drops them
-SKIP_DELETED = True  # "##### 제8조 / 삭제 <2020.2.4>": an article with no text left is not a chunk
-PDF_WRAP_MIN = 30  # guideline .txt (PDF text): a line this long that ends mid-sentence continues on the next
-KEEP_POS = ("NNG", "NNP", "NR", "SN", "SL", "SH", "XR", "VV", "VA")  # kiwi tags kept for BM25 (VV-R etc. too)
-BM25_BACKEND = "bm25s"  # bm25s | rank_bm25: same recall, bm25s ~300x faster per query (reports/retrieval.md)
-BM25_K1, BM25_B = 1.5, 0.75
-ENCODER = None  # None: the student LLM (single-LLM rule); or a directory of a separate encoder if rules allow
-EMBED_TEMPLATE = '이 글: "{text}"\n이 글의 뜻을 한 단어로 말하면: "'  # PromptEOL (Jiang et al. 2023), Korean
-DENSE_VARIANT = "mean@mid"  # pooling@layer: last_token|mean @ last|mid, measured in reports/retrieval.md
-EMBED_DEPTH = "mid"  # "mid": run only the layers up to the middle one (half the cost; no @last variants); "all"
-EMBED_BATCH = 8  # texts per forward pass
-EMBED_MAX_TOKENS = 96  # text tokens embedded per chunk/query (header + start): 2 shared CPU cores, see report
-EMBED_SAVE_EVERY = 25  # batches between cache saves, so a killed build resumes
-SEARCH_METHOD = "bm25"  # recommended first stage for 03/04 (best dev recall, no encoder pass); search() keeps "fused"
-FUSION = "weighted"  # weighted | rrf: the fusion that wins on the dev set (reports/retrieval.md)
-RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
-FUSION_WEIGHT_BM25 = 0.9  # weighted fusion: w * minmax(bm25) + (1 - w) * minmax(dense); dev winner (0.7 ties on recall@5)
-CANDIDATES = 100  # per method, before fusion
-# -----------------------------------------------------------------------------
-
-DENSE_VARIANTS = ["last_token@last", "mean@last", "last_token@mid", "mean@mid"]
-ARTICLE_RE = re.compile(r"^#####\s*제\s*(\d+)\s*조(?:\s*의\s*(\d+))?\s*(?:\((.*)\))?\s*$")
-GUIDE_ARTICLE_RE = re.compile(r"^\s*제\s*(\d+)\s*조(?:\s*의\s*(\d+))?\s*\(([^)]{1,60})\)")
-GUIDE_HEADING_RE = re.compile(r"^\s*(?:#+\s*)?(제\s*\d+\s*[장절관편](?:의\d+)?\s.*|\[?별표\s*\d+.*|부\s*칙.*)$")
-ITEM_START_RE = re.compile(r"^\s*(?:[①-⑳]|\d+\.|[가-하]\.|\(\d+\)|제\s*\d+\s*[조장절]|부\s*칙|\[별표|<|#)")
-BOX_RE = re.compile(r"[\u2500-\u257f]+")  # box-drawing characters of the flattened PDF tables
-DELETED_RE = re.compile(r"^\s*삭\s*제\s*(?:<[^>]*>)?\s*$")
-
-
-@dataclass
-class Chunk:
-    """One retrievable passage. text starts with the header line; article is "제7조의2", "부칙" or ""."""
-
-    id: int
-    source: str  # corpus-relative path, e.g. laws/전자서명법__법률.md
-    law: str  # display name without the kind, e.g. "개인정보 보호법"
-    kind: str  # 법률 | 시행령 | 시행규칙 | 대통령령 | 행정규칙
-    article: str
-    title: str
-    part: int  # window number (1-based) within the article
-    parts: int
-    text: str
-
-    @property
-    def key(self):
-        """(compact law name, kind, article): what a reference names; equal for all windows of an article."""
-        return compact(self.law), self.kind, self.article
-
-
-def compact(name):
-    """Law names compared without spaces, brackets or quotes: "「개인정보 보호법」" -> "개인정보보호법"."""
-    return re.sub(r"[\s「」『』\"'“”‘’《》<>()\[\]·ㆍ]", "", name)
-
-
-def article_label(number, branch=None):
-    return f"제{int(number)}조" + (f"의{int(branch)}" if branch else "")
-
-
-# ----------------------------------------------------------------------------- chunking
-def read_text(path):
-    """UTF-8 text of a corpus file; a clear error naming the file otherwise."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"02: {path} is not UTF-8 ({e}): convert it to UTF-8 or remove it from the corpus.") from e
-    return common.clean_text(text)
-
-
-def split_front_matter(text):
-    """(fields, body) of a law file with YAML front matter; only flat `key: value` lines are read."""
-    fields = {}
-    if text.startswith("---\n"):
-        end = text.find("\n---", 4)
-        if end > 0:
-            for line in text[4:end].split("\n"):
-                m = re.match(r"^([^\s:][^:]*):\s*(.*)$", line)
-                if m:
-                    fields[m.group(1).strip()] = m.group(2).strip().strip("'\"")
-            text = text[end + 4:]
-    return fields, text
-
-
-def law_identity(path, fields):
-    """(display name, kind) from the file name `<law>__<kind>.md` and the front matter title."""
-    stem = Path(path).stem
-    kind = stem.split("__")[1] if "__" in stem else "법률"
-    title = fields.get("제목") or stem.split("__")[0]
-    name = re.sub(rf"\s*{kind}$", "", title).strip() if kind != "법률" else title.strip()
-    return name or stem.split("__")[0], kind
-
-
-def token_windows(text, spans, size, overlap):
-    """Split text into windows of at most `size` tokens, consecutive windows sharing about `overlap` tokens.
-
-    spans are the (start, end) character offsets of the tokens of text. A window ends, when it can, at the
-    last line start in its second half, so a 항 or 호 is not cut; the overlap snaps forward to a line start.
-    Returns the window strings; one window when the text fits.
-    """
-    if len(spans) <= size:
-        return [text.strip()] if text.strip() else []
-    line_starts = {i for i, (s, _) in enumerate(spans) if i > 0 and "\n" in text[spans[i - 1][1]:s + 1]}
-    windows, start = [], 0
-    while start < len(spans):
-        end = min(start + size, len(spans))
-        if end < len(spans):
-            snapped = [i for i in line_starts if start + size // 2 < i <= end]
-            end = max(snapped) if snapped else end
-        windows.append(text[spans[start][0]:spans[end - 1][1]].strip())
-        if end >= len(spans):
-            break
-        nxt = max(end - overlap, start + 1)
-        forward = [i for i in line_starts if nxt <= i < end]
-        start = min(forward) if forward else nxt
-    return [w for w in windows if w]
-
-
-def make_chunks(law, kind, source, article, title, body, spans_fn):
-    """Chunks of one article: a header line (law, kind, article, title) above each token window of the body."""
-    header = f"{law} [{kind}] {article}" + (f" ({title})" if title else "")
-    body = body.strip()
-    windows = token_windows(body, spans_fn(body), WINDOW_TOKENS, WINDOW_OVERLAP) if body else []
-    return [Chunk(id=-1, source=source, law=law, kind=kind, article=article, title=title, part=i, parts=len(windows),
-                  text=f"{header}\n{w}") for i, w in enumerate(windows, 1)]
-
-
-def split_addenda(lines):
-    """The 부칙 blocks of an addenda section: each starts at a line beginning with 부칙 (e.g. 부칙 <제18479호,...>)."""
-    blocks = []
-    for line in lines:
-        if re.match(r"^\s*부\s*칙", line) or not blocks:
-            blocks.append([])
-        blocks[-1].append(line)
-    return ["\n".join(b).strip() for b in blocks if "\n".join(b).strip()]
-
-
-def addenda_chunks(law, kind, source, lines, spans_fn):
-    """부칙 per ADDENDA: the newest block only (last in the file), all blocks, or none."""
-    if ADDENDA == "none":
-        return []
-    blocks = split_addenda(lines)
-    if ADDENDA == "latest":
-        blocks = blocks[-1:]
-    elif ADDENDA != "all":
-        raise SystemExit(f"02: unknown ADDENDA {ADDENDA!r}: use latest, all or none.")
-    chunks = []
-    for block in blocks:
-        first, _, rest = block.partition("\n")
-        title = re.sub(r"^\s*부\s*칙\s*", "", first).strip(" <>") if re.match(r"^\s*부\s*칙", first) else ""
-        body = rest if title or re.match(r"^\s*부\s*칙\s*$", first) else block
-        chunks += make_chunks(law, kind, source, "부칙", title, body, spans_fn)
-    return chunks
-
-
-def chunk_law(text, source, spans_fn, name_kind):
-    """Chunks of a law file: one per `##### 제N조 (제목)` article (windows when long), then the 부칙.
-
-    Chapter headings (`## 제1장`) end an article but are not chunks. Raises when the file has no article.
-    """
-    law, kind = name_kind
-    chunks, current, addenda = [], None, None
-    lines = text.split("\n")
-    for line in lines:
-        m = ARTICLE_RE.match(line)
-        if addenda is not None:
-            addenda.append(line)
-        elif m:
-            current = dict(article=article_label(m.group(1), m.group(2)), title=(m.group(3) or "").strip(), body=[])
-            chunks.append(current)
-        elif re.match(r"^#{1,4}\s*부\s*칙", line):
-            addenda = []
-        elif re.match(r"^#{1,4}\s", line):
-            current = None  # a chapter/section heading or the title: not part of an article
-        elif current is not None:
-            current["body"].append(line)
-    if not chunks:
-        raise SystemExit(f"02: {source} has no articles (`##### 제N조 (제목)` lines): is it a law file? "
-                         "Move a guideline to guidelines/ or fix its headings.")
-    out = []
-    for a in chunks:
-        body = "\n".join(a["body"]).strip()
-        if SKIP_DELETED and (not body or DELETED_RE.match(body)):
-            continue
-        out += make_chunks(law, kind, source, a["article"], a["title"], body, spans_fn)
-    if addenda:
-        out += addenda_chunks(law, kind, source, addenda, spans_fn)
-    return out
-
-
-def unwrap_pdf_lines(lines):
-    """Join the hard-wrapped lines of PDF text: a long line not ending a sentence continues on the next line
-    unless that one starts an item (①, 1., 가., 제N조, 부칙, 별표)."""
-    out = []
-    for line in lines:
-        line = BOX_RE.sub(" ", line).rstrip()
-        stripped = line.strip()
-        if not stripped:
-            out.append("")
-            continue
-        if (out and out[-1] and len(out[-1]) >= PDF_WRAP_MIN and not ITEM_START_RE.match(stripped)
-                and not re.search(r"[.다]$", out[-1].rstrip())):
-            out[-1] = out[-1].rstrip() + stripped
-        else:
-            out.append(stripped)
-    return out
-
-
-def guideline_identity(text, path):
-    """Display name: the first text line that is not a `# source:` note, without leading #."""
-    for line in text.split("\n"):
-        line = line.strip().lstrip("#").strip()
-        if line and not line.lower().startswith("source:"):
-            return re.sub(r"\s+", " ", line)
-    return Path(path).stem.split("__")[0]
-
-
-def chunk_guideline(text, source, spans_fn, name=None):
-    """Chunks of an administrative rule: one per article `제N조(제목)`, per 별표 and per 부칙 (policy ADDENDA);
-    chapter headings end the article above them. A text with neither articles nor headings is cut into windows
-    of its paragraphs. The preamble (title, dates, contacts) before the first heading or article is dropped."""
-    name = name or guideline_identity(text, source)
-    raw = [line for line in text.split("\n") if not re.match(r"^\s*#\s*source:", line, flags=re.I)]
-    lines = unwrap_pdf_lines(raw) if source.endswith(".txt") else [BOX_RE.sub(" ", x).rstrip() for x in raw]
-    segments, current, addenda, in_addenda = [], None, [], False
-    for line in lines:
-        art, head = GUIDE_ARTICLE_RE.match(line), GUIDE_HEADING_RE.match(line)
-        if in_addenda and not (head and "별표" in line):
-            addenda.append(line)
-            continue
-        if art:
-            current = dict(article=article_label(art.group(1), art.group(2)), title=art.group(3).strip(),
-                           body=[line[art.end():]])
-            segments.append(current)
-        elif head and re.match(r"^\s*(?:#+\s*)?부\s*칙", line):
-            addenda, in_addenda, current = addenda + [line], True, None
-        elif head and "별표" in line and current and current["article"] == "별표" and not "".join(current["body"]):
-            continue  # "## [별표 0001] 제목" followed by "[별표 1]": one 별표, the first line's title
-        elif head and "별표" in line:
-            in_addenda = False
-            current = dict(article="별표", title=re.sub(r"^[#\s]+", "", line).strip(), body=[])
-            segments.append(current)
-        elif head:
-            current = None
-        elif current is not None:
-            current["body"].append(line)
-    kind = "행정규칙"
-    if not segments and not addenda:
-        paragraphs = "\n".join(line for line in lines if line.strip())
-        return make_chunks(name, kind, source, "", "", paragraphs, spans_fn)
-    out = []
-    for s in segments:
-        out += make_chunks(name, kind, source, s["article"], s["title"], "\n".join(s["body"]), spans_fn)
-    if addenda:
-        out += addenda_chunks(name, kind, source, addenda, spans_fn)
-    return out
-
-
-def corpus_files(corpus_dir, parts):
-    """The corpus files per part; an empty or missing part is an error naming the folder."""
-    files = []
-    for part in parts:
-        folder = Path(corpus_dir) / part
-        found = sorted(p for p in folder.glob("*") if p.suffix in CORPUS_SUFFIXES) if folder.is_dir() else []
-        if not found:
-            raise SystemExit(f"02: corpus folder {folder} is missing or has no .md/.txt files: run `make data`, or "
-                             f"remove {part!r} from CORPUS_PARTS in 02_build_index.py.")
-        files += [(part, p) for p in found]
-    return files
-
-
-def chunk_corpus(corpus_dir, parts, spans_fn):
-    """All chunks of the corpus parts, numbered in order; law parts need `##### 제N조` articles."""
-    chunks = []
-    for part, path in corpus_files(corpus_dir, parts):
-        source = f"{part}/{path.name}"
-        text = read_text(path)
-        if not text.strip():
-            raise SystemExit(f"02: {path} is empty: remove it or restore its text.")
-        if part.startswith("laws"):
-            fields, body = split_front_matter(text)
-            chunks += chunk_law(body, source, spans_fn, law_identity(path, fields))
-        else:
-            chunks += chunk_guideline(text, source, spans_fn)
-    for i, c in enumerate(chunks):
-        c.id = i
-    return chunks
-
-
-def tokenizer_spans(tokenizer):
-    """Token span function of a fast tokenizer: text -> [(start, end)] character offsets."""
-    def spans(text):
-        return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return spans
-
-
-# ----------------------------------------------------------------------------- BM25
-def make_kiwi():
-    from kiwipiepy import Kiwi
-
-    return Kiwi()  # default worker count: lists of texts are analysed in parallel
-
-
-def morphemes(kiwi, texts, progress=False):
-    """BM25 tokens per text: kiwipiepy morphemes whose tag starts with one of KEEP_POS, lower-cased."""
-    texts, out = list(texts), []
-    for tokens in tqdm(kiwi.tokenize(texts), total=len(texts), desc="02 morphemes", unit="chunk", disable=not progress):
-        out.append([t.form.lower() for t in tokens if t.tag.startswith(KEEP_POS)])
-    return out
-
-
-class BM25:
-    """BM25 over pre-tokenised documents; scores(query_tokens) -> one score per document (numpy)."""
-
-    def __init__(self, corpus_tokens, backend=BM25_BACKEND, k1=BM25_K1, b=BM25_B):
-        self.backend, self.n = backend, len(corpus_tokens)
-        if backend == "rank_bm25":
-            from rank_bm25 import BM25Okapi
-
-            self.model = BM25Okapi(corpus_tokens, k1=k1, b=b)
-        elif backend == "bm25s":
-            import bm25s
-
-            self.model = bm25s.BM25(k1=k1, b=b, method="lucene")
-            self.model.index(corpus_tokens, show_progress=False)
-        else:
-            raise SystemExit(f"02: unknown BM25_BACKEND {backend!r}: use rank_bm25 or bm25s.")
-
-    def scores(self, query_tokens):
-        if not query_tokens:
-            return np.zeros(self.n, dtype=np.float32)
-        if self.backend == "rank_bm25":
-            return np.asarray(self.model.get_scores(query_tokens), dtype=np.float32)
-        known = [t for t in query_tokens if t in self.model.vocab_dict]
-        return np.asarray(self.model.get_scores(known), dtype=np.float32) if known else np.zeros(self.n, np.float32)
-
-
-# ----------------------------------------------------------------------------- dense
-def encoder_fingerprint(model_id, dtype):
-    """Changes when the encoder weights (the converted model's meta.json, else its id), the embedding recipe or
-    the dtype change; not with the checkout's location, so a clone can reuse a copied cache."""
-    import lm
-
-    return "\n".join([lm.model_fingerprint(model_id), EMBED_TEMPLATE, str(dtype)])
-
-
-def embed_text(tokenizer, text):
-    """The part of text that is embedded: its first EMBED_MAX_TOKENS tokens (cut at a token edge), fewer when the
-    model's context is shorter."""
-    prefix, suffix = EMBED_TEMPLATE.split("{text}")
-    frame = len(tokenizer(prefix + suffix, add_special_tokens=False)["input_ids"])
-    limit = max(1, min(EMBED_MAX_TOKENS, tokenizer.model_max_length - frame - 2))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return text[:enc["offset_mapping"][limit - 1][1]] if len(enc["input_ids"]) > limit else text
-
-
-def embed_inputs(tokenizer, texts):
-    """Token ids of EMBED_TEMPLATE around each (cut) text."""
-    prefix, suffix = EMBED_TEMPLATE.split("{text}")
-    return [tokenizer(prefix + embed_text(tokenizer, t) + suffix, add_special_tokens=False)["input_ids"]
-            for t in texts]
-
-
-def embed(model, tokenizer, texts, batch_size=EMBED_BATCH, progress=False):
-    """{variant: float32 array (len(texts), hidden), L2-normalised} for every pooling@layer in DENSE_VARIANTS.
-
-    One forward pass gives all four: the last token's state (PromptEOL) and the mean over all tokens, each at the
-    last layer (after the final norm) and at the middle layer. With EMBED_DEPTH "mid" the forward stops one layer
-    after the middle one (so the middle state is the same un-normalised one) and the @last variants are zeros.
-    Right padding, built here, so the caller's tokenizer settings are untouched.
-    """
-    import torch
-
-    base = model.base_model
-    mid = (model.config.num_hidden_layers + 1) // 2  # index into hidden_states (0 = embeddings)
-    all_layers = getattr(base, "layers", None)
-    truncate = EMBED_DEPTH == "mid" and all_layers is not None and mid + 1 < len(all_layers)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = embed_inputs(tokenizer, texts)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = {v: [None] * len(ids) for v in DENSE_VARIANTS}
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="02 embedding", unit="batch", disable=not progress):
-        width = max(len(ids[i]) for i in batch)
-        input_ids = torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in batch])
-        mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in batch])
-        try:
-            if truncate:
-                base.layers = all_layers[:mid + 1]
-            with torch.no_grad():
-                hidden = base(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                              output_hidden_states=True, use_cache=False).hidden_states
-        finally:
-            if truncate:
-                base.layers = all_layers
-        layers = {"last": hidden[-1].float().cpu() * (0.0 if truncate else 1.0), "mid": hidden[mid].float().cpu()}
-        lengths = mask.sum(1)
-        for layer, h in layers.items():
-            last = h[torch.arange(len(batch)), lengths - 1]
-            mean = (h * mask[..., None]).sum(1) / lengths[:, None]
-            for pooling, vec in (("last_token", last), ("mean", mean)):
-                vec = torch.nn.functional.normalize(vec, dim=-1).numpy()
-                for row, i in enumerate(batch):
-                    out[f"{pooling}@{layer}"][i] = vec[row]
-    return {v: np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
-            for v, rows in out.items()}
-
-
-def chunk_hash(text):
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
-
-
-def embedding_key(tokenizer, text):
-    """Cache key of a text's embedding: the hash of what is actually embedded (the cut text)."""
-    return chunk_hash(embed_text(tokenizer, text))
-
-
-def load_cache(path, fingerprint):
-    """{chunk hash: {variant: vector}} from emb_cache.npz when it was made by the same encoder recipe."""
-    if not Path(path).exists():
-        return {}
-    data = np.load(path, allow_pickle=False)
-    if str(data["fingerprint"]) != hashlib.sha256(fingerprint.encode()).hexdigest():
-        return {}
-    hashes = [str(h) for h in data["hashes"]]
-    # Each data[v] reads the whole array again, and a row of it keeps that copy alive: read each once, copy rows.
-    arrays = {v: data[v] for v in DENSE_VARIANTS}
-    return {h: {v: arrays[v][i].copy() for v in DENSE_VARIANTS} for i, h in enumerate(hashes)}
-
-
-def save_cache(path, fingerprint, cache):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    hashes = sorted(cache)
-    arrays = {v: np.stack([cache[h][v] for h in hashes]) for v in DENSE_VARIANTS} if hashes else {}
-    np.savez(tmp, fingerprint=hashlib.sha256(fingerprint.encode()).hexdigest(), hashes=np.array(hashes), **arrays)
-    os.replace(tmp, path)
-
-
-def embed_chunks(model, tokenizer, texts, cache_path, fingerprint):
-    """{variant: matrix} for the chunk texts, embedding only those missing from the cache (saved as it goes)."""
-    cache = load_cache(cache_path, fingerprint)
-    keys = [embedding_key(tokenizer, t) for t in texts]
-    missing = sorted({k: t for k, t in zip(keys, texts) if k not in cache}.items(), key=lambda x: len(x[1]))
-    print(f"02: {len(texts) - len(missing)} chunk embeddings from the cache, {len(missing)} to compute")
-    step = EMBED_BATCH * EMBED_SAVE_EVERY
-    with tqdm(total=len(missing), desc="02 embedding", unit="chunk") as bar:
-        for s in range(0, len(missing), step):
-            part = missing[s:s + step]
-            vectors = embed(model, tokenizer, [t for _, t in part])
-            for row, (h, _) in enumerate(part):
-                cache[h] = {v: vectors[v][row] for v in DENSE_VARIANTS}
-            save_cache(cache_path, fingerprint, cache)
-            bar.update(len(part))
-    return {v: np.stack([cache[k][v] for k in keys]) for v in DENSE_VARIANTS}
-
-
-def flat_index(vectors):
-    import faiss
-
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return index
-
-
-# ----------------------------------------------------------------------------- fusion
-def top_k(scores, k):
-    """Indices of the k highest scores, best first (ties by index); zero and negative scores dropped."""
-    k = min(k, len(scores))
-    if k <= 0:
-        return []
-    idx = np.argpartition(-scores, k - 1)[:k]
-    idx = idx[np.lexsort((idx, -scores[idx]))]
-    return [int(i) for i in idx if scores[i] > 0]
-
-
-def rrf(rankings, k=RRF_K):
-    """Reciprocal rank fusion: {doc: sum over rankings of 1 / (k + rank)}, rank 1-based (Cormack et al. 2009)."""
-    fused = {}
-    for ranking in rankings:
-        for rank, doc in enumerate(ranking, 1):
-            fused[doc] = fused.get(doc, 0.0) + 1.0 / (k + rank)
-    return fused
-
-
-def weighted(score_lists, weights):
-    """sum_i w_i * minmax(score_i) over the union of candidates; a candidate missing from a list gets 0 there."""
-    fused = {}
-    for scores, w in zip(score_lists, weights):
-        if not scores:
-            continue
-        lo, hi = min(scores.values()), max(scores.values())
-        for doc, s in scores.items():
-            fused[doc] = fused.get(doc, 0.0) + w * ((s - lo) / (hi - lo) if hi > lo else 1.0)
-    return fused
-
-
-def ranked(fused, k):
-    return sorted(fused.items(), key=lambda x: (-x[1], x[0]))[:k]
-
-
-# ----------------------------------------------------------------------------- the index object
-class Index:
-    """Chunks + BM25 + dense vectors. Dense and fused search need an encoder: attach_encoder(model, tokenizer)."""
-
-    def __init__(self, chunks, corpus_tokens, vectors=None, meta=None, backend=BM25_BACKEND, kiwi=None):
-        self.chunks, self.meta = chunks, meta or {}
-        self.kiwi = kiwi or make_kiwi()
-        self.bm25 = BM25(corpus_tokens, backend)
-        self.vectors = vectors
-        self.faiss = flat_index(vectors) if vectors is not None and len(vectors) else None
-        self.model = self.tokenizer = None
-        self.fusion, self.weight_bm25, self.candidates = FUSION, FUSION_WEIGHT_BM25, CANDIDATES
-
-    def attach_encoder(self, model, tokenizer):
-        """Use an already-loaded model (the answering LLM by default) to embed queries."""
-        self.model, self.tokenizer = model, tokenizer
-        return self
-
-    def _ensure_encoder(self):
-        if self.model is None:
-            raise SystemExit("02: dense search needs the encoder: call index.attach_encoder(model, tokenizer) "
-                             f"with the model the index was built with ({self.meta.get('encoder', '?')}).")
-
-    def bm25_ranking(self, text, k):
-        scores = self.bm25.scores(morphemes(self.kiwi, [text])[0])
-        return [(i, float(scores[i])) for i in top_k(scores, k)]
-
-    def dense_ranking(self, vector, k):
-        if self.faiss is None:
-            return []
-        scores, idx = self.faiss.search(np.asarray(vector, np.float32)[None, :], min(k, len(self.chunks)))
-        return [(int(i), float(s)) for i, s in zip(idx[0], scores[0]) if i >= 0]
-
-    def query_vectors(self, texts, variant=None):
-        self._ensure_encoder()
-        return embed(self.model, self.tokenizer, texts)[variant or self.meta.get("dense_variant", DENSE_VARIANT)]
-
-    def fuse(self, bm25_hits, dense_hits, k, fusion=None):
-        fusion = fusion or self.fusion
-        if fusion == "rrf":
-            fused = rrf([[i for i, _ in bm25_hits], [i for i, _ in dense_hits]])
-        elif fusion == "weighted":
-            fused = weighted([dict(bm25_hits), dict(dense_hits)], [self.weight_bm25, 1 - self.weight_bm25])
-        else:
-            raise SystemExit(f"02: unknown FUSION {fusion!r}: use rrf or weighted.")
-        return ranked(fused, k)
-
-    def search_with_vector(self, text, vector, k, method="fused"):
-        """Search given a precomputed query vector (None for bm25): [(Chunk, score)] best first."""
-        if method == "bm25":
-            hits = self.bm25_ranking(text, k)
-        elif method == "dense":
-            hits = self.dense_ranking(vector, k)
-        elif method == "fused":
-            n = max(k, self.candidates)
-            hits = self.fuse(self.bm25_ranking(text, n), self.dense_ranking(vector, n), k)
-        else:
-            raise SystemExit(f"02: unknown search method {method!r}: use bm25, dense or fused.")
-        return [(self.chunks[i], s) for i, s in hits]
-
-    def search_many(self, texts, k=5, method="fused"):
-        """Search for each text; the dense query vectors are computed in batches. [] for a text with no hit."""
-        vectors = self.query_vectors(texts) if method != "bm25" else [None] * len(texts)
-        return [self.search_with_vector(t, v, k, method) for t, v in zip(texts, vectors)]
-
-    def search(self, text, k=5, method="fused"):
-        return self.search_many([text], k, method)[0]
-
-
-def read_chunks(path):
-    """The chunks of an index folder's chunks.jsonl, in index order."""
-    with open(Path(path) / "chunks.jsonl", encoding="utf-8") as f:
-        return [Chunk(**json.loads(line)) for line in f if line.strip()]
-
-
-def load_index(path=None, backend=None):
-    """The index built by `make index` (outputs/02_index unless path is given)."""
-    path = Path(path or common.INDEX)
-    if not (path / "DONE").exists():
-        raise SystemExit(f"02: no finished index at {path}: run `make index`.")
-    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    chunks = read_chunks(path)
-    tokens = json.loads((path / "bm25_tokens.json").read_text(encoding="utf-8"))
-    vectors = None
-    if (path / "dense.faiss").exists():
-        import faiss
-
-        index = faiss.read_index(str(path / "dense.faiss"))
-        vectors = index.reconstruct_n(0, index.ntotal)
-    return Index(chunks, tokens, vectors, meta, backend or meta["settings"]["BM25_BACKEND"])
-
-
-def format_context(hits, tokenizer, max_passages=3, max_tokens=768):
-    """Numbered passages for a prompt, at most max_passages and max_tokens tokens in all (the last one cut at a
-    token edge). "" when nothing was retrieved, so a question with no hit is still answered without context."""
-    blocks, budget = [], max_tokens
-    for n, (chunk, _) in enumerate(hits[:max_passages], 1):
-        text = f"[{n}] {chunk.text}"
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        if budget <= 0:
-            break
-        if len(offsets) > budget:
-            text = text[:offsets[budget - 1][1]]
-        blocks.append(text)
-        budget -= len(offsets)
-    return "\n\n".join(blocks)
-
-
-# ----------------------------------------------------------------------------- build
-def write_atomic(path, text):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_index(out, chunks, tokens, vectors):
-    """chunks.jsonl, bm25_tokens.json and dense.faiss into out, each atomically (meta.json and DONE are the
-    caller's, written after)."""
-    import faiss
-
-    write_atomic(out / "chunks.jsonl", "".join(json.dumps(asdict(c), ensure_ascii=False) + "\n" for c in chunks))
-    write_atomic(out / "bm25_tokens.json", json.dumps(tokens, ensure_ascii=False))
-    tmp = out / "dense.faiss.tmp"
-    faiss.write_index(flat_index(vectors), str(tmp))
-    os.replace(tmp, out / "dense.faiss")
-
-
-def corpus_fingerprint(corpus_dir, parts):
-    h = hashlib.sha256()
-    for part, path in corpus_files(corpus_dir, parts):
-        h.update(f"{part}/{path.name}\n".encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def settings():
-    return dict(CORPUS_PARTS=CORPUS_PARTS, WINDOW_TOKENS=WINDOW_TOKENS, WINDOW_OVERLAP=WINDOW_OVERLAP,
-                ADDENDA=ADDENDA, SKIP_DELETED=SKIP_DELETED, PDF_WRAP_MIN=PDF_WRAP_MIN, KEEP_POS=list(KEEP_POS),
-                BM25_BACKEND=BM25_BACKEND, BM25_K1=BM25_K1, BM25_B=BM25_B, ENCODER=ENCODER,
-                EMBED_TEMPLATE=EMBED_TEMPLATE, DENSE_VARIANT=DENSE_VARIANT, EMBED_DEPTH=EMBED_DEPTH,
-                EMBED_BATCH=EMBED_BATCH,
-                EMBED_MAX_TOKENS=EMBED_MAX_TOKENS, SEARCH_METHOD=SEARCH_METHOD, FUSION=FUSION, RRF_K=RRF_K,
-                FUSION_WEIGHT_BM25=FUSION_WEIGHT_BM25, CANDIDATES=CANDIDATES)
+import lm
+import retrieval
 
 
 def main():
     import faiss
     import kiwipiepy
-    import torch
 
-    import lm
-
-    out = common.INDEX
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="encoder: candidate name or model folder (default: the "
+                        "answering model of selection.json)")
+    parser.add_argument("--out", type=Path, default=common.INDEX)
+    args = parser.parse_args()
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "DONE").unlink(missing_ok=True)
-    print(f"02: settings {json.dumps(settings(), ensure_ascii=False)}")
+    config = answering.chosen()
+    encoder = dataclasses.replace(config, candidate=args.model).model if args.model else config.model
+    settings = retrieval.index_settings()
+    print(f"02: encoder {encoder}; settings {settings}")
     timings, load_start = {}, os.getloadavg()[0]
-    encoder_dir = ENCODER or common.STUDENT_MODEL
-    tokenizer = lm.load_tokenizer(common.STUDENT_MODEL)
+    tokenizer = lm.load_tokenizer(encoder)
 
     t0 = time.time()
-    chunks = chunk_corpus(common.CORPUS, CORPUS_PARTS, tokenizer_spans(tokenizer))
+    chunks = retrieval.chunk_corpus(common.CORPUS, retrieval.CORPUS_PARTS, retrieval.tokenizer_spans(tokenizer))
     timings["chunking"] = round(time.time() - t0, 1)
     lengths = [len(tokenizer(c.text, add_special_tokens=False)["input_ids"]) for c in chunks]
     print(f"02: {len(chunks)} chunks from {len({c.source for c in chunks})} files in {timings['chunking']} s")
 
     t0 = time.time()
-    tokens = morphemes(make_kiwi(), [c.text for c in chunks], progress=True)
+    tokens = retrieval.morphemes(retrieval.make_kiwi(), [c.text for c in chunks], progress=True)
     timings["bm25_tokenize"] = round(time.time() - t0, 1)
     t0 = time.time()
-    BM25(tokens, BM25_BACKEND)
+    retrieval.BM25(tokens, retrieval.BM25_BACKEND)
     timings["bm25_index"] = round(time.time() - t0, 2)
 
     t0 = time.time()
     device = lm.pick_device()
-    enc_tokenizer = lm.load_tokenizer(encoder_dir) if ENCODER else tokenizer
-    model = lm.load_model(encoder_dir, device, lm.pick_dtype(device))
-    fingerprint = encoder_fingerprint(encoder_dir, model.dtype)
-    vectors = embed_chunks(model, enc_tokenizer, [c.text for c in chunks], out / "emb_cache.npz", fingerprint)
+    model = lm.load_model(encoder, device, lm.pick_dtype(device, model_id=encoder))
+    fingerprint = retrieval.encoder_fingerprint(encoder, model.dtype)
+    vectors = retrieval.embed_chunks(model, tokenizer, [c.text for c in chunks], out / "emb_cache.npz", fingerprint)
     timings["embedding"] = round(time.time() - t0, 1)
 
-    write_index(out, chunks, tokens, vectors[DENSE_VARIANT])
+    retrieval.write_index(out, chunks, tokens, vectors[retrieval.DENSE_VARIANT])
     sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name != "DONE"}
     index_bytes = sum(s for n, s in sizes.items() if n != "emb_cache.npz")
     timings["total"] = round(sum(v for v in timings.values()), 1)
-    meta = dict(settings=settings(), encoder=str(encoder_dir), dense_variant=DENSE_VARIANT,
-                corpus=corpus_fingerprint(common.CORPUS, CORPUS_PARTS), chunks=len(chunks),
-                files=len({c.source for c in chunks}), articles=len({(c.source, c.article) for c in chunks}),
-                chunk_tokens=dict(mean=round(float(np.mean(lengths)), 1), max=int(max(lengths))),
-                windowed_articles=len({(c.source, c.article) for c in chunks if c.parts > 1}),
-                seconds=timings, bytes=sizes, index_bytes=index_bytes, device=device, dtype=str(model.dtype),
-                peak_rss_gib=round(lm.peak_rss_gib(), 2), loadavg=[round(load_start, 1), round(os.getloadavg()[0], 1)],
-                versions=dict(lm.versions(), faiss=faiss.__version__, kiwipiepy=kiwipiepy.__version__,
-                              numpy=np.__version__, torch=torch.__version__))
-    lm.write_json(out / "meta.json", meta)
+    common.write_meta(out / "meta.json", settings=settings, encoder=str(encoder),
+                      dense_variant=retrieval.DENSE_VARIANT,
+                      corpus=retrieval.corpus_fingerprint(common.CORPUS, retrieval.CORPUS_PARTS), chunks=len(chunks),
+                      files=len({c.source for c in chunks}), articles=len({(c.source, c.article) for c in chunks}),
+                      chunk_tokens=dict(mean=round(float(np.mean(lengths)), 1), max=int(max(lengths))),
+                      windowed_articles=len({(c.source, c.article) for c in chunks if c.parts > 1}),
+                      seconds=timings, bytes=sizes, index_bytes=index_bytes, device=device, dtype=str(model.dtype),
+                      peak_rss_gib=round(lm.peak_rss_gib(), 2),
+                      loadavg=[round(load_start, 1), round(os.getloadavg()[0], 1)],
+                      versions=dict(faiss=faiss.__version__, kiwipiepy=kiwipiepy.__version__))
     (out / "DONE").touch()
     print(f"02: indexed {len(chunks)} chunks in {timings['total']} s "
           f"(embedding {timings['embedding']} s), {index_bytes / 2**20:.1f} MiB -> {out}")

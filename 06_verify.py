@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import common
+import competition
 
 # ----------------------------------------------------------------------------- settings
 CODE_SUFFIXES = {".py", ".sh", ".toml", ".cfg", ".ini", ".yaml", ".yml"}
@@ -304,9 +305,9 @@ def check_submission(submission, questions_csv, sample_csv):
     if problems:
         return problems
     parsed = {}
-    for name, path, reader in (("questions", questions_csv, common.read_questions),
-                               ("submission", submission, common.read_submission),
-                               ("sample", sample_csv, common.read_submission)):
+    for name, path, reader in (("questions", questions_csv, competition.read_questions),
+                               ("submission", submission, competition.read_submission),
+                               ("sample", sample_csv, competition.read_submission)):
         try:
             parsed[name] = reader(path)
         except SystemExit as e:  # the shared readers stop with a message; here it is one problem among others
@@ -317,7 +318,7 @@ def check_submission(submission, questions_csv, sample_csv):
     if extra:
         problems.append(f"{submission}: {len(extra)} rows with more than two columns (e.g. {extra[:3]})")
     sample_ids = [r[0].strip() for r in parsed["sample"]]
-    return problems + common.validate_submission(parsed["submission"], parsed["questions"], sample_ids)
+    return problems + competition.validate_submission(parsed["submission"], parsed["questions"], sample_ids)
 
 
 def check_all(root, submission=None, require_submission=True):
@@ -351,7 +352,7 @@ def read_rows(path):
 def tiny_question_set(rows, limit):
     """The first questions of each kind, in file order: limit // 2 descriptive (at least one), the rest
     multiple choice, so both answer paths are compared."""
-    kinds = {r["ID"]: common.parse_question(r["ID"], r["Question"]).kind for r in rows}
+    kinds = {r["ID"]: competition.parse_question(r["ID"], r["Question"]).kind for r in rows}
     n_desc = min(max(limit // 2, 1), sum(k == "desc" for k in kinds.values()))
     desc = [r["ID"] for r in rows if kinds[r["ID"]] == "desc"][:n_desc]
     mc = [r["ID"] for r in rows if kinds[r["ID"]] == "mc"][:limit - n_desc]
@@ -504,9 +505,9 @@ def reproduce(limit, workdir, shared, wheels):
         reference_csv, questions_csv = reference / RUN_SUBMISSION, reference / QUESTIONS
     else:
         reference_csv, questions_csv = common.SUBMISSION, common.QUESTIONS
-    questions = common.read_questions(questions_csv)
-    diff, counts = compare_submissions(common.read_submission(reference_csv),
-                                       common.read_submission(fresh / RUN_SUBMISSION), questions)
+    questions = competition.read_questions(questions_csv)
+    diff, counts = compare_submissions(competition.read_submission(reference_csv),
+                                       competition.read_submission(fresh / RUN_SUBMISSION), questions)
     problems += diff
     t0 = time.time()
     weights_same = same_weights(common.resolve_model(common.STUDENT_MODEL), fresh / common.STUDENT_MODEL)

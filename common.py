@@ -1,13 +1,13 @@
-"""Paths, model ids, prompts and the question parser shared by the numbered scripts.
+"""Paths, model ids, prompts and small helpers shared by the numbered scripts and the libraries.
 
 Everything here is plain Python: no torch import, no side effects at import. A GPU user edits the model ids
 and DEVICE below (or sets the FSKU_* environment variables) and nothing else.
 """
 import csv
 import hashlib
+import json
 import os
-import re
-from dataclasses import dataclass, field
+import platform
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parent
 # ---------------------------------------------------------------- models: local dir (relative to ROOT) or hub id
 STUDENT_MODEL = os.environ.get("FSKU_STUDENT", "models/student-base")
 TEACHER_MODEL = os.environ.get("FSKU_TEACHER", "models/teacher-base")
-DEVICE = os.environ.get("FSKU_DEVICE", "auto")  # auto | cpu | cuda
-CPU_DTYPE = "bfloat16"  # measured in reports/baseline.md: option logits agree with fp32, ~2x faster
-MAX_LENGTH = 2048  # tokenizer model_max_length written into the converted models
+DEVICE = os.environ.get("FSKU_DEVICE", "auto")  # auto | cpu | cuda | cuda:N
 SEED = 1234
+CORPUS_SUFFIXES = {".md", ".txt"}  # corpus files read by prepare_data.py and the retriever
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # inference: no hub
 
 # ---------------------------------------------------------------- paths: one per artifact, named after its step
 DATA = ROOT / "data"
@@ -44,9 +44,10 @@ HELDOUT_KEYS = PAIRS / "heldout-keys.csv"  # their keys, in the labels layout (I
 DISTILLED = MODELS / "student-distilled"  # LoRA adapter of 01_train_distillm.py
 DISTILLED_MERGED = MODELS / "student-distilled-merged"  # adapter merged into the base: a `04_infer --model` dir
 RERANK = OUTPUTS / "03_rerank"  # reranked chunk ids per question (03_rerank.py)
-FINAL = MODELS / "student-final"  # the chosen (merged, quantized) student for submission (05_quantize.py)
 INFER = OUTPUTS / "04_infer"
 SUBMISSION = ROOT / "submission.csv"
+SELECTION = ROOT / "selection.json"  # the answering configuration chosen by `make select` (05), committed
+MACHINE = OUTPUTS / "machine.json"  # this machine's measured CPU float dtype (lm.cpu_float_dtype), never committed
 
 # ---------------------------------------------------------------- prompts (shared by training and inference)
 SYSTEM_PROMPT = "당신은 한국 금융보안 법령과 IT 보안에 정통한 전문가입니다."
@@ -74,100 +75,17 @@ def desc_messages(question, context=""):
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
 
-# ---------------------------------------------------------------- question parsing
-OPTION_RE = re.compile(r"^\s*(\d{1,2})\s*(?:[.)]\s*|\s+)(\S.*?)\s*$")
-MIN_OPTIONS, MAX_OPTIONS = 2, 9
+def candidates():
+    """{name: model folder or hub id} of the models that may answer (05 measures each): the student, the teacher and
+    the DistiLLM-2 student merged into its base."""
+    return dict(student=STUDENT_MODEL, teacher=TEACHER_MODEL, distilled=str(DISTILLED_MERGED.relative_to(ROOT)))
 
 
-@dataclass
-class Question:
-    """One parsed question: kind is "mc" (stem + options) or "desc" (free text)."""
-
-    id: str
-    text: str
-    kind: str
-    stem: str
-    options: list = field(default_factory=list)
-
-    @property
-    def digest(self):
-        """Short hash of the text: a checkpointed answer is reused only for the same text under the same id."""
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()[:12]
-
-
-def clean_text(text):
-    """Strip a BOM, normalise CRLF/CR to LF and trim stray whitespace at the line ends."""
-    text = text.replace("\ufeff", "").replace("\r\n", "\n").replace("\r", "\n")
-    return "\n".join(line.rstrip() for line in text.split("\n")).strip()
-
-
-def split_options(text):
-    """Return (stem, options) where options are the final run of lines numbered 1..n, or (text, []).
-
-    The run must start at 1, count up by one and reach the end of the text; an unnumbered line inside the
-    run continues the option above it. Digits inside the stem ("2025년", "제3조") are never options because
-    an option number must be followed by a space, "." or ")".
-    """
-    lines = [line for line in clean_text(text).split("\n") if line.strip()]
-    for start in range(len(lines) - 1, -1, -1):
-        match = OPTION_RE.match(lines[start])
-        if not match or match.group(1) != "1":
-            continue
-        options, expected = [], 1
-        for line in lines[start:]:
-            m = OPTION_RE.match(line)
-            if m and int(m.group(1)) == expected:
-                options.append(m.group(2))
-                expected += 1
-            elif options:
-                options[-1] += " " + line.strip()
-        if MIN_OPTIONS <= len(options) <= MAX_OPTIONS and start > 0:
-            return "\n".join(lines[:start]), options
-        break
-    return clean_text(text), []
-
-
-def parse_question(qid, text):
-    """Parse one question; a question with no parsable options is descriptive."""
-    stem, options = split_options(text)
-    kind = "mc" if options else "desc"
-    return Question(id=qid, text=clean_text(text), kind=kind, stem=stem, options=options)
-
-
-def read_questions(path):
-    """Read an ID,Question CSV (UTF-8, BOM allowed) into parsed Questions, failing with the bad row named."""
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"{path} not found: run `make data` (or put the competition test.csv at {USER_TEST}).")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.DictReader(f))
-            header = rows[0].keys() if rows else []
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"{path} is not UTF-8 ({e}): re-save it as UTF-8.") from e
-    missing = {"ID", "Question"} - set(header)
-    if not rows or missing:
-        raise SystemExit(f"{path}: expected columns ID,Question; missing {sorted(missing) or 'all rows'}.")
-    seen, questions = set(), []
-    for row_no, row in enumerate(rows, start=2):
-        qid, text = (row.get("ID") or "").strip(), row.get("Question") or ""
-        if not qid:
-            raise SystemExit(f"{path} line {row_no}: empty ID.")
-        if qid in seen:
-            raise SystemExit(f"{path} line {row_no}: duplicate ID {qid!r}.")
-        if not clean_text(text):
-            raise SystemExit(f"{path} line {row_no} ({qid}): empty question.")
-        seen.add(qid)
-        questions.append(parse_question(qid, text))
-    return questions
-
-
-def answer_model():
-    """The model that answers and reranks: FSKU_STUDENT when set, else the finished final student (05 picks it by
-    measured score, distilled or not), else STUDENT_MODEL. A distilled student is never used unmeasured."""
-    if "FSKU_STUDENT" not in os.environ and (FINAL / "DONE").exists():
-        return str(FINAL.relative_to(ROOT))
-    return STUDENT_MODEL
+def model_target(model_id):
+    """The make target that builds a model folder of the pipeline, None for any other id."""
+    targets = {str(STUDENT_BASE.relative_to(ROOT)): "student", str(TEACHER_BASE.relative_to(ROOT)): "teacher",
+               str(DISTILLED_MERGED.relative_to(ROOT)): "distill"}
+    return targets.get(str(model_id).rstrip("/"))
 
 
 def settings_of(module, skip_suffixes=()):
@@ -175,6 +93,47 @@ def settings_of(module, skip_suffixes=()):
     left out, and the names ending in one of skip_suffixes)."""
     return {k: v for k, v in vars(module).items() if k.isupper() and not k.endswith(tuple(skip_suffixes))
             and isinstance(v, (bool, int, float, str, list, tuple, dict))}
+
+
+def versions(*packages):
+    """Installed versions of the pipeline's main libraries and of the given packages (None: not installed); read
+    from the package metadata, so nothing is imported."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "numpy") + packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine():
+    """This machine: CPU model, core count and the instruction-set flags that decide the fast dtype and kernels."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    info = Path("/proc/cpuinfo")  # Linux; elsewhere only the platform name
+    if info.exists():
+        for line in info.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
+    return dict(cpu=cpu, cores=os.cpu_count(), flags=[f for f in wanted if f in flags])
+
+
+def write_meta(path, settings=None, **fields):
+    """meta.json of an artifact, the same shape for every stage: its settings, the stage's own fields, the machine
+    (with its measured CPU dtype when known) and library versions. Written atomically."""
+    extra = fields.pop("versions", {})
+    measured = json.loads(MACHINE.read_text(encoding="utf-8")) if MACHINE.exists() else {}
+    meta = dict(settings=settings or {}, **fields,
+                machine=dict(machine(), cpu_dtype=measured.get("cpu_dtype"), gflops=measured.get("gflops")),
+                versions=dict(versions(), **extra))
+    write_json(path, meta)
+    return meta
 
 
 def sha256_file(path):
@@ -192,59 +151,26 @@ def resolve_model(model_id):
     return str(local) if local.exists() else model_id
 
 
-# ---------------------------------------------------------------- submission file
-def validate_submission(rows, questions, sample_ids=None):
-    """List every problem of submission rows [(ID, Answer)] against the parsed questions; [] when valid.
-
-    Checks: header-free rows in the questions' order (and sample_submission's, when given), no missing or extra
-    rows, multiple-choice answers an option number, descriptive answers non-empty.
-    """
-    problems = []
-    ids = [str(r[0]).strip() for r in rows]
-    expected = [q.id for q in questions]
-    if sample_ids is not None and list(sample_ids) != expected:
-        problems.append("sample_submission IDs differ from the questions (count or order)")
-    if ids != expected:
-        missing, extra = set(expected) - set(ids), set(ids) - set(expected)
-        detail = f"{len(missing)} missing (e.g. {sorted(missing)[:3]}), {len(extra)} unknown (e.g. {sorted(extra)[:3]})"
-        problems.append(f"IDs do not match the questions in order: {len(ids)} rows vs {len(expected)}; {detail}")
-    by_id = {q.id: q for q in questions}
-    for qid, answer in rows:
-        q, text = by_id.get(str(qid).strip()), "" if answer is None else str(answer).strip()
-        if q is None:
-            continue
-        if text == "" or text.lower() == "nan":
-            problems.append(f"{qid}: empty answer")
-        elif q.kind == "mc" and text not in {str(i) for i in range(1, len(q.options) + 1)}:
-            problems.append(f"{qid}: {text!r} is not an option number 1-{len(q.options)}")
-    return problems
-
-
-def read_submission(path):
-    """Rows [(ID, Answer)] of a submission CSV; raises a clear error for a wrong header or encoding."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            rows = [tuple(r) for r in reader]
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"{path} is not UTF-8 ({e}).") from e
-    if header is None or [h.strip().lstrip("\ufeff") for h in header[:2]] != ["ID", "Answer"]:
-        raise SystemExit(f"{path}: header must be ID,Answer (got {header}).")
-    return [(r[0], r[1] if len(r) > 1 else "") for r in rows]
-
-
-def write_csv(path, fieldnames, rows):
-    """Write dict rows as a UTF-8 CSV (no BOM) atomically; keys outside fieldnames are left out."""
+# ---------------------------------------------------------------- atomic writers
+def write_text(path, text):
+    """Write text as UTF-8 atomically: to path.tmp, then rename (a kill never leaves half a file)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """Write JSON (UTF-8, indented, Korean unescaped) atomically."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def write_csv(path, fieldnames, rows, bom=False):
+    """Write dict rows as a UTF-8 CSV atomically (with a BOM when bom); keys outside fieldnames are left out."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8-sig" if bom else "utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
-
-
-def write_submission(path, rows):
-    """Write ID,Answer rows atomically."""
-    write_csv(path, ["ID", "Answer"], [dict(ID=i, Answer=a) for i, a in rows])

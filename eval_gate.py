@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import competition
 import evaluate
 
 # ----------------------------------------------------------------------------- settings
@@ -103,7 +104,7 @@ def main():
     ids = [i for i in plain_records if i in rag_records and i in labels]
     plain, rag = (plain_records, plain_meta["content_free"]), (rag_records, rag_meta["content_free"])
     index = build_index.load_index()
-    questions = [q for q in common.read_questions(common.QUESTIONS) if q.id in set(ids)]
+    questions = [q for q in competition.read_questions(common.QUESTIONS) if q.id in set(ids)]
     values = signals(index, questions)
 
     none = accuracy(gated_answers(ids, set(), plain, rag), labels)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import common
+import competition
 
 # ----------------------------------------------------------------------------- settings
 EVAL_QUESTIONS = 60  # law questions measured on this CPU (about 15 s each on a quiet CPU); all of them on a GPU
@@ -58,7 +59,7 @@ def main():
     docs = retrieval.catalogue(index.chunks)
     items, _, _ = retrieval.dev_items(docs)
     items = items[:EVAL_QUESTIONS]
-    by_id = {q.id: q for q in common.read_questions(common.QUESTIONS)}
+    by_id = {q.id: q for q in competition.read_questions(common.QUESTIONS)}
     questions = [by_id[item["id"]] for item in items]
     model_id = common.answer_model()
     results, metas = {}, {}

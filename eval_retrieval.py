@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import competition
 
 # ----------------------------------------------------------------------------- settings
 KS = (1, 5, 20)  # recall cut-offs
@@ -204,7 +205,7 @@ def dev_items(docs):
     if not common.LABELS.exists():
         raise SystemExit(f"{common.LABELS} not found: retrieval is measured on the development set "
                          "(`make data` without data/test.csv).")
-    questions = {q.id: q for q in common.read_questions(common.QUESTIONS)}
+    questions = {q.id: q for q in competition.read_questions(common.QUESTIONS)}
     with open(common.LABELS, encoding="utf-8-sig", newline="") as f:
         labels = list(csv.DictReader(f))
     items, why = [], defaultdict(int)

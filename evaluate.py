@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import common
+import competition
 
 # ----------------------------------------------------------------------------- settings
 # The competition's sentence encoder is not reachable offline. Default: TF-IDF over character 2-3-grams, a
@@ -112,7 +113,7 @@ def load_run(run_dir):
     run_dir = Path(run_dir)
     if not (run_dir / "DONE").exists():
         raise SystemExit(f"{run_dir} has no finished run: run 04_infer.py --out {run_dir} first.")
-    answers = dict(common.read_submission(run_dir / "submission.csv"))
+    answers = dict(competition.read_submission(run_dir / "submission.csv"))
     meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
     records = [r for r in infer.load_checkpoint(run_dir / meta["predictions"]).values() if r["id"] in answers]
     return answers, meta, records

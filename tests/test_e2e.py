@@ -5,6 +5,7 @@ import importlib
 import pytest
 
 import common
+import competition
 
 infer = importlib.import_module("04_infer")
 evaluate = importlib.import_module("evaluate")
@@ -30,9 +31,9 @@ def test_student_answers_five_dev_questions(tmp_path, monkeypatch):
                                      str(questions_csv), "--model", str(common.STUDENT_BASE.relative_to(common.ROOT)),
                                      "--no-rag"])
     infer.main()
-    rows = common.read_submission(tmp_path / "run" / "submission.csv")
-    questions = common.read_questions(questions_csv)
-    assert common.validate_submission(rows, questions) == []
+    rows = competition.read_submission(tmp_path / "run" / "submission.csv")
+    questions = competition.read_questions(questions_csv)
+    assert competition.validate_submission(rows, questions) == []
     answers = dict(rows)
     description = answers[desc[0]["ID"]]
     assert len(description) > 10 and any("\uac00" <= ch <= "\ud7a3" for ch in description)  # Korean prose

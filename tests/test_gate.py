@@ -3,6 +3,7 @@ import importlib
 import math
 
 import common
+import competition
 
 gate = importlib.import_module("eval_gate")
 
@@ -61,9 +62,9 @@ def test_held_out_gain_finds_a_signal_that_separates_the_questions(monkeypatch):
 
 def test_signals_rank_the_article_a_question_quotes_as_sure(tiny_index):
     index = gate.build_index.load_index(tiny_index)
-    questions = [common.Question(id="sure", text="전자서명은 서명자의 신원을 나타내는 정보인가?", stem="", options=[],
+    questions = [competition.Question(id="sure", text="전자서명은 서명자의 신원을 나타내는 정보인가?", stem="", options=[],
                                  kind="desc"),
-                 common.Question(id="vague", text="무엇이 옳은가?", stem="", options=[], kind="desc")]
+                 competition.Question(id="vague", text="무엇이 옳은가?", stem="", options=[], kind="desc")]
     values = gate.signals(index, questions)
     assert values["sure"]["top"] > 0 and values["sure"]["margin"] > 0 and values["sure"]["ratio"] > 1
     assert values["sure"]["per_token"] == values["sure"]["top"] / len(gate.build_index.morphemes(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import competition
 import lm
 from conftest import TINY_LAWS
 
@@ -98,11 +99,11 @@ def write_questions(path, n_mc=5, n_desc=2):
 def test_run_answers_every_question_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
     monkeypatch.setattr(infer, "CHECKPOINT_EVERY", 2)
-    questions = common.read_questions(write_questions(tmp_path / "q.csv"))
+    questions = competition.read_questions(write_questions(tmp_path / "q.csv"))
     out = tmp_path / "run"
     records, meta = infer.run(questions, out, str(tiny_model_dir), "float32")
     rows = infer.submission_rows(questions, records, "batch", meta["content_free"])
-    assert common.validate_submission(rows, questions) == []
+    assert competition.validate_submission(rows, questions) == []
     assert meta["answered_now"] == 7 and meta["prefill_tokens_per_s"] > 0
     assert sorted(meta["content_free"]) == ["4", "5"]
 
@@ -120,7 +121,7 @@ def test_run_answers_every_question_and_resumes(tiny_model_dir, tmp_path, monkey
             assert a["raw"] == b["raw"]  # greedy decoding is deterministic
 
     # A question whose text changed under the same id is answered again, never taken from the checkpoint.
-    edited = [common.parse_question(q.id, q.text.replace("옳은 것은", "옳지 않은 것은")) if q.id == "M0" else q
+    edited = [competition.parse_question(q.id, q.text.replace("옳은 것은", "옳지 않은 것은")) if q.id == "M0" else q
               for q in questions]
     _, meta3 = infer.run(edited, out, str(tiny_model_dir), "float32")
     assert meta3["answered_now"] == 1
@@ -139,9 +140,9 @@ def test_main_writes_a_valid_submission(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["04_infer.py", "--model", str(tiny_model_dir), "--out", str(out),
                                      "--questions", str(questions), "--dtype", "float32", "--no-rag"])
     infer.main()
-    rows = common.read_submission(out / "submission.csv")
+    rows = competition.read_submission(out / "submission.csv")
     assert [r[0] for r in rows] == ["M0", "M1", "M2", "D0"]
-    assert common.validate_submission(rows, common.read_questions(questions)) == []
+    assert competition.validate_submission(rows, competition.read_questions(questions)) == []
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     assert (out / "DONE").exists() and meta["questions"] == 4 and meta["seconds"]["per_question"] > 0
     infer.main()  # everything from the checkpoint: the measurements of the first run are kept
@@ -158,7 +159,7 @@ def test_retrieved_context_goes_into_the_prompt_and_the_key(tiny_model_dir, tiny
     real_render = lm.render
     monkeypatch.setattr(lm, "render", lambda tok, messages, prefix="": seen.append(messages[1]["content"])
                         or real_render(tok, messages, prefix))
-    questions = common.read_questions(write_questions(tmp_path / "q.csv", n_mc=2, n_desc=1))
+    questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=2, n_desc=1))
     records, meta = infer.run(questions, tmp_path / "rag", str(tiny_model_dir), "float32", rag=True)
     assert meta["rag"]["passages"] == infer.RAG_PASSAGES
     assert all(len(r["context"]) == min(infer.RAG_PASSAGES, len(TINY_LAWS)) for r in records)
@@ -174,7 +175,7 @@ def test_a_question_with_nothing_retrieved_is_still_answered(tiny_model_dir, tin
     monkeypatch.setattr(infer, "RAG_METHOD", "bm25")  # dense and fused always return the nearest chunks
     rows = [dict(ID="hit", Question="전자서명의 정의를 설명하세요."), dict(ID="none", Question="여행 일정을 설명하세요.")]
     common.write_csv(tmp_path / "q.csv", ["ID", "Question"], rows)
-    questions = common.read_questions(tmp_path / "q.csv")
+    questions = competition.read_questions(tmp_path / "q.csv")
     records, meta = infer.run(questions, tmp_path / "out", str(tiny_model_dir), "float32", rag=True)
     context = {r["id"]: r["context"] for r in records}
     assert context["hit"] and context["none"] == []  # no word of the second question is in the corpus
@@ -184,7 +185,7 @@ def test_a_question_with_nothing_retrieved_is_still_answered(tiny_model_dir, tin
 
 def test_missing_index_says_what_to_do(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "INDEX", tmp_path / "absent")
-    questions = common.read_questions(write_questions(tmp_path / "q.csv", n_mc=1, n_desc=0))
+    questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=1, n_desc=0))
     with pytest.raises(SystemExit, match="make index"):
         infer.run(questions, tmp_path / "out", str(tiny_model_dir), "float32", rag=True)
 
@@ -242,7 +243,7 @@ def test_a_changed_copy_rule_answers_only_the_descriptive_questions_again(tiny_m
                                                                           monkeypatch):
     monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
     monkeypatch.setattr(infer, "RAG_PASSAGES", 3)
-    questions = common.read_questions(write_questions(tmp_path / "q.csv", n_mc=2, n_desc=1))
+    questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=2, n_desc=1))
     records, meta = infer.run(questions, tmp_path / "rag", str(tiny_model_dir), "float32", rag=True)
     assert meta["no_copy"] == infer.RAG_NO_COPY_TOKENS
     assert [r.get("no_copy") for r in records if r["kind"] == "desc"] == [infer.RAG_NO_COPY_TOKENS]

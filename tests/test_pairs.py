@@ -8,6 +8,7 @@ import random
 import pytest
 
 import common
+import competition
 import lm
 
 g = importlib.import_module("00_generate_pairs")
@@ -49,7 +50,7 @@ def test_shuffled_question_is_in_the_competition_layout_and_keeps_the_key():
     rng = random.Random(0)
     shuffled, new_key = g.shuffle_options(options, key, rng)
     assert shuffled[new_key - 1] == options[key - 1] and sorted(shuffled) == sorted(options)
-    q = common.parse_question("x", g.mc_question_text(stem, shuffled))
+    q = competition.parse_question("x", g.mc_question_text(stem, shuffled))
     assert q.kind == "mc" and q.options == shuffled and q.stem == stem
 
 
@@ -272,7 +273,7 @@ def test_heldout_set_is_disjoint_from_the_pairs_and_keyed_right(tiny, tmp_path, 
     g.run(chunks, model, model, tok, tmp_path, n_chunks=2, writer="template", kinds=("mc",))
     assert g.write_heldout(chunks, tmp_path, n_chunks=10) == 2
     used = {a["id"].rsplit("-", 1)[0] for a in g.read_jsonl(tmp_path / "attempts.jsonl")}
-    questions, keys = common.read_questions(common.HELDOUT), evaluate.read_labels(common.HELDOUT_KEYS)
+    questions, keys = competition.read_questions(common.HELDOUT), evaluate.read_labels(common.HELDOUT_KEYS)
     assert len(used) == 2 and not used & {k["chunk_id"] for k in keys.values()}
     by_id = {c["id"]: c for c in chunks}
     for q in questions:
@@ -322,7 +323,7 @@ def fake_run(folder, probs_by_id):
     folder.mkdir(parents=True)
     records = [dict(id=i, kind="mc", logprobs=[math.log(p) for p in probs]) for i, probs in probs_by_id.items()]
     (folder / "predictions-x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    common.write_submission(folder / "submission.csv", [(i, "1") for i in probs_by_id])
+    competition.write_submission(folder / "submission.csv", [(i, "1") for i in probs_by_id])
     (folder / "meta.json").write_text(json.dumps(dict(predictions="predictions-x.jsonl", content_free={})))
     (folder / "DONE").touch()
     return folder

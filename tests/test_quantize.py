@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import competition
 import lm
 from conftest import build_tiny_model
 
@@ -164,7 +165,7 @@ def sweep(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "REPORTS", tmp_path / "reports")
     monkeypatch.setattr(quantize, "OUT", tmp_path / "05")
     monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
-    questions = [common.parse_question(i, t) for i, t, _ in QUESTIONS]
+    questions = [competition.parse_question(i, t) for i, t, _ in QUESTIONS]
     labels = {i: dict(kind="desc" if i.startswith("D") else "mc", Answer=a, domain="테스트", Keyword="안전성")
               for i, _, a in QUESTIONS}
     monkeypatch.setattr(quantize, "eval_set", lambda: (questions, labels))

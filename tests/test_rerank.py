@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import competition
 import lm
 from conftest import TINY_LAWS
 
@@ -114,7 +115,7 @@ def test_fewer_candidates_than_asked(tiny):
 @pytest.mark.parametrize("mode", ["pointwise", "listwise"])
 def test_run_writes_every_question_and_resumes(tiny_model_dir, tiny_index, tmp_path, monkeypatch, mode):
     monkeypatch.setattr(rerank, "CANDIDATES", 3)
-    questions = [common.parse_question(f"Q{i}", t) for i, t in enumerate(["전자서명을 설명하세요.",
+    questions = [competition.parse_question(f"Q{i}", t) for i, t in enumerate(["전자서명을 설명하세요.",
                                                                             "개인정보처리자의 의무를 설명하세요."])]
     records, meta = rerank.run(questions, tmp_path / "rr", str(tiny_model_dir), mode, "float32")
     assert [r["id"] for r in records] == ["Q0", "Q1"] and meta["failures"] == 0
@@ -127,7 +128,7 @@ def test_run_writes_every_question_and_resumes(tiny_model_dir, tiny_index, tmp_p
     assert meta2["seconds"]["per_question"] == meta["seconds"]["per_question"] > 0
     ranked = rerank.load_ranked(tmp_path / "rr" / f"ranked-{meta['key']}.jsonl")
     assert json.dumps(ranked["Q0"]) == json.dumps(records[0])
-    edited = [questions[0], common.parse_question("Q1", "금융회사의 보안 의무를 설명하세요.")]  # same id, new text
+    edited = [questions[0], competition.parse_question("Q1", "금융회사의 보안 의무를 설명하세요.")]  # same id, new text
     _, meta3 = rerank.run(edited, tmp_path / "rr", str(tiny_model_dir), mode, "float32")
     assert meta3["reranked_now"] == 1
 

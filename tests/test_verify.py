@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import common
+import competition
 
 verify = importlib.import_module("06_verify")
 package = importlib.import_module("06_package")
@@ -237,7 +238,7 @@ def test_tiny_question_set_has_both_kinds_in_file_order():
 
 
 def test_compare_submissions():
-    questions = [common.parse_question(i, q) for i, q in QUESTIONS]
+    questions = [competition.parse_question(i, q) for i, q in QUESTIONS]
     assert verify.compare_submissions(GOOD, list(GOOD), questions) == ([], dict(mc=3, mc_same=3, desc=2, desc_same=2))
     changed = [("Q1", "3")] + GOOD[1:4] + [("Q5", "다른 답")]
     problems, counts = verify.compare_submissions(GOOD, changed, questions)

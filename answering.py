@@ -1,0 +1,477 @@
+"""Answering with the one LLM: prompt -> option scores -> calibration -> answer; descriptive generation and clean-up.
+
+Also holds the answering configuration (`Config`): which candidate model answers, at which quantization level, with
+which option calibration and how many retrieved passages. `chosen()` reads it from selection.json, written by
+`make select` (05_quantize.py) and committed, so a fresh clone answers with the measured choice.
+Used by 04_infer.py (the submission), 05_quantize.py (measuring candidates) and the report scripts.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+
+from tqdm import tqdm
+
+import common
+import lm
+import retrieval
+
+# ----------------------------------------------------------------------------- settings
+MC_BATCH = 8  # prompts per forward pass; also the checkpoint unit (a batch takes seconds, never minutes)
+DESC_BATCH = 8  # generation batch (decode is ~8x faster per token at batch 8 than 1 on CPU)
+DESC_MAX_NEW_TOKENS = 128  # the reference answers are one or two sentences
+DESC_MAX_SENTENCES = 3
+AUTO_SKEW = 0.5  # auto: batch calibration when one option wins more than this share of the raw answers, else none
+CONTENT_FREE_STEMS = ["N/A", "[빈칸]", ""]  # content-free prompts for content_free calibration (Zhao et al. 2021)
+BATCH_MIN = 50  # fewer questions of one option count than this: batch calibration uses the content-free prior
+RAG_MAX_TOKENS = 512  # token budget of the passages in a prompt: prefill time grows with it
+RAG_NO_COPY_TOKENS = 12  # a descriptive answer never repeats this many consecutive passage tokens (~19 characters)
+# -----------------------------------------------------------------------------
+
+CALIBRATIONS = ("none", "content_free", "batch", "auto", "permute", "pride")
+MEASURED = ("prefill_tokens_per_s", "generated_tokens_per_s", "peak_rss_gib", "peak_gpu_gib", "load_average", "timing")
+
+
+@dataclass
+class Config:
+    """What answers: a candidate (common.CANDIDATES name, or a model folder / hub id), its level (lm.LEVELS), the
+    option calibration (CALIBRATIONS), the cyclic option shifts scored per question (permute: every question;
+    pride: the pride_share of the questions that estimate the position prior) and the passages per prompt."""
+
+    candidate: str = "student"
+    level: str = "float"
+    calibration: str = "auto"
+    permutations: int = 1
+    pride_share: float = 0.0
+    passages: int = 0
+
+    @property
+    def model(self):
+        """The model folder (relative to the checkout) or hub id of the candidate."""
+        return common.candidates().get(self.candidate, self.candidate)
+
+    def check(self):
+        """The config itself, or a clear error naming the setting to fix."""
+        if self.calibration not in CALIBRATIONS:
+            raise SystemExit(f"unknown calibration {self.calibration!r}: use one of {', '.join(CALIBRATIONS)}.")
+        if self.level not in lm.LEVELS:
+            raise SystemExit(f"unknown level {self.level!r}: use one of {', '.join(lm.LEVELS)}.")
+        if self.calibration in ("permute", "pride") and self.permutations < 2:
+            raise SystemExit(f"calibration {self.calibration!r} needs permutations >= 2 (got {self.permutations}).")
+        if self.passages < 0:
+            raise SystemExit("passages must be 0 or more.")
+        return self
+
+
+def chosen(path=None, fit=False):
+    """The committed answering configuration (selection.json's "config"), the defaults of Config without one.
+
+    With fit, on a CPU slower than the one that made the choice, the projected time is rescaled by the two machines'
+    matmul speed (lm.cpu_float_dtype's benchmark) and, when it no longer fits the budget, the best recorded
+    alternative of the same model and passages that does is used instead (said in one line).
+    """
+    path = path or common.SELECTION
+    if not path.exists():
+        return Config()
+    data = json.loads(path.read_text(encoding="utf-8"))
+    known = {f.name for f in fields(Config)}
+    unknown = set(data.get("config", {})) - known
+    if unknown:
+        raise SystemExit(f"{path}: unknown config fields {sorted(unknown)}: rerun `make select` or fix the file.")
+    config = Config(**data.get("config", {})).check()
+    return fitted(config, data) if fit else config
+
+
+def machine_slowdown(data):
+    """How many times slower this CPU multiplies in its float dtype than the machine that made the selection (1.0
+    on a GPU, or when either speed is unknown)."""
+    if lm.device_kind(lm.pick_device()) != "cpu" or data.get("device", "cpu").startswith("cuda"):
+        return 1.0
+    then = (data.get("machine") or {}).get("gflops") or {}
+    then = then.get((data.get("machine") or {}).get("cpu_dtype") or "", 0.0)
+    now = lm.cpu_gflops()
+    return then / now if then and now else 1.0
+
+
+def fitted(config, data):
+    """The config, or the best alternative of selection.json that fits its budget on this machine (same model and
+    passages: those decide what `make` builds)."""
+    budget = (data.get("figures") or {}).get("budget_s")
+    slowdown = machine_slowdown(data)
+    if not budget or slowdown <= 1.0:
+        return config
+    options = [dict(a, config=Config(**a["config"])) for a in data.get("alternatives", [])]
+    options = [a for a in options if a["config"].candidate == config.candidate and
+               a["config"].passages == config.passages] or [dict(config=config, projected_s=0.0)]
+    for option in options:
+        if option["projected_s"] * slowdown <= budget:
+            break
+    else:
+        option = min(options, key=lambda a: a["projected_s"])
+    if option["config"] != config:
+        print(f"answering: this CPU multiplies {slowdown:.1f}x slower than the one that chose {config}; "
+              f"{option['config']} fits the {budget / 60:.0f} min budget instead (selection.json alternatives)")
+    return option["config"]
+
+
+# ----------------------------------------------------------------------------- option calibration
+def logsumexp(xs):
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def normalise(logprobs):
+    """Renormalise log-probabilities over the options only."""
+    z = logsumexp(logprobs)
+    return [x - z for x in logprobs]
+
+
+def option_prior(records, mode, content_free=None):
+    """Log prior per option count: from content-free prompts, or the mean predicted distribution over the question
+    set (batch calibration, Zhou et al. 2024; content-free below BATCH_MIN questions). 'none' -> a zero prior."""
+    priors = {}
+    counts = sorted({len(r["logprobs"]) for r in records})
+    for n in counts:
+        if mode == "none":
+            priors[n] = [0.0] * n
+        elif mode == "content_free":
+            priors[n] = normalise(content_free[str(n)]) if content_free else [0.0] * n
+        elif mode == "batch":
+            probs = [[math.exp(x) for x in normalise(r["logprobs"])] for r in records if len(r["logprobs"]) == n]
+            if len(probs) < BATCH_MIN:  # the mean of a few questions is their own answers, not a prior
+                priors[n] = option_prior(records, "content_free", content_free)[n]
+                continue
+            priors[n] = [math.log(sum(col) / len(col)) for col in zip(*probs)]
+        else:
+            raise SystemExit(f"unknown CALIBRATION {mode!r}: use one of {', '.join(CALIBRATIONS)}.")
+    return priors
+
+
+def auto_mode(records):
+    """'batch' when the raw answers pile onto one option (the 0.5B student: 96% option 1), else 'none'.
+    Label-free: it looks only at the model's own answers."""
+    mc = [r for r in records if r["kind"] == "mc"]
+    if not mc:
+        return "none"
+    raw = Counter(max(range(len(r["logprobs"])), key=r["logprobs"].__getitem__) for r in mc)
+    return "batch" if raw.most_common(1)[0][1] / len(mc) > AUTO_SKEW else "none"
+
+
+def shifted(options, shift):
+    """The options rotated left by shift: position j shows option (j + shift) mod n."""
+    n = len(options)
+    return [options[(j + shift) % n] for j in range(n)]
+
+
+def unshift(logprobs, shift):
+    """Scores read at the positions of a shifted prompt, put back in the original option order."""
+    n = len(logprobs)
+    return [logprobs[(i - shift) % n] for i in range(n)]
+
+
+def shift_scores(record):
+    """[normalised log-probabilities in the original option order] for every shift the record was scored under."""
+    rows = [normalise(record["logprobs"])]
+    rows += [normalise(lp) for _, lp in sorted(record.get("shifts", {}).items(), key=lambda x: int(x[0]))]
+    return rows
+
+
+def permutation_mean(record):
+    """Mean over the scored shifts of the normalised option log-probabilities (Zheng et al. 2024, "permute"): each
+    option is read at several positions, so a position preference cancels."""
+    rows = shift_scores(record)
+    return [sum(col) / len(rows) for col in zip(*rows)]
+
+
+def pride_prior(records):
+    """Log position prior per option count from the records scored under all n cyclic shifts (PriDe, Zheng et al.
+    2024): under a full cycle every option visits every position once, so the mean over shifts of the log-probability
+    read at position j keeps the position's share and cancels the content; averaged over the questions."""
+    sums, counts = {}, {}
+    for r in records:
+        n = len(r["logprobs"])
+        if len(r.get("shifts", {})) + 1 < n:
+            continue
+        observed = [r["logprobs"]] + [r["shifts"][str(s)] for s in range(1, n)]  # original order, per shift
+        position = [0.0] * n
+        for s, lp in enumerate(observed):  # option i was shown at position (i - s) mod n
+            lp = normalise(lp)
+            for i in range(n):
+                position[(i - s) % n] += lp[i] / n
+        position = normalise(position)
+        sums[n] = [a + b for a, b in zip(sums.get(n, [0.0] * n), position)]
+        counts[n] = counts.get(n, 0) + 1
+    return {n: normalise([x / counts[n] for x in sums[n]]) for n in sums}
+
+
+def calibrated_answers(records, mode, content_free=None):
+    """Map question id -> option number (1-based) under a calibration mode (CALIBRATIONS), label-free."""
+    mode = auto_mode(records) if mode == "auto" else mode
+    mc = [r for r in records if r["kind"] == "mc"]
+    answers = {}
+    if mode in ("permute", "pride"):
+        priors = pride_prior(mc) if mode == "pride" else {}
+        for r in mc:
+            n = len(r["logprobs"])
+            if len(r.get("shifts", {})) + 1 >= n or n not in priors:  # a full cycle, or no prior: the mean
+                scores = permutation_mean(r)
+            else:
+                scores = [x - p for x, p in zip(normalise(r["logprobs"]), priors[n])]
+            answers[r["id"]] = str(max(range(n), key=scores.__getitem__) + 1)
+        return answers
+    priors = option_prior(mc, mode, content_free)
+    for r in mc:
+        scores = [x - p for x, p in zip(normalise(r["logprobs"]), priors[len(r["logprobs"])])]
+        answers[r["id"]] = str(max(range(len(scores)), key=scores.__getitem__) + 1)
+    return answers
+
+
+def pride_questions(questions, share):
+    """The multiple-choice questions that estimate the PriDe prior: every k-th one of each option count, about
+    share of them (at least BATCH_MIN // 5 each, all when there are fewer)."""
+    chosen_ids = set()
+    for n in sorted({len(q.options) for q in questions if q.kind == "mc"}):
+        same = [q for q in questions if q.kind == "mc" and len(q.options) == n]
+        want = min(len(same), max(BATCH_MIN // 5, math.ceil(share * len(same))))
+        chosen_ids |= {same[i * len(same) // want].id for i in range(want)}
+    return chosen_ids
+
+
+def shifts_for(questions, config):
+    """{question id: shifts to score besides the identity} under the config's calibration."""
+    if config.calibration == "permute":
+        return {q.id: list(range(1, min(config.permutations, len(q.options)))) for q in questions if q.kind == "mc"}
+    if config.calibration == "pride":
+        estimate = pride_questions(questions, config.pride_share)
+        return {q.id: list(range(1, len(q.options))) if q.id in estimate else [] for q in questions if q.kind == "mc"}
+    return {q.id: [] for q in questions if q.kind == "mc"}
+
+
+# ----------------------------------------------------------------------------- descriptive answers
+def clean_description(text, question):
+    """Plain Korean prose: no markdown, at most DESC_MAX_SENTENCES sentences, never empty."""
+    text = re.sub(r"[*#`>|]+", "", text)
+    text = re.sub(r"^\s*(?:[-•]|\d+[.)])\s*", "", text, flags=re.M)
+    text = re.sub(r"\s+", " ", text).strip()
+    sentences = re.split(r"(?<=[.!?다요])\s+", text)
+    text = " ".join(sentences[:DESC_MAX_SENTENCES]).strip()
+    if not text:  # an empty answer scores 0: restate the question's content instead
+        text = re.sub(r"(을|를)?\s*(설명|서술|기술)하(세요|시오)\.?$", "", question.strip()).strip() or question
+    return text
+
+
+# ----------------------------------------------------------------------------- one run over a question set
+def config_key(model_id, dtype_name, level="float", rag=None):
+    """Changes when anything that changes the raw predictions changes (model, level, dtype, prompts, limits,
+    context). The calibration is not in it: shifts are added to the same records."""
+    parts = [common.resolve_model(model_id), lm.model_fingerprint(model_id), dtype_name, level, common.SYSTEM_PROMPT,
+             common.MC_INSTRUCTION, common.MC_ANSWER_PREFIX, common.DESC_INSTRUCTION,
+             str(DESC_MAX_NEW_TOKENS)]
+    if rag:
+        parts += [common.CONTEXT_HEADER, json.dumps(rag, sort_keys=True)]
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
+
+
+def append_records(path, records):
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def answer_mc(model, tokenizer, questions, contexts, shifts, stats):
+    """Option log-probabilities of multiple-choice questions, under the identity order and the given cyclic shifts
+    ({id: [shift, ...]}), stored back in the original option order."""
+    jobs = [(q, c, s) for q, c in zip(questions, contexts) for s in [0] + shifts.get(q.id, [])]
+    prompts = [lm.render(tokenizer, common.mc_messages(q.stem, shifted(q.options, s), c), common.MC_ANSWER_PREFIX)
+               for q, c, s in jobs]
+    token_ids = lm.option_token_ids(tokenizer, max(len(q.options) for q in questions))
+    logprobs = lm.next_token_logprobs(model, tokenizer, prompts, token_ids, MC_BATCH, stats)
+    stats["mc_prompts"] = stats.get("mc_prompts", 0) + len(prompts)
+    records = {q.id: dict(id=q.id, kind="mc") for q in questions}
+    for (q, _, s), lp in zip(jobs, logprobs):
+        lp = unshift(lp[:len(q.options)], s)
+        if s == 0:
+            records[q.id]["logprobs"] = lp
+        else:
+            records[q.id].setdefault("shifts", {})[str(s)] = lp
+    return [records[q.id] for q in questions]
+
+
+def answer_desc(model, tokenizer, questions, contexts, stats):
+    """Greedy answers; with passages, no run of RAG_NO_COPY_TOKENS passage tokens is repeated (the rules forbid a
+    verbatim copy of retrieved text), and the record keeps that rule (stale_records)."""
+    prompts = [lm.render(tokenizer, common.desc_messages(q.text, c)) for q, c in zip(questions, contexts)]
+    texts = lm.generate(model, tokenizer, prompts, DESC_MAX_NEW_TOKENS, DESC_BATCH, stats, sources=contexts,
+                        no_copy=RAG_NO_COPY_TOKENS)
+    return [dict(id=q.id, kind="desc", raw=t, **({"no_copy": RAG_NO_COPY_TOKENS} if c else {}))
+            for q, t, c in zip(questions, texts, contexts)]
+
+
+def stale_records(done, shifts):
+    """Ids of checkpointed records to answer again: descriptive answers written with passages under another copy
+    rule (RAG_NO_COPY_TOKENS), and multiple-choice records missing a shift the calibration needs."""
+    stale = [i for i, r in done.items() if r["kind"] == "desc" and r.get("context")
+             and r.get("no_copy", 0) != RAG_NO_COPY_TOKENS]
+    return stale + [i for i, r in done.items() if r["kind"] == "mc"
+                    and not set(map(str, shifts.get(i, []))) <= set(r.get("shifts", {}))]
+
+
+def retrieve(index, tokenizer, questions, passages, ranked=None):
+    """(context text, cited chunk keys) per question: the reranked chunks of 03_rerank.py where the question has
+    them, else the first-stage retriever's; ("", []) for no hit."""
+    ranked = ranked or {}
+    first = [q for q in questions if q.id not in ranked]
+    searched = dict(zip([q.id for q in first], index.search_many([q.text for q in first], k=passages))) \
+        if first else {}
+    hits = [searched[q.id] if q.id in searched else [(index.chunks[i], 0.0) for i in ranked[q.id][:passages]]
+            for q in questions]
+    return [(retrieval.format_context(h, tokenizer, passages, RAG_MAX_TOKENS), [c.key for c, _ in h]) for h in hits]
+
+
+def open_index(model, tokenizer, model_id, index_dir):
+    """The retriever with the answering model attached as its dense encoder (single-LLM rule); the index must have
+    been embedded by that model."""
+    if not (index_dir / "DONE").exists():
+        raise SystemExit(f"no index at {index_dir}: run `make index`, or answer without passages "
+                         "(04_infer.py --passages 0).")
+    index = retrieval.load_index(index_dir)
+    encoder = index.meta.get("encoder")
+    if retrieval.SEARCH_METHOD != "bm25" and common.resolve_model(encoder) != common.resolve_model(model_id):
+        raise SystemExit(f"the index at {index_dir} was embedded by {encoder}, but {model_id} answers: run "
+                         "`make index` to embed it with the answering model (one LLM embeds, reranks and answers).")
+    return index.attach_encoder(model, tokenizer)
+
+
+def rag_settings(passages, ranked, index_dir):
+    """What changes the prompts besides the question: the index, the passage settings and the reranked chunk ids
+    in use ({} for none)."""
+    rerank_key = hashlib.sha256(json.dumps(ranked, sort_keys=True).encode("utf-8")).hexdigest()[:12] \
+        if ranked else None
+    return dict(index=retrieval.index_fingerprint(index_dir), passages=passages, max_tokens=RAG_MAX_TOKENS,
+                method=retrieval.SEARCH_METHOD, rerank=rerank_key)
+
+
+def reranked_chunks():
+    """Chunk ids per question id from 03_rerank.py's ranked.jsonl, {} when reranking has not run."""
+    if not (common.RERANK / "DONE").exists():
+        return {}
+    return {qid: r["chunks"] for qid, r in lm.read_records(common.RERANK / "ranked.jsonl").items()}
+
+
+def content_free_logprobs(model, tokenizer, option_counts):
+    """Option log-probabilities averaged over content-free prompts, per option count."""
+    out = {}
+    for n in option_counts:
+        token_ids = lm.option_token_ids(tokenizer, n)
+        prompts = [lm.render(tokenizer, common.mc_messages(stem, [stem] * n), common.MC_ANSWER_PREFIX)
+                   for stem in CONTENT_FREE_STEMS]
+        rows = [normalise(r) for r in lm.next_token_logprobs(model, tokenizer, prompts, token_ids)]
+        out[str(n)] = [math.log(sum(math.exp(r[i]) for r in rows) / len(rows)) for i in range(n)]
+    return out
+
+
+def work_order(questions, tokenizer):
+    """Multiple choice first, then descriptive, each by prompt length: batches pad little, and the batches of a
+    resumed run are the ones an uninterrupted run would have formed (the checkpoint holds whole batches)."""
+    def length(q):
+        return len(tokenizer(q.text, add_special_tokens=False).input_ids)
+    return sorted(questions, key=lambda q: (q.kind != "mc", length(q)))
+
+
+def run(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None):
+    """Answer the questions under config with checkpointing into out_dir; return (records by question order, meta),
+    meta also written to out_dir/meta.json. With config.passages, the context of a question is its reranked chunk
+    ids in ranked ({id: [chunk ids]}) when given, else the first stage's, from index_dir (default common.INDEX)."""
+    config.check()
+    index_dir = index_dir or common.INDEX
+    device = lm.pick_device()
+    dtype = lm.pick_dtype(device, dtype_name, config.level)
+    dtype_name = str(dtype).replace("torch.", "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranked = {q.id: ranked[q.id] for q in questions if q.id in ranked} if ranked else {}
+    rag = rag_settings(config.passages, ranked, index_dir) if config.passages else None
+    key = config_key(config.model, dtype_name, config.level, rag)
+    checkpoint = out_dir / f"predictions-{key}.jsonl"
+    lm.drop_torn_tail(checkpoint)  # else the first record appended after a kill would join the torn line
+    done = lm.read_answered(checkpoint, questions)
+    shifts = shifts_for(questions, config)
+    stale = stale_records(done, shifts)
+    if stale:
+        print(f"04: {len(stale)} checkpointed answers lack a shift or follow another copy rule: answering them again")
+    for i in stale:
+        del done[i]
+    todo = [q for q in questions if q.id not in done]
+    print(f"04: {len(questions)} questions, {len(done)} from checkpoint, {config} on {device} ({dtype_name})")
+    t0 = time.time()
+    tokenizer = lm.load_tokenizer(config.model)
+    model = lm.load_model(config.model, device, dtype, level=config.level)
+    index = open_index(model, tokenizer, config.model, index_dir) if config.passages and todo else None
+    load_seconds = time.time() - t0
+    stats = {}
+    option_counts = sorted({len(q.options) for q in questions if q.kind == "mc"})
+    content_free = content_free_logprobs(model, tokenizer, option_counts) if option_counts else {}
+    t_answer = time.time()
+    with tqdm(total=len(todo), desc="04 answering", unit="q") as bar:
+        ordered = work_order(todo, tokenizer)
+        for kind, fn, size in (("mc", answer_mc, MC_BATCH), ("desc", answer_desc, DESC_BATCH)):
+            pending = [q for q in ordered if q.kind == kind]
+            for start in range(0, len(pending), size):
+                chunk = pending[start:start + size]
+                t_chunk = time.time()
+                contexts = retrieve(index, tokenizer, chunk, config.passages, ranked) if index \
+                    else [("", [])] * len(chunk)
+                texts = [c for c, _ in contexts]
+                records = fn(model, tokenizer, chunk, texts, shifts, stats) if kind == "mc" \
+                    else fn(model, tokenizer, chunk, texts, stats)
+                for q, record, (_, cited) in zip(chunk, records, contexts):
+                    record["seconds"] = round((time.time() - t_chunk) / len(chunk), 3)
+                    record["context"] = cited
+                    record["question_sha"] = q.digest
+                    done[record["id"]] = record
+                append_records(checkpoint, records)
+                stats[f"{kind}_seconds"] = stats.get(f"{kind}_seconds", 0.0) + time.time() - t_chunk
+                stats[f"{kind}_questions"] = stats.get(f"{kind}_questions", 0) + len(chunk)
+                bar.update(len(chunk))
+    answer_seconds = time.time() - t_answer
+    records = [done[q.id] for q in questions]
+    meta = dict(model=config.model, config=asdict(config), key=key, device=device, dtype=dtype_name, rag=rag,
+                no_copy=RAG_NO_COPY_TOKENS if rag else None, content_free=content_free,
+                questions=len(questions), answered_now=len(todo),
+                seconds=dict(load=round(load_seconds, 1), answering=round(answer_seconds, 1),
+                             per_question=round(sum(r["seconds"] for r in records) / max(len(records), 1), 3)),
+                prefill_tokens_per_s=round(stats["prefill_tokens"] / stats["prefill_seconds"], 1)
+                if stats.get("prefill_seconds") else None,
+                generated_tokens_per_s=round(stats["generated_tokens"] / stats["generate_seconds"], 1)
+                if stats.get("generate_seconds") else None,
+                timing=dict(mc_s_per_prompt=round(stats["mc_seconds"] / stats["mc_prompts"], 4)
+                            if stats.get("mc_prompts") else None,
+                            mc_prompts_per_question=round(stats["mc_prompts"] / stats["mc_questions"], 3)
+                            if stats.get("mc_questions") else None,
+                            desc_s_per_question=round(stats["desc_seconds"] / stats["desc_questions"], 3)
+                            if stats.get("desc_questions") else None),
+                peak_rss_gib=round(lm.peak_rss_gib(), 2), peak_gpu_gib=lm.peak_gpu_gib(),
+                load_average=round(os.getloadavg()[0], 2), predictions=checkpoint.name)
+    previous = out_dir / "meta.json"
+    if not todo and previous.exists():  # all from the checkpoint: keep the measurements of the run that did the work
+        old = json.loads(previous.read_text(encoding="utf-8"))
+        if old.get("key") == key:
+            for name in MEASURED:
+                meta[name] = old.get(name)
+            meta["seconds"]["answering"] = old["seconds"]["answering"]
+    common.write_meta(previous, settings=common.settings_of(sys.modules[__name__]), **meta)
+    return records, meta
+
+
+def submission_rows(questions, records, calibration, content_free):
+    """[(ID, answer)] in question order: calibrated option numbers and cleaned descriptive answers."""
+    answers = calibrated_answers(records, calibration, content_free)
+    by_id = {r["id"]: r for r in records}
+    return [(q.id, answers[q.id] if q.kind == "mc" else clean_description(by_id[q.id]["raw"], q.text))
+            for q in questions]
