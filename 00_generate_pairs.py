@@ -1,20 +1,24 @@
 """Generate training prompts from the corpus, then answer each with teacher and student.
 
-Reads data/corpus/{laws,guidelines}/ (`make data`; chunked by 02_build_index.py's legal-structure chunker when
-it imports, else by a plain `##### 제N조` article split) and both models. Never reads the development or the
-competition questions: prompts come from the corpus only (the rules disqualify training on the test).
+Reads data/corpus/{laws,guidelines}/ (`make data`; chunked by retrieval.chunk_corpus, the index's legal-structure
+chunker) and both models (the student first, then the teacher where lm.load_teacher places it: on a GPU at the
+most precise level that fits beside the student and this stage's working memory, working_memory_bytes). Never
+reads the development or the competition questions: prompts come from the corpus only (the rules disqualify
+training on the test).
 Per sampled chunk one question of each kind in KINDS (multiple choice in the competition's layout with 4 or 5
 options, shuffled so the key position carries no bias; descriptive) is written, by the teacher (WRITER
-"teacher") or from the corpus structure (WRITER "template": "which statement is in 제N조", "which is not", "its
-title", with sentences of other articles of the same law as distractors, so the key is exact and no generation
-is spent); malformed and duplicate ones are dropped. Teacher and student then answer every kept prompt under the same
-conditions (same prompt, with the source passage as context for a CONTEXT_RATE share; same sampling settings);
-multiple-choice pairs whose key is not the teacher's most likely option are dropped (KEEP_TEACHER_WRONG).
+"teacher", multiple choice within mc_write_cap tokens) or from the corpus structure (WRITER "template": "which
+statement is in 제N조", "which is not", "its title", with sentences of other articles of the same law as
+distractors, so the key is exact and no generation is spent); malformed and duplicate ones are dropped. Teacher and
+student then answer every kept prompt under the same conditions (same prompt, with the source passage as context
+for a CONTEXT_RATE share; same sampling settings); multiple-choice pairs whose key is not the teacher's most likely
+option are dropped (KEEP_TEACHER_WRONG).
 Writes outputs/00_pairs/: pairs.jsonl ({id, kind, prompt (chat messages), prefix, chosen = teacher answer,
 rejected = student answer, source, writer, settings}), attempts.jsonl (every chunk and kind tried, with the reason
 a question was dropped), timings.jsonl (seconds and answers per batch and kind), heldout.csv and heldout-keys.csv
 (template questions on articles no pair asks about, with their keys: the distilled students' in-distribution
-check), meta.json and DONE. The JSONL files are appended batch by batch: a killed run resumes where it stopped.
+check), meta.json (with host and GPU peak memory) and DONE. The JSONL files are appended batch by batch: a killed
+run resumes where it stopped.
 Run by `make pairs`.
 """
 import hashlib
@@ -30,6 +34,7 @@ from tqdm import tqdm
 
 import common
 import competition
+import gpu_memory
 import lm
 import retrieval
 
@@ -47,10 +52,13 @@ CONTEXT_RATE = 0.0  # share of prompts answered with the source passage in the p
 # 0 while 04_infer.RAG_PASSAGES is 0 (training prompts as at inference); 0.5 for teams that answer with passages
 CONTEXT_MAX_TOKENS = 96  # passage tokens in an answering prompt (keeps training sequences short on the CPU)
 WRITE_TEMPERATURE, WRITE_TOP_P = 0.7, 0.9  # teacher sampling when writing questions
-WRITE_MAX_NEW_TOKENS = {"mc": 200, "desc": 64}
+WRITE_MAX_NEW_TOKENS = {"desc": 64}  # multiple choice: mc_write_cap, the longest question the template writer can
+# build from the corpus (714 tokens here), so a 5-option Korean question is never cut (a fixed 200 cut more than
+# half: 1,711 five-option template questions are 295 tokens at the median, 516 at most, Qwen2.5 tokenizer)
+WRITE_MC_MARGIN = 32  # tokens of the multiple-choice cap beyond that longest question (a teacher's wording varies)
 ANSWER_TEMPERATURE, ANSWER_TOP_P = 0.7, 0.9  # teacher and student sampling when answering (same settings)
 ANSWER_MAX_NEW_TOKENS = 96  # descriptive answers: two or three sentences
-BATCH = 8  # chunks per batch (question writing, answering, one checkpoint append)
+BATCH = dict(cpu=8, cuda=16)  # chunks per batch (question writing, answering, one checkpoint append), per device
 HELDOUT_CHUNKS = 400  # template MC questions from chunks no pair was written from: the distilled students'
 # in-distribution check (reports/distill.md); templates on every device, so no model and no generation
 # -----------------------------------------------------------------------------
@@ -256,8 +264,12 @@ def question_messages(q, context=""):
 
 
 def build_prompt(qid, kind, question, passage, rng):
-    """Prompt record of a checked question: chat messages, assistant prefix, whether the passage is shown."""
-    q = competition.parse_question(qid, question)
+    """Prompt record of a checked question: chat messages, assistant prefix, whether the passage is shown; None
+    when the question is not in the competition's layout or not of the kind asked."""
+    try:
+        q = competition.parse_question(qid, question)
+    except competition.QuestionError:
+        return None
     if kind == "mc" and q.kind != "mc":
         return None
     context = rng.random() < CONTEXT_RATE
@@ -289,7 +301,8 @@ def sample_digits(model, tokenizer, prompts, n_options, temperature, seed):
     answers, probs = [], []
     gen = torch.Generator().manual_seed(seed)
     token_ids = lm.option_token_ids(tokenizer, max(n_options))
-    for logprobs, n in zip(lm.next_token_logprobs(model, tokenizer, prompts, token_ids, BATCH), n_options):
+    for logprobs, n in zip(lm.next_token_logprobs(model, tokenizer, prompts, token_ids, max(len(prompts), 1)),
+                           n_options):
         lp = torch.tensor(logprobs[:n])
         p = torch.softmax(lp, -1)
         choice = int(torch.multinomial(torch.softmax(lp / temperature, -1), 1, generator=gen)) if temperature > 0 \
@@ -321,15 +334,56 @@ def answer(model, tokenizer, records, seed, seconds=None):
     return out
 
 
-def write_questions(teacher, tokenizer, jobs, seed):
-    """Teacher-written raw text per job (chunk, kind, n_options), one generation batch per kind."""
+def write_questions(teacher, tokenizer, jobs, seed, caps):
+    """Teacher-written raw text per job (chunk, kind, n_options), one generation batch per kind of at most caps[kind]
+    new tokens."""
     texts = {}
     for kind in dict.fromkeys(j["kind"] for j in jobs):
         todo = [j for j in jobs if j["kind"] == kind]
         prompts = [lm.render(tokenizer, writer_messages(kind, j["passage"], j["n_options"])) for j in todo]
-        outs = sample(teacher, tokenizer, prompts, WRITE_MAX_NEW_TOKENS[kind], WRITE_TEMPERATURE, WRITE_TOP_P, seed)
+        outs = sample(teacher, tokenizer, prompts, caps[kind], WRITE_TEMPERATURE, WRITE_TOP_P, seed)
         texts.update({j["id"]: t for j, t in zip(todo, outs)})
     return texts
+
+
+def mc_write_cap(tokenizer, chunks):
+    """Token cap of the teacher's multiple-choice writing: the longest question the template writer could build from
+    these chunks (the longest stem, max(OPTION_COUNTS) times the longest sentence or title as options, the key
+    line) plus WRITE_MC_MARGIN. A 5-option Korean question in the competition's layout fits it."""
+    pool = template_pool(chunks)
+    options = sorted({x for entry in pool.values() for key in ("sentences", "titles") for _, x in entry[key]})
+    places = sorted({where(c) for c in chunks})
+    if not options or not places:
+        raise SystemExit("00: no sentences in the corpus chunks to size the question writer by: run `make data`.")
+    longest = max(len(ids) for ids in tokenizer(options, add_special_tokens=False).input_ids)
+    place = max(places, key=lambda p: len(tokenizer(p, add_special_tokens=False).input_ids))
+    n = max(OPTION_COUNTS)
+    frame = "\n".join([f"문제: {max((t.format(where=place) for t in TEMPLATE_STEMS.values()), key=len)}"]
+                      + [f"{i} " for i in range(1, n + 1)] + [f"정답: {n}"])
+    return len(tokenizer(frame, add_special_tokens=False).input_ids) + n * longest + WRITE_MC_MARGIN
+
+
+# ----------------------------------------------------------------------------- GPU memory
+def prompt_tokens(tokenizer, write_cap):
+    """Longest prompts of this stage in tokens: the writer's (instructions and PASSAGE_MAX_TOKENS of passage) and an
+    answering one (a question as long as write_cap, and the passage when CONTEXT_RATE > 0)."""
+    n = max(OPTION_COUNTS)
+    write = lm.render(tokenizer, writer_messages("mc", "", n))
+    answer = lm.render(tokenizer, common.mc_messages("", [""] * n), common.MC_ANSWER_PREFIX)
+    return dict(write=len(tokenizer(write, add_special_tokens=False).input_ids) + PASSAGE_MAX_TOKENS + 2,
+                answer=len(tokenizer(answer, add_special_tokens=False).input_ids) + write_cap
+                + (CONTEXT_MAX_TOKENS if CONTEXT_RATE else 0))
+
+
+def working_memory_bytes(student_config, teacher_config, tokens, write_cap, batch):
+    """Bytes 00 needs on a GPU besides the two models' weights (gpu_memory, sampled decoding): the largest of the
+    teacher writing a batch of questions and either model answering one."""
+    def work(config, prompt, new):
+        return (gpu_memory.answering_bytes(config, "bf16", batch, prompt, new, sampled=True)
+                - gpu_memory.weight_bytes(config))
+    return max(work(teacher_config, tokens["write"], write_cap),
+               work(teacher_config, tokens["answer"], ANSWER_MAX_NEW_TOKENS),
+               work(student_config, tokens["answer"], ANSWER_MAX_NEW_TOKENS))
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -404,9 +458,10 @@ def top_option(probs):
     return probs.index(max(probs)) + 1
 
 
-def process_batch(chunks, teacher, student, tokenizer, seen, rng, stats, pool=None, kinds=("mc", "desc")):
-    """Write (by the teacher, or from the template pool when given), check and answer the questions of a batch of
-    chunks; returns (pairs, attempts)."""
+def process_batch(chunks, teacher, student, tokenizer, seen, rng, stats, pool=None, kinds=("mc", "desc"),
+                  caps=None):
+    """Write (by the teacher within caps {kind: new tokens}, or from the template pool when given), check and answer
+    the questions of a batch of chunks; returns (pairs, attempts)."""
     jobs = []
     for c in chunks:
         passage = clip_tokens(tokenizer, c["text"], PASSAGE_MAX_TOKENS)
@@ -415,7 +470,8 @@ def process_batch(chunks, teacher, student, tokenizer, seen, rng, stats, pool=No
                              n_options=rng.choice(OPTION_COUNTS) if kind == "mc" else 0))
     t0 = time.time()
     seed = seed_of("write", jobs[0]["id"])
-    raw = template_questions(jobs, pool, seed) if pool is not None else write_questions(teacher, tokenizer, jobs, seed)
+    raw = template_questions(jobs, pool, seed) if pool is not None else write_questions(teacher, tokenizer, jobs, seed,
+                                                                                          caps)
     stats["write_seconds"] += time.time() - t0
     attempts, prompts = [], []
     for j in jobs:
@@ -468,9 +524,11 @@ TIMED = ("write_seconds", "teacher_answer_seconds", "student_answer_seconds", "a
          "mc_answer_seconds", "desc_answer_seconds")  # per-batch counters in timings.jsonl
 
 
-def run(chunks, teacher, student, tokenizer, out_dir, n_chunks, writer="teacher", kinds=("mc", "desc")):
-    """Process the first n_chunks sampled chunks not yet attempted, appending to out_dir; returns run stats.
-    writer "template" builds the questions from the corpus (all chunks are the distractor pool)."""
+def run(chunks, teacher, student, tokenizer, out_dir, n_chunks, writer="teacher", kinds=("mc", "desc"), batch=8,
+        caps=None):
+    """Process the first n_chunks sampled chunks not yet attempted, `batch` chunks at a time, appending to out_dir;
+    returns run stats. writer "template" builds the questions from the corpus (all chunks are the distractor pool);
+    "teacher" writes them within caps ({kind: new tokens}, mc_write_cap for multiple choice)."""
     if writer not in ("teacher", "template"):
         raise SystemExit(f"00: WRITER {writer!r} is not 'teacher' or 'template': fix the setting at the top.")
     pool = template_pool(chunks) if writer == "template" else None
@@ -488,16 +546,16 @@ def run(chunks, teacher, student, tokenizer, out_dir, n_chunks, writer="teacher"
                  mc_answers=0, desc_answers=0, mc_answer_seconds=0.0, desc_answer_seconds=0.0,
                  chunks_done_before=len(done_chunks), chunks_now=len(todo), writer=writer, kinds=list(kinds))
     rng = random.Random(seed_of("options", len(done_chunks)))
-    for start in tqdm(range(0, len(todo), BATCH), desc="00 pairs", unit="batch"):
+    for start in tqdm(range(0, len(todo), batch), desc="00 pairs", unit="batch"):
         before = dict(stats)
-        pairs, attempts = process_batch(todo[start:start + BATCH], teacher, student, tokenizer, seen, rng, stats,
-                                        pool, kinds)
+        pairs, attempts = process_batch(todo[start:start + batch], teacher, student, tokenizer, seen, rng, stats,
+                                        pool, kinds, caps)
         append_jsonl(pairs_path, [p for p in pairs if p["id"] not in have])  # pairs first, then the attempt log
         have |= {p["id"] for p in pairs}
         append_jsonl(attempts_path, attempts)
         timing = {k: round(stats[k] - before[k], 2) for k in TIMED}
-        append_jsonl(out_dir / "timings.jsonl", [dict(timing, chunks=len(todo[start:start + BATCH]),
-                                                      questions=len(todo[start:start + BATCH]) * len(kinds))])
+        append_jsonl(out_dir / "timings.jsonl", [dict(timing, chunks=len(todo[start:start + batch]),
+                                                      questions=len(todo[start:start + batch]) * len(kinds))])
     return stats
 
 
@@ -535,7 +593,20 @@ def summary(out_dir, stats, seconds):
                                        "desc_answer_seconds"] * 60, 1) if total["desc_answer_seconds"] else None,
                                    questions_per_minute=round(total["questions"] / total["write_seconds"] * 60, 1)
                                    if total["write_seconds"] else None),
-                peak_rss_gib=round(lm.peak_rss_gib(), 2))
+                peak_rss_gib=round(lm.peak_rss_gib(), 2), peak_gpu_gib=lm.peak_gpu_gib())
+
+
+def load_models(device, tokenizer, write_cap):
+    """(student, teacher): the student first in the device's float dtype, then the teacher (lm.load_teacher), which on
+    a GPU leaves this stage's working memory (working_memory_bytes) free beside the student."""
+    kind = lm.device_kind(device)
+    dtype = lm.pick_dtype(device)
+    student = lm.load_model(common.STUDENT_MODEL, device, dtype)
+    reserve = 0.0
+    if kind == "cuda":
+        reserve = working_memory_bytes(lm.model_config(common.STUDENT_MODEL), lm.model_config(common.TEACHER_MODEL),
+                                       prompt_tokens(tokenizer, write_cap), write_cap, BATCH[kind]) / gpu_memory.GIB
+    return student, lm.load_teacher(common.TEACHER_MODEL, device, reserve, dtype)
 
 
 def main():
@@ -550,18 +621,18 @@ def main():
     t0 = time.time()
     print(f"00: settings {json.dumps(settings(), ensure_ascii=False)}")
     device = lm.pick_device()
-    dtype = lm.pick_dtype(device)
+    kind = lm.device_kind(device)
     tokenizer = lm.load_tokenizer(common.STUDENT_MODEL)
     lm.shared_vocab_size(tokenizer, lm.load_tokenizer(common.TEACHER_MODEL))
     chunks = load_chunks(tokenizer)
-    teacher = lm.load_model(common.TEACHER_MODEL, device, dtype)
-    student = lm.load_model(common.STUDENT_MODEL, device, dtype)
-    stats = run(chunks, teacher, student, tokenizer, common.PAIRS, args.chunks or N_CHUNKS[device],
-                args.writer or WRITER[device], KINDS[device])
+    write_cap = mc_write_cap(tokenizer, chunks)
+    student, teacher = load_models(device, tokenizer, write_cap)
+    stats = run(chunks, teacher, student, tokenizer, common.PAIRS, args.chunks or N_CHUNKS[kind],
+                args.writer or WRITER[kind], KINDS[kind], BATCH[kind], dict(WRITE_MAX_NEW_TOKENS, mc=write_cap))
     meta = summary(common.PAIRS, stats, time.time() - t0)
     heldout = write_heldout(chunks, common.PAIRS, HELDOUT_CHUNKS)
     meta.update(teacher=common.TEACHER_MODEL, student=common.STUDENT_MODEL, corpus_chunks=len(chunks),
-                heldout_questions=heldout)
+                heldout_questions=heldout, mc_write_cap=write_cap)
     common.write_meta(common.PAIRS / "meta.json", settings=settings(), **meta)
     (common.PAIRS / "DONE").touch()
     print(f"00: {meta['pairs']} pairs ({meta['mc_pairs']} MC, {meta['desc_pairs']} descriptive) from "

@@ -1,22 +1,32 @@
 """Distil the teacher into the student with DistiLLM-2 (Ko et al., ICML 2025) and LoRA.
 
 Reads outputs/00_pairs/pairs.jsonl (`make pairs`: prompts with a teacher answer = chosen and a student answer =
-rejected) and both models. Writes the LoRA adapter (adapter_config.json, adapter_model.safetensors), meta.json
-(settings, data hash, losses, timings, versions) and DONE into models/student-distilled/ (or --out), resumable
-Trainer checkpoints into outputs/01_train/<name>/, and with --merge a full model directory (adapter merged into
-the base, tokenizer, meta.json) that `04_infer.py --model DIR` loads as is. Run by `make distill`; `make sweep`
-(sweep_distill.py) calls it per grid point; `--measure` times naive vs chunked loss steps (reports/distill.md).
+rejected) and the student; the teacher either runs beside the student in training (TEACHER_SOURCE "model") or has
+stored its top-k log-probabilities at every answer position once (`--store-topk`, `make topk`: outputs/01_topk/,
+shard-NNNNN.safetensors + meta.json + DONE), so that training loads no teacher (TEACHER_SOURCE "topk": a 7B student
+trains on one 24 GB card, reports/gpu-plan.md). Writes the LoRA adapter (adapter_config.json,
+adapter_model.safetensors), meta.json (settings, data hash, losses, timings, memory, per-rank digests) and DONE into
+models/student-distilled/ (or --out), resumable Trainer checkpoints into outputs/01_train/<name>/, and with --merge a
+full model directory (adapter merged into the base, tokenizer, meta.json) that `04_infer.py --model DIR` loads as
+is. Run by `make topk` and `make distill`; `make sweep` (sweep_distill.py) calls it per grid point; `--measure` times
+naive vs chunked loss steps (reports/distill.md).
 
 Loss API (pure functions on logits; p = teacher, q = student, both at temperature tau, sliced to the shared
 vocabulary; every divergence returns one value per token position):
     skl(t_logits, s_logits, alpha, tau)     SKL_a(p||q)  = sum_v p [log p - log(a p + (1-a) q)]
     srkl(t_logits, s_logits, alpha, tau)    SRKL_a(q||p) = sum_v q [log q - log((1-a) p + a sg[q])]
     forward_kl, tvd, gjsd (mixture GKD_MIX), nll (of the answer tokens)
+    teacher_topk, topk_buckets              the stored top-k and its remainder bucket (exact when k covers V)
     distill_loss(student, teacher, batch, cfg)   the per-batch loss of a loss type, chunked over response tokens
-Multi-GPU: `accelerate launch --num_processes N 01_train_distillm.py` (one teacher copy per process).
+Multi-GPU (plain data parallel, what tests/test_ddp.py runs):
+    accelerate launch --multi_gpu --num_processes N 01_train_distillm.py --merge models/student-distilled-merged
+each rank trains on its share of the pairs (its own teacher on its own GPU, or the stored top-k); rank 0 saves and
+merges after a barrier.
 """
 import argparse
+import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -25,9 +35,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 import common
+import gpu_memory
 import lm
 
 # ----------------------------------------------------------------------------- settings
@@ -52,15 +65,24 @@ LORA_DROPOUT = 0.05
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 LEARNING_RATE = 2e-4
-BATCH_PAIRS = 2  # pairs per device step (each pair is a teacher answer and a student answer sequence)
-GRAD_ACCUM = 2  # effective batch 4 pairs
-MAX_STEPS = 30  # optimizer steps: ~1.4 epochs of the 88 CPU pairs at batch 4 (GPU, thousands of pairs: ~2 epochs)
+EPOCHS = dict(cpu=1.35, cuda=2.0)  # passes over the pairs per device: steps = ceil(epochs x pairs / (batch x
+# accumulation x world size)); 1.35 is the 30 steps of the measured CPU runs on 88 pairs
+BATCH_PAIRS = dict(cpu=2, cuda=4)  # pairs per device step (each pair is a teacher answer and a student answer
+# sequence); cuda 4: 8 sequences of MAX_LENGTH fit beside a 7B on 24 GB with checkpointing (reports/gpu-plan.md)
+GRAD_ACCUM = dict(cpu=2, cuda=4)  # effective batch: 4 pairs on the CPU, 16 pairs per GPU
 WARMUP_RATIO = 0.1
 WEIGHT_DECAY = 0.0
 GRADIENT_CHECKPOINTING = dict(cpu=False, cuda=True)  # per device: the CPU has the memory for short sequences
 MEASURE_GRADIENT_CHECKPOINTING = True  # --measure: as in reports/distill.md's naive-vs-chunked comparison
-STUDENT_TRAIN_DTYPE = "bfloat16"  # CPU bf16 matmul is 2.4x fp32 (README); adapters and loss stay fp32
-TEACHER_DTYPE = "bfloat16"
+STUDENT_TRAIN_DTYPE = dict(cpu="bfloat16", cuda="bfloat16")  # base weights; CPU bf16 matmul is 2.4x fp32 here
+# (README); adapters and loss stay fp32
+TEACHER_DTYPE = dict(cpu="bfloat16", cuda="bfloat16")  # on a GPU the precision follows lm.TEACHER_LEVELS
+TEACHER_SOURCE = dict(cpu="model", cuda="topk")  # "model": the teacher runs beside the student in every step;
+# "topk": its top-k stored once (--store-topk), no teacher in training (the 24 GB route, reports/gpu-plan.md)
+TOPK = 64  # stored teacher log-probabilities per answer position, plus one bucket for the remaining mass: the
+# loss is exact when k covers the vocabulary and at most 2% low at 64 on peaked teachers (tests/test_distill.py)
+TOPK_BATCH = dict(cpu=4, cuda=16)  # pairs per teacher forward when storing top-k
+TOPK_SHARD = 256  # pairs per stored shard (the resume unit of --store-topk)
 SAVE_STEPS = 10  # Trainer checkpoint interval (resume after a kill)
 LOG_STEPS = 1
 MEASURE_STEPS = 2  # --measure: steps per variant (the first is warm-up; s/step is the mean of the rest)
@@ -68,6 +90,8 @@ MEASURE_BATCH, MEASURE_LENGTH = 4, 256  # --measure: sequences x tokens per step
 # -----------------------------------------------------------------------------
 
 LOSS_TYPES = ("distillm_v2", "distillm_v1", "kd", "seqkd", "gkd", "tvd")
+TOPK_FIELDS = ("ids", "logprobs", "rest", "target")  # stored per answer position (teacher_topk)
+TOPK_DIR = common.OUTPUTS / "01_topk"  # the stored top-k at TEMPERATURE (another temperature: topk_dir)
 
 
 @dataclass
@@ -214,42 +238,108 @@ def last_hidden(model, input_ids, attention_mask):
     return out.hidden_states[-1]
 
 
+def teacher_hidden(teacher, input_ids, attention_mask):
+    """Final-norm hidden states [B, T, H] of the frozen teacher from its decoder alone: no logits, and not the
+    hidden states of every layer that output_hidden_states would keep. Inputs go to the teacher's (first) device."""
+    device = teacher.device
+    return teacher.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 use_cache=False).last_hidden_state
+
+
+def head_logits(head, hidden, vocab):
+    """Float32 logits [N, vocab] of hidden states [N, H] through an lm_head that may sit on another device (a
+    teacher placed by lm.load_teacher), returned on the hidden states' device."""
+    return head(hidden.to(head.weight.device))[..., :vocab].float().to(hidden.device)
+
+
+def chunked(fn, chunk, sliced, fixed):
+    """fn(*slices, *fixed) over row slices of `chunk` rows of the sliced tensors (a float among them passes whole),
+    concatenated. Each slice runs under activation checkpointing when the first tensor needs a gradient, so forward
+    and backward hold one chunk of [chunk, V] logits at a time; chunk 0: one slice."""
+    n = sliced[0].shape[0]
+    step = chunk or max(n, 1)
+    out = []
+    for start in range(0, n, step):
+        args = [x[start:start + step] if torch.is_tensor(x) else x for x in sliced] + list(fixed)
+        if torch.is_grad_enabled() and sliced[0].requires_grad:
+            out.append(checkpoint(fn, *args, use_reentrant=False))
+        else:
+            out.append(fn(*args))
+    return torch.cat(out) if out else sliced[0].new_zeros(0, dtype=torch.float32)
+
+
 def _chunk_divergence(s_hidden, t_hidden, targets, alpha, s_head, t_head, name, cfg):
-    s_logits = s_head(s_hidden)
+    s_logits = head_logits(s_head, s_hidden, cfg.vocab_size)
     with torch.no_grad():
-        t_logits = t_head(t_hidden)
-    v = cfg.vocab_size or min(s_logits.shape[-1], t_logits.shape[-1])
-    return token_divergence(name, t_logits[..., :v].float(), s_logits[..., :v].float(), targets, alpha, cfg)
+        t_logits = head_logits(t_head, t_hidden, cfg.vocab_size)
+    return token_divergence(name, t_logits, s_logits, targets, alpha, cfg)
 
 
 def chunked_token_divergence(name, s_hidden, t_hidden, targets, alpha, s_head, t_head, cfg):
-    """Divergence at gathered response positions [N, H], lm_heads applied chunk by chunk under activation
-    checkpointing: in forward and backward only one [chunk, V] pair of logits exists at a time."""
-    out = []
-    for start in range(0, s_hidden.shape[0], cfg.chunk):
-        sl = slice(start, start + cfg.chunk)
-        a = alpha[sl] if torch.is_tensor(alpha) else alpha
-        if torch.is_grad_enabled() and s_hidden.requires_grad:
-            out.append(checkpoint(_chunk_divergence, s_hidden[sl], t_hidden[sl], targets[sl], a, s_head, t_head,
-                                  name, cfg, use_reentrant=False))
-        else:
-            out.append(_chunk_divergence(s_hidden[sl], t_hidden[sl], targets[sl], a, s_head, t_head, name, cfg))
-    return torch.cat(out) if out else s_hidden.new_zeros(0, dtype=torch.float32)
+    """Divergence at gathered response positions [N, H], lm_heads applied cfg.chunk positions at a time (chunked)."""
+    return chunked(_chunk_divergence, cfg.chunk, [s_hidden, t_hidden, targets, alpha], [s_head, t_head, name, cfg])
 
 
+# ----------------------------------------------------------------------------- the teacher's stored top-k
+def teacher_topk(t_logits, targets, k, temperature=1.0):
+    """What --store-topk keeps of the teacher at each answer position, from its logits [N, V] (sliced to the shared
+    vocabulary) at temperature: {ids [N, k] int32, logprobs [N, k], rest [N] (log of the mass outside the top k;
+    -inf when k covers V), target [N] (log-probability of the next token, for adaptive alpha)}."""
+    lp = log_probs(t_logits, temperature)
+    top, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    rest = torch.logsumexp(lp.scatter(-1, ids, float("-inf")), dim=-1)
+    return dict(ids=ids.to(torch.int32), logprobs=top, rest=rest, target=lp.gather(-1, targets[:, None]).squeeze(-1))
+
+
+def topk_buckets(t_ids, t_logprobs, t_rest, s_logprobs):
+    """Teacher and student log-probabilities [N, k + 1] over the teacher's top-k tokens and one bucket holding the
+    rest of the vocabulary (each side's remaining mass); [N, k] when k covers the vocabulary. Every divergence of
+    token_divergence is an f-divergence, so on the buckets it is at most its full-vocabulary value (data processing
+    inequality) and equal to it when k covers the vocabulary."""
+    ids = t_ids.long()
+    s_top = s_logprobs.gather(-1, ids)
+    if ids.shape[-1] >= s_logprobs.shape[-1]:
+        return t_logprobs, s_top
+    s_rest = torch.logsumexp(s_logprobs.scatter(-1, ids, float("-inf")), dim=-1)
+    return torch.cat([t_logprobs, t_rest[:, None]], -1), torch.cat([s_top, s_rest[:, None]], -1)
+
+
+def _topk_chunk_divergence(s_hidden, t_ids, t_logprobs, t_rest, targets, alpha, s_head, name, cfg):
+    s_logits = head_logits(s_head, s_hidden, cfg.vocab_size)
+    if name == "nll":
+        return nll(s_logits, targets)
+    lp, lq = topk_buckets(t_ids, t_logprobs, t_rest, log_probs(s_logits, cfg.temperature))
+    return token_divergence(name, lp, lq, targets, alpha, replace(cfg, temperature=1.0))  # buckets are at tau already
+
+
+def topk_token_divergence(name, s_hidden, stored, targets, alpha, s_head, cfg):
+    """Divergence at gathered response positions against the stored top-k (rows aligned with s_hidden), cfg.chunk
+    positions at a time."""
+    return chunked(_topk_chunk_divergence, cfg.chunk, [s_hidden, stored["ids"], stored["logprobs"], stored["rest"],
+                                                        targets, alpha], [s_head, name, cfg])
+
+
+def stored_topk(batch, sides):
+    """The stored top-k of the stacked sides, rows in response_positions order (chosen rows first); None when the
+    batch carries none."""
+    if f"{sides[0]}_topk_ids" not in batch:
+        return None
+    return {f: torch.cat([batch[f"{s}_topk_{f}"] for s in sides]) for f in TOPK_FIELDS}
+
+
+# ----------------------------------------------------------------------------- adaptive alpha
 @torch.no_grad()
-def geometric_mean_probs(s_hidden, t_hidden, targets, rows, n_seq, s_head, t_head, cfg):
-    """Per-sequence geometric-mean probability of the answer tokens under teacher and student."""
-    lp_all, lq_all = [], []
-    for start in range(0, s_hidden.shape[0], max(cfg.chunk, 1)):
-        sl = slice(start, start + max(cfg.chunk, 1))
-        s_logits, t_logits = s_head(s_hidden[sl]), t_head(t_hidden[sl])
-        v = cfg.vocab_size or min(s_logits.shape[-1], t_logits.shape[-1])
-        tgt = targets[sl].unsqueeze(-1)
-        lp_all.append(log_probs(t_logits[..., :v], cfg.temperature).gather(-1, tgt).squeeze(-1))
-        lq_all.append(log_probs(s_logits[..., :v], cfg.temperature).gather(-1, tgt).squeeze(-1))
-    lp, lq = torch.cat(lp_all), torch.cat(lq_all)
-    return per_sequence_mean(lp, rows, n_seq).exp(), per_sequence_mean(lq, rows, n_seq).exp()
+def target_logprobs(hidden, targets, head, cfg):
+    """Log-probability at temperature of each target token [N] under an lm_head, cfg.chunk positions at a time."""
+    step = cfg.chunk or max(hidden.shape[0], 1)
+    out = [log_probs(head_logits(head, hidden[s:s + step], cfg.vocab_size), cfg.temperature)
+           .gather(-1, targets[s:s + step, None]).squeeze(-1) for s in range(0, hidden.shape[0], step)]
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def probability_gap(t_logprobs, s_logprobs, rows, n_seq):
+    """Per sequence: |geometric-mean probability of its answer tokens under the teacher - under the student|."""
+    return (per_sequence_mean(t_logprobs, rows, n_seq).exp() - per_sequence_mean(s_logprobs, rows, n_seq).exp()).abs()
 
 
 class AlphaState:
@@ -286,54 +376,62 @@ def distill_loss(student, teacher, batch, cfg, step=0, max_steps=1, alpha_state=
     prompt). The sides a loss type needs go through one student forward and one no-grad teacher forward; each
     divergence is averaged over a sequence's response tokens, then over the side's sequences, and the terms are
     weighted per loss_terms. cfg.chunk = 0 is the naive version: full [B, T, V] logits of both models, masked
-    afterwards; otherwise only response positions get logits, cfg.chunk positions at a time.
+    afterwards; otherwise only response positions get logits, cfg.chunk positions at a time. When the batch carries
+    the teacher's stored top-k ({side}_topk_<field>, --store-topk) no teacher runs (teacher may be None) and the
+    divergences compare the top-k and the remaining-mass bucket (topk_buckets).
     """
     beta = scheduled_beta(cfg.beta, step, max_steps, cfg.gradual_beta)
     terms = loss_terms(cfg.loss_type, beta)
     sides = [s for s in ("chosen", "rejected") if any(t[0] == s for t in terms)]
     data, ranges = stack_sides(batch, sides)
     rows, pos, targets = response_positions(data["labels"])
-    s_head, t_head = output_head(student), output_head(teacher)
-    if cfg.chunk:
+    stored = stored_topk(batch, sides)
+    s_head = output_head(student)
+    t_head = None if stored is not None else output_head(teacher)
+    cfg = replace(cfg, vocab_size=cfg.vocab_size or min(h.weight.shape[0] for h in (s_head, t_head) if h is not None))
+    if stored is not None or cfg.chunk:
         s_h = last_hidden(student, data["input_ids"], data["attention_mask"])[rows, pos]
-        with torch.no_grad():
-            t_h = last_hidden(teacher, data["input_ids"], data["attention_mask"])[rows, pos]
+        if stored is None:
+            with torch.no_grad():
+                t_all = teacher_hidden(teacher, data["input_ids"], data["attention_mask"])
+                t_h = t_all[rows.to(t_all.device), pos.to(t_all.device)].to(s_h.device)
     else:
         s_logits = student(input_ids=data["input_ids"], attention_mask=data["attention_mask"], use_cache=False).logits
         with torch.no_grad():
-            t_logits = teacher(input_ids=data["input_ids"], attention_mask=data["attention_mask"],
-                               use_cache=False).logits
-        v = cfg.vocab_size or min(s_logits.shape[-1], t_logits.shape[-1])
-        s_logits, t_logits = s_logits[:, :-1, :v].float(), t_logits[:, :-1, :v].float()
+            t_logits = teacher(input_ids=data["input_ids"].to(teacher.device), use_cache=False,
+                               attention_mask=data["attention_mask"].to(teacher.device)).logits.to(s_logits.device)
+        s_logits, t_logits = s_logits[:, :-1, :cfg.vocab_size].float(), t_logits[:, :-1, :cfg.vocab_size].float()
     total, parts = 0.0, dict(beta=beta)
     for side, name, weight in terms:
         lo, hi = ranges[side]
         sel = (rows >= lo) & (rows < hi)
         side_rows, n_seq = rows[sel] - lo, hi - lo
         alpha = cfg.alpha1 if side == "chosen" else cfg.alpha2
-        if cfg.chunk:
-            if cfg.adaptive_alpha and name in ("skl", "srkl"):
-                gp, gq = geometric_mean_probs(s_h[sel].detach(), t_h[sel], targets[sel], side_rows, n_seq, s_head,
-                                              t_head, cfg)
-                alpha = (alpha_state or AlphaState()).alphas(side, alpha, (gp - gq).abs())
-                parts[f"{side}_alpha"] = alpha.mean().item()
-                alpha = alpha[side_rows]
-            tok = chunked_token_divergence(name, s_h[sel], t_h[sel], targets[sel], alpha, s_head, t_head, cfg)
-        else:
-            s_side, t_side = s_logits[lo:hi], t_logits[lo:hi]
-            side_pos = pos[sel]
+        if stored is None and not cfg.chunk:
+            s_side, t_side, side_pos = s_logits[lo:hi], t_logits[lo:hi], pos[sel]
             if cfg.adaptive_alpha and name in ("skl", "srkl"):
                 with torch.no_grad():
                     tgt = targets[sel].unsqueeze(-1)
                     lp = log_probs(t_side[side_rows, side_pos], cfg.temperature).gather(-1, tgt).squeeze(-1)
                     lq = log_probs(s_side[side_rows, side_pos], cfg.temperature).gather(-1, tgt).squeeze(-1)
-                    gap = (per_sequence_mean(lp, side_rows, n_seq).exp()
-                           - per_sequence_mean(lq, side_rows, n_seq).exp()).abs()
-                alpha = (alpha_state or AlphaState()).alphas(side, alpha, gap)
+                alpha = (alpha_state or AlphaState()).alphas(side, alpha, probability_gap(lp, lq, side_rows, n_seq))
                 parts[f"{side}_alpha"] = alpha.mean().item()
                 alpha = alpha[:, None].expand(-1, s_side.shape[1])
             full_targets = data["labels"][lo:hi, 1:].clamp(min=0)
             tok = token_divergence(name, t_side, s_side, full_targets, alpha, cfg)[side_rows, side_pos]
+        else:
+            if cfg.adaptive_alpha and name in ("skl", "srkl"):
+                lp = stored["target"][sel] if stored is not None else target_logprobs(t_h[sel], targets[sel], t_head,
+                                                                                      cfg)
+                lq = target_logprobs(s_h[sel].detach(), targets[sel], s_head, cfg)
+                alpha = (alpha_state or AlphaState()).alphas(side, alpha, probability_gap(lp, lq, side_rows, n_seq))
+                parts[f"{side}_alpha"] = alpha.mean().item()
+                alpha = alpha[side_rows]
+            if stored is not None:
+                tok = topk_token_divergence(name, s_h[sel], {f: v[sel] for f, v in stored.items()}, targets[sel],
+                                            alpha, s_head, cfg)
+            else:
+                tok = chunked_token_divergence(name, s_h[sel], t_h[sel], targets[sel], alpha, s_head, t_head, cfg)
         seq = per_sequence_mean(tok, side_rows, n_seq)
         parts[f"{side}_{name}"] = seq.mean().item()
         total = total + weight * seq.mean()
@@ -376,7 +474,9 @@ def encode_pair(tokenizer, pair, max_length=MAX_LENGTH, max_response=MAX_RESPONS
 
 
 def collate(examples, pad_id):
-    """Right-pad every side of a list of encoded pairs to one length; attention masks from the lengths."""
+    """Right-pad every side of a list of encoded pairs to one length; attention masks from the lengths. The stored
+    top-k of the pairs (with_topk), when present, is concatenated per side in the examples' order, which is the order
+    of response_positions."""
     batch = {}
     for side in ("chosen", "rejected"):
         seqs = [e[f"{side}_input_ids"] for e in examples]
@@ -385,6 +485,9 @@ def collate(examples, pad_id):
         batch[f"{side}_labels"] = torch.tensor([e[f"{side}_labels"] + [-100] * (width - len(e[f"{side}_labels"]))
                                                 for e in examples])
         batch[f"{side}_attention_mask"] = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        if f"{side}_topk_ids" in examples[0]:
+            batch.update({f"{side}_topk_{f}": torch.cat([e[f"{side}_topk_{f}"] for e in examples])
+                          for f in TOPK_FIELDS})
     return batch
 
 
@@ -393,15 +496,140 @@ def read_pairs(path):
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"{path} not found: run `make pairs` (00_generate_pairs.py) first.")
-    pairs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            pairs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    pairs = lm.read_jsonl(path)
     if not pairs:
         raise SystemExit(f"{path} has no pairs: run `make pairs` again (see its meta.json for dropped questions).")
     return pairs
+
+
+def training_tokenizer(model_id):
+    """The student's tokenizer padding on the right (training batches; 00 and 04 pad on the left)."""
+    tokenizer = lm.load_tokenizer(model_id)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- --store-topk
+def topk_dir(temperature):
+    """Folder of the top-k stored at a temperature: TOPK_DIR at TEMPERATURE, a sibling for the others (the sweep)."""
+    return TOPK_DIR if temperature == TEMPERATURE else TOPK_DIR.with_name(f"{TOPK_DIR.name}-t{temperature}")
+
+
+def topk_inputs(pairs_path, teacher_id, vocab, temperature, k=TOPK):
+    """What a stored top-k depends on (its meta.json "inputs"): training refuses a store of other inputs and
+    --store-topk writes it again."""
+    fingerprint = hashlib.sha256(lm.model_fingerprint(teacher_id).encode("utf-8")).hexdigest()[:16]
+    return dict(pairs_sha256=common.sha256_file(pairs_path), teacher=teacher_id, teacher_fingerprint=fingerprint,
+                vocab=vocab, k=k, temperature=temperature, max_length=MAX_LENGTH, max_response=MAX_RESPONSE,
+                end_of_turn=END_OF_TURN)
+
+
+@torch.no_grad()
+def pairs_topk(teacher, tokenizer, pairs, first, vocab, temperature, k, batch_pairs, chunk=LOSS_CHUNK):
+    """{"<pair index>/<side>/<field>": tensor} of the teacher's top-k (teacher_topk) at every response position of
+    the chosen and rejected sequences of pairs (indices from first), encoded exactly as training encodes them."""
+    head, out = output_head(teacher), {}
+    for start in range(0, len(pairs), batch_pairs):
+        batch = collate([encode_pair(tokenizer, p) for p in pairs[start:start + batch_pairs]], tokenizer.pad_token_id)
+        n = batch["chosen_input_ids"].shape[0]
+        for side in ("chosen", "rejected"):
+            rows, pos, targets = response_positions(batch[f"{side}_labels"])
+            hidden = teacher_hidden(teacher, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"])
+            hidden = hidden[rows.to(hidden.device), pos.to(hidden.device)]
+            step = chunk or max(len(rows), 1)
+            parts = [teacher_topk(head_logits(head, hidden[s:s + step], vocab), targets[s:s + step].to(hidden.device),
+                                  k, temperature) for s in range(0, len(rows), step)]
+            counts = torch.bincount(rows, minlength=n).tolist()
+            for f in TOPK_FIELDS:
+                merged = torch.cat([p[f] for p in parts]).cpu() if parts else torch.zeros(0)
+                for i, piece in enumerate(torch.split(merged, counts)):
+                    out[f"{first + start + i}/{side}/{f}"] = piece.contiguous()
+    return out
+
+
+def store_reserve_gib(teacher_id, kind, k=TOPK):
+    """GiB storing the top-k needs on the GPU besides the teacher's weights (gpu_memory); 0 on the CPU."""
+    if kind == "cpu":
+        return 0.0
+    config = lm.model_config(teacher_id)
+    peak = gpu_memory.topk_store_bytes(config, "bf16", TOPK_BATCH[kind], MAX_LENGTH, LOSS_CHUNK, k)
+    return (peak - gpu_memory.weight_bytes(config)) / gpu_memory.GIB
+
+
+def store_topk(pairs_path, out_dir, teacher_id, student_id, temperature=TEMPERATURE, k=TOPK):
+    """Store the teacher's top-k at every answer position of every pair in out_dir: shard-NNNNN.safetensors (TOPK_SHARD
+    pairs each), meta.json, DONE. A store of the same inputs is kept (and resumed shard by shard); one of other
+    inputs is replaced. Returns meta."""
+    t0 = time.time()
+    tokenizer = training_tokenizer(student_id)
+    vocab = lm.shared_vocab_size(tokenizer, lm.load_tokenizer(teacher_id))
+    pairs, inputs, out_dir = read_pairs(pairs_path), topk_inputs(pairs_path, teacher_id, vocab, temperature, k), \
+        Path(out_dir)
+    if (out_dir / "DONE").exists() and json.loads((out_dir / "meta.json").read_text(encoding="utf-8")).get(
+            "inputs") == inputs:
+        (out_dir / "DONE").touch()  # newer than the script, so make does not ask again
+        print(f"01: the top-k in {out_dir} is current")
+        return json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
+    fresh_or_resumable(out_dir, inputs, pattern="shard-*")
+    (out_dir / "DONE").unlink(missing_ok=True)
+    device = lm.pick_device()
+    kind = lm.device_kind(device)
+    teacher = lm.load_teacher(teacher_id, device, store_reserve_gib(teacher_id, kind, k),
+                              getattr(torch, TEACHER_DTYPE[kind]))
+    for shard, first in enumerate(tqdm(range(0, len(pairs), TOPK_SHARD), desc="01 top-k", unit="shard")):
+        path = out_dir / f"shard-{shard:05d}.safetensors"
+        if not path.exists():
+            tensors = pairs_topk(teacher, tokenizer, pairs[first:first + TOPK_SHARD], first, vocab, temperature, k,
+                                 TOPK_BATCH[kind])
+            save_file(tensors, path.with_name(path.name + ".tmp"))
+            os.replace(path.with_name(path.name + ".tmp"), path)
+    meta = dict(inputs=inputs, n_pairs=len(pairs), shards=len(list(out_dir.glob("shard-*.safetensors"))),
+                seconds=round(time.time() - t0, 1), peak_rss_gib=round(lm.peak_rss_gib(), 2),
+                peak_gpu_gib=lm.peak_gpu_gib())
+    common.write_meta(out_dir / "meta.json", settings=settings_dict(), **meta)
+    (out_dir / "DONE").touch()
+    print(f"01: stored the teacher's top-{k} of {len(pairs)} pairs in {meta['seconds']} s -> {out_dir}")
+    return meta
+
+
+def skip_topk(out_dir, kind):
+    """The stamp of `make topk` on a device whose training loads the teacher (TEACHER_SOURCE "model"): no store."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    reason = f"TEACHER_SOURCE[{kind}] is 'model': training loads the teacher; pass --teacher-source topk to store"
+    common.write_meta(Path(out_dir) / "meta.json", settings=settings_dict(), skipped=reason)
+    (Path(out_dir) / "DONE").touch()
+    print(f"01: no top-k stored ({reason})")
+
+
+def load_topk(out_dir, inputs):
+    """{pair index: {side: {field: tensor}}} of a finished store written from these inputs; stops with the command
+    that writes it otherwise."""
+    out_dir = Path(out_dir)
+    meta = json.loads((out_dir / "meta.json").read_text(encoding="utf-8")) if (out_dir / "DONE").exists() else {}
+    if meta.get("inputs") != inputs:
+        option = "" if inputs["temperature"] == TEMPERATURE else f" --temperature {inputs['temperature']}"
+        raise SystemExit(f"{out_dir} holds no top-k of these pairs, teacher and settings: run `make topk` "
+                         f"(01_train_distillm.py --store-topk{option}).")
+    stored = {}
+    for path in sorted(out_dir.glob("shard-*.safetensors")):
+        for key, tensor in load_file(path).items():
+            index, side, field = key.split("/")
+            stored.setdefault(int(index), {}).setdefault(side, {})[field] = tensor
+    return stored
+
+
+def with_topk(encoded, stored):
+    """The encoded pairs with their stored top-k as {side}_topk_<field}; stops when a pair's answer positions and
+    its stored rows differ (the encoding changed since the store was written)."""
+    for i, example in enumerate(encoded):
+        for side in ("chosen", "rejected"):
+            n = sum(label != -100 for label in example[f"{side}_labels"][1:])
+            got = stored.get(i, {}).get(side)
+            if got is None or got["ids"].shape[0] != n:
+                raise SystemExit(f"01: pair {i} has {n} {side} answer positions but the stored top-k has "
+                                 f"{None if got is None else got['ids'].shape[0]}: run `make topk` again.")
+            example.update({f"{side}_topk_{f}": got[f] for f in TOPK_FIELDS})
+    return encoded
 
 
 # ----------------------------------------------------------------------------- training
@@ -410,11 +638,12 @@ def make_trainer_class():
     from transformers import Trainer
 
     class DistiLLMTrainer(Trainer):
-        """transformers.Trainer whose loss is distill_loss against a frozen teacher (no-grad, eval mode)."""
+        """transformers.Trainer whose loss is distill_loss against a frozen teacher (set after the Trainer has put
+        the student on this rank's device), or against the stored top-k in the batches (teacher None)."""
 
-        def __init__(self, *args, teacher, loss_config, **kwargs):
+        def __init__(self, *args, loss_config, **kwargs):
             super().__init__(*args, **kwargs)
-            self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+            self.teacher = None
             self.loss_config = loss_config
             self.alpha_state = AlphaState()
             self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
@@ -423,18 +652,21 @@ def make_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, parts = distill_loss(model, self.teacher, inputs, self.loss_config, self.state.global_step,
                                        self.state.max_steps, self.alpha_state)
-            self.history.append(dict(step=self.state.global_step, loss=loss.item(), **parts))
+            self.history.append(dict(step=self.state.global_step, loss=loss.item(),
+                                     pairs=int(inputs["chosen_input_ids"].shape[0]), **parts))
             return (loss, None) if return_outputs else loss
 
     return DistiLLMTrainer
 
 
-def lora_student(model_id, dtype, gradient_checkpointing):
-    """The student with fresh LoRA adapters on LORA_TARGETS (base weights frozen)."""
+def lora_student(model_id, dtype, gradient_checkpointing, device="cpu"):
+    """The student with fresh LoRA adapters on LORA_TARGETS (base weights frozen), loaded straight onto the device
+    (the rank's: no copy in host RAM first)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(common.resolve_model(model_id), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(lm.local_model(model_id), dtype=dtype,
+                                                 device_map=lm.device_name(device))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=LORA_TARGETS,
@@ -453,50 +685,125 @@ class PairDataset(torch.utils.data.Dataset):
         return self.encoded[i]
 
 
-def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id):
-    """Train LoRA adapters with the DistiLLMTrainer and save them with meta.json; returns the meta dict."""
+def world_size():
+    """Processes of this training run: WORLD_SIZE, set by `accelerate launch` and torchrun (1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def train_steps(epochs, n_pairs, batch_pairs, accumulation, world):
+    """Optimizer steps for `epochs` passes over n_pairs: ceil(epochs x pairs / (batch x accumulation x world))."""
+    return max(1, math.ceil(epochs * n_pairs / (batch_pairs * accumulation * world)))
+
+
+def training_arguments(run_dir, steps, kind):
+    """TrainingArguments of this device kind; creating them sets up the process group under accelerate launch (gloo
+    on CPUs, NCCL on GPUs) and the rank's device (args.device)."""
     from transformers import TrainingArguments
 
+    return TrainingArguments(
+        output_dir=str(run_dir), max_steps=steps, per_device_train_batch_size=BATCH_PAIRS[kind],
+        gradient_accumulation_steps=GRAD_ACCUM[kind], learning_rate=LEARNING_RATE,
+        warmup_steps=int(WARMUP_RATIO * steps),  # whole steps (a ratio gave a 1-step run LR 0)
+        lr_scheduler_type="cosine", weight_decay=WEIGHT_DECAY, logging_steps=LOG_STEPS, save_steps=SAVE_STEPS,
+        save_total_limit=1, report_to=[], remove_unused_columns=False, seed=common.SEED, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False, bf16=kind == "cuda", use_cpu=kind == "cpu")
+
+
+def step_reserve_gib(student_id, teacher_id, kind):
+    """GiB one training step needs on the student's GPU besides the weights already loaded (gpu_memory), kept free
+    when the teacher is placed; 0 on the CPU."""
+    if kind == "cpu":
+        return 0.0
+    student, teacher = lm.model_config(student_id), lm.model_config(teacher_id)
+    sequences = 2 * BATCH_PAIRS[kind]
+    peak = gpu_memory.train_step_bytes(student, sequences, MAX_LENGTH, sequences * MAX_RESPONSE, LOSS_CHUNK, LORA_R,
+                                       teacher=teacher)
+    return (peak - gpu_memory.weight_bytes(student) - gpu_memory.weight_bytes(teacher)) / gpu_memory.GIB
+
+
+def adapter_digest(model):
+    """sha256 of the trainable (LoRA) weights: equal on every rank when data parallel kept them in sync."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def rank_summary(trainer):
+    """Per rank, gathered on every rank: its device and its teacher's, the micro-batches and pairs it trained on and
+    its adapter digest; stops when the ranks' adapters differ."""
+    from accelerate.utils import gather_object
+
+    teacher = trainer.teacher
+    mine = dict(rank=trainer.args.process_index, device=str(trainer.args.device),
+                teacher_device=str(teacher.device) if teacher is not None else None,
+                micro_batches=len(trainer.history), pairs=sum(h["pairs"] for h in trainer.history),
+                adapter_sha256=adapter_digest(trainer.model))
+    ranks = gather_object([mine])
+    if len({r["adapter_sha256"] for r in ranks}) > 1:
+        raise SystemExit(f"01: the ranks ended with different adapters ({ranks}): data parallel lost sync.")
+    return ranks
+
+
+def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id, source="model"):
+    """Train LoRA adapters with the DistiLLMTrainer on this process's share of the pairs; save them with meta.json on
+    the main process after a barrier. source "model": the teacher is loaded after the Trainer has set this rank's
+    device and put the student there; "topk": the stored top-k (topk_dir(cfg.temperature)), no teacher. max_steps
+    None: train_steps. Returns (meta, whether this is the main process)."""
+    from accelerate import PartialState
+
     t0 = time.time()
-    tokenizer = lm.load_tokenizer(student_id)
-    tokenizer.padding_side = "right"
+    tokenizer = training_tokenizer(student_id)
     vocab = lm.shared_vocab_size(tokenizer, lm.load_tokenizer(teacher_id))
     cfg = replace(cfg, vocab_size=vocab)
     pairs = read_pairs(pairs_path)
     encoded = [encode_pair(tokenizer, p) for p in pairs]
-    device = lm.pick_device()
-    student = lora_student(student_id, getattr(torch, STUDENT_TRAIN_DTYPE) if device == "cpu" else None,
-                           GRADIENT_CHECKPOINTING[device])
-    teacher = lm.load_model(teacher_id, device, getattr(torch, TEACHER_DTYPE))
-    args = TrainingArguments(
-        output_dir=str(run_dir), max_steps=max_steps, per_device_train_batch_size=BATCH_PAIRS,
-        gradient_accumulation_steps=GRAD_ACCUM, learning_rate=LEARNING_RATE,
-        warmup_steps=int(WARMUP_RATIO * max_steps),  # whole steps (a ratio gave a 1-step run LR 0)
-        lr_scheduler_type="cosine", weight_decay=WEIGHT_DECAY, logging_steps=LOG_STEPS, save_steps=SAVE_STEPS,
-        save_total_limit=1, report_to=[], remove_unused_columns=False, seed=common.SEED, dataloader_num_workers=0,
-        ddp_find_unused_parameters=False, bf16=device == "cuda", use_cpu=device == "cpu")
+    if source == "topk":
+        inputs = topk_inputs(pairs_path, teacher_id, vocab, cfg.temperature)
+        encoded = with_topk(encoded, load_topk(topk_dir(cfg.temperature), inputs))
+    kind = lm.device_kind(lm.pick_device())
+    world = world_size()
+    if world > 1 and source == "model" and lm.TEACHER_DEVICE != "same":
+        raise SystemExit(f"01: FSKU_TEACHER_DEVICE={lm.TEACHER_DEVICE} under {world} processes would put every rank's "
+                         "teacher on the same GPUs: unset it (each rank's teacher on its own GPU) or use the stored "
+                         "top-k (TEACHER_SOURCE topk).")
+    steps = max_steps or train_steps(EPOCHS[kind], len(pairs), BATCH_PAIRS[kind], GRAD_ACCUM[kind], world)
+    args = training_arguments(run_dir, steps, kind)
+    state = PartialState()
+    student = lora_student(student_id, getattr(torch, STUDENT_TRAIN_DTYPE[kind]), GRADIENT_CHECKPOINTING[kind],
+                           args.device)
     trainer = make_trainer_class()(model=student, args=args, train_dataset=PairDataset(encoded),
-                                   data_collator=lambda ex: collate(ex, tokenizer.pad_token_id), teacher=teacher,
-                                   loss_config=cfg)
-    resume = fresh_or_resumable(run_dir, dict(loss_config=asdict(cfg), settings=settings_dict(), max_steps=max_steps,
-                                              pairs_sha256=common.sha256_file(pairs_path), student=student_id))
+                                   data_collator=lambda ex: collate(ex, tokenizer.pad_token_id), loss_config=cfg)
+    if source == "model":  # after the Trainer: args.device is this rank's device and the student is on it
+        trainer.teacher = lm.load_teacher(teacher_id, args.device, step_reserve_gib(student_id, teacher_id, kind),
+                                          getattr(torch, TEACHER_DTYPE[kind]))
+    config = dict(loss_config=asdict(cfg), settings=settings_dict(), max_steps=steps, world_size=world,
+                  source=source, pairs_sha256=common.sha256_file(pairs_path), student=student_id)
+    if state.is_main_process:
+        fresh_or_resumable(run_dir, config)
+    state.wait_for_everyone()
+    resume = any(Path(run_dir).glob("checkpoint-*"))
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=resume or None)
     train_seconds = time.time() - t_train
-    meta = dict(loss_config=asdict(cfg), student=student_id, teacher=teacher_id, pairs=str(pairs_path),
-                pairs_sha256=common.sha256_file(pairs_path), n_pairs=len(pairs), max_steps=max_steps,
-                resumed=resume, train_loss=result.training_loss, history=trainer.history,
-                seconds=dict(total=round(time.time() - t0, 1), train=round(train_seconds, 1),
-                             per_step=round(train_seconds / max(max_steps, 1), 1)),
-                peak_rss_gib=round(lm.peak_rss_gib(), 2), settings=settings_dict(), versions=common.versions("accelerate", "trl"))
-    if trainer.is_world_process_zero():
+    ranks = rank_summary(trainer)
+    meta = dict(loss_config=asdict(cfg), student=student_id, teacher=teacher_id, teacher_source=source,
+                pairs=str(pairs_path), pairs_sha256=common.sha256_file(pairs_path), n_pairs=len(pairs),
+                max_steps=steps, world_size=world, ranks=ranks, resumed=resume, train_loss=result.training_loss,
+                history=trainer.history, seconds=dict(total=round(time.time() - t0, 1), train=round(train_seconds, 1),
+                                                      per_step=round(train_seconds / max(steps, 1), 1)),
+                peak_rss_gib=round(lm.peak_rss_gib(), 2), peak_gpu_gib=lm.peak_gpu_gib())
+    state.wait_for_everyone()
+    if state.is_main_process:
         save_adapter(trainer.model, tokenizer, out_dir, meta)
-    return meta
+    return meta, state.is_main_process
 
 
-def fresh_or_resumable(run_dir, config):
-    """True when run_dir holds Trainer checkpoints of this exact config; checkpoints of another config are
-    removed (resuming them would silently finish someone else's run)."""
+def fresh_or_resumable(run_dir, config, pattern="checkpoint-*"):
+    """True when run_dir holds checkpoints (files matching pattern) of this exact config; a folder of another config
+    is removed (resuming it would silently finish someone else's run)."""
     import shutil
 
     run_dir = Path(run_dir)
@@ -505,7 +812,7 @@ def fresh_or_resumable(run_dir, config):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(config, sort_keys=True), encoding="utf-8")
-    return any(run_dir.glob("checkpoint-*"))
+    return any(run_dir.glob(pattern))
 
 
 def settings_dict():
@@ -518,7 +825,8 @@ def save_adapter(model, tokenizer, out_dir, meta):
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    common.write_meta(tmp / "meta.json", **meta)
+    common.write_meta(tmp / "meta.json", settings=settings_dict(), **meta,
+                      versions=common.versions("accelerate", "trl"))
     (tmp / "DONE").touch()
     if out_dir.exists():
         import shutil
@@ -533,7 +841,7 @@ def merge_adapter(adapter_dir, base_id, out_dir):
     from transformers import AutoModelForCausalLM
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    base = AutoModelForCausalLM.from_pretrained(common.resolve_model(base_id), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(lm.local_model(base_id), dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().to(torch.bfloat16)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     merged.save_pretrained(tmp, safe_serialization=True)
@@ -579,8 +887,9 @@ def measure(cfg, steps, batch, length, student_id, teacher_id):
     tokenizer = lm.load_tokenizer(student_id)
     vocab = lm.shared_vocab_size(tokenizer, lm.load_tokenizer(teacher_id))
     cfg = replace(cfg, vocab_size=vocab)
-    student = lora_student(student_id, getattr(torch, STUDENT_TRAIN_DTYPE), MEASURE_GRADIENT_CHECKPOINTING).train()
-    teacher = lm.load_model(teacher_id, "cpu", getattr(torch, TEACHER_DTYPE))
+    student = lora_student(student_id, getattr(torch, STUDENT_TRAIN_DTYPE["cpu"]),
+                           MEASURE_GRADIENT_CHECKPOINTING).train()
+    teacher = lm.load_model(teacher_id, "cpu", getattr(torch, TEACHER_DTYPE["cpu"]))
     optim = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=LEARNING_RATE)
     gen = torch.Generator().manual_seed(common.SEED)
     half = max(batch // 2, 1)
@@ -616,7 +925,7 @@ def measure(cfg, steps, batch, length, student_id, teacher_id):
                 if loaded_rss else None, step_peak_rss_gib=round(step_peaks[-1], 2) if hwm_reset and step_peaks[-1]
                 else None, step_overhead_gib=round(step_peaks[-1] - loaded_rss, 2) if hwm_reset and loaded_rss
                 else None, weights_paged_in=True, gradient_checkpointing=MEASURE_GRADIENT_CHECKPOINTING,
-                student_dtype=STUDENT_TRAIN_DTYPE, versions=common.versions("accelerate", "trl"))
+                student_dtype=STUDENT_TRAIN_DTYPE["cpu"], versions=common.versions("accelerate", "trl"))
 
 
 # ----------------------------------------------------------------------------- main
@@ -624,6 +933,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=Path, default=common.PAIRS / "pairs.jsonl")
     p.add_argument("--out", type=Path, default=common.DISTILLED, help="adapter directory")
+    p.add_argument("--run-dir", type=Path, default=None, help="Trainer checkpoints (default outputs/01_train/<out>)")
     p.add_argument("--loss-type", default=LOSS_TYPE, choices=LOSS_TYPES)
     p.add_argument("--alpha1", type=float, default=ALPHA1)
     p.add_argument("--alpha2", type=float, default=ALPHA2)
@@ -632,7 +942,10 @@ def parse_args():
     p.add_argument("--gradual-beta", action=argparse.BooleanOptionalAction, default=GRADUAL_BETA)
     p.add_argument("--adaptive-alpha", action=argparse.BooleanOptionalAction, default=ADAPTIVE_ALPHA)
     p.add_argument("--chunk", type=int, default=LOSS_CHUNK, help="0 = naive full-logit loss")
-    p.add_argument("--max-steps", type=int, default=MAX_STEPS)
+    p.add_argument("--max-steps", type=int, default=None, help="default: EPOCHS over the pairs (train_steps)")
+    p.add_argument("--teacher-source", choices=("model", "topk"), default=None, help="default: TEACHER_SOURCE")
+    p.add_argument("--store-topk", action="store_true", help="store the teacher's top-k (at --temperature), no "
+                   "training; on a device whose TEACHER_SOURCE is 'model' only the stamp")
     p.add_argument("--merge", type=Path, default=None, help="also write a merged full model directory here")
     p.add_argument("--measure", type=Path, default=None, help="time MEASURE_STEPS steps, write JSON here, no training")
     p.add_argument("--measure-steps", type=int, default=MEASURE_STEPS)
@@ -653,12 +966,25 @@ def main():
         common.write_json(args.measure, result)
         print(f"01: measured chunk={cfg.chunk}: {result['seconds_per_step']} s/step, {result['peak_rss_gib']} GiB")
         return
-    run_dir = common.OUTPUTS / "01_train" / args.out.name
-    meta = train(args.pairs, args.out, run_dir, cfg, args.max_steps, common.STUDENT_MODEL, common.TEACHER_MODEL)
+    kind = lm.device_kind(lm.pick_device())
+    source = args.teacher_source or TEACHER_SOURCE[kind]
+    if args.store_topk:
+        if source == "model":
+            skip_topk(topk_dir(cfg.temperature), kind)
+        else:
+            store_topk(args.pairs, topk_dir(cfg.temperature), common.TEACHER_MODEL, common.STUDENT_MODEL,
+                       cfg.temperature)
+        return
+    run_dir = args.run_dir or common.OUTPUTS / "01_train" / args.out.name
+    meta, main_process = train(args.pairs, args.out, run_dir, cfg, args.max_steps, common.STUDENT_MODEL,
+                               common.TEACHER_MODEL, source)
+    if not main_process:
+        return
     if args.merge:
         merge_adapter(args.out, common.STUDENT_MODEL, args.merge)
-    print(f"01: trained {args.max_steps} steps on {meta['n_pairs']} pairs in {meta['seconds']['train']:.1f} s "
-          f"(loss {meta['train_loss']:.4f}) -> {args.out}" + (f", merged -> {args.merge}" if args.merge else ""))
+    print(f"01: trained {meta['max_steps']} steps on {meta['n_pairs']} pairs ({meta['world_size']} process(es), "
+          f"teacher from {source}) in {meta['seconds']['train']:.1f} s (loss {meta['train_loss']:.4f}) -> {args.out}"
+          + (f", merged -> {args.merge}" if args.merge else ""))
 
 
 if __name__ == "__main__":

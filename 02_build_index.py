@@ -56,7 +56,7 @@ def main():
 
     t0 = time.time()
     device = lm.pick_device()
-    model = lm.load_model(encoder, device, lm.pick_dtype(device, model_id=encoder))
+    model = lm.load_model(encoder, device, lm.pick_dtype(device))
     fingerprint = retrieval.encoder_fingerprint(encoder, model.dtype)
     vectors = retrieval.embed_chunks(model, tokenizer, [c.text for c in chunks], out / "emb_cache.npz", fingerprint)
     timings["embedding"] = round(time.time() - t0, 1)
@@ -72,7 +72,7 @@ def main():
                       chunk_tokens=dict(mean=round(float(np.mean(lengths)), 1), max=int(max(lengths))),
                       windowed_articles=len({(c.source, c.article) for c in chunks if c.parts > 1}),
                       seconds=timings, bytes=sizes, index_bytes=index_bytes, device=device, dtype=str(model.dtype),
-                      peak_rss_gib=round(lm.peak_rss_gib(), 2),
+                      peak_rss_gib=round(lm.peak_rss_gib(), 2), peak_gpu_gib=lm.peak_gpu_gib(),
                       loadavg=[round(load_start, 1), round(os.getloadavg()[0], 1)],
                       versions=dict(faiss=faiss.__version__, kiwipiepy=kiwipiepy.__version__))
     (out / "DONE").touch()

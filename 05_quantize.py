@@ -10,7 +10,8 @@ fatal), checkpointed in outputs/05_select/<point>/, so a rerun measures only wha
      calibration (none, content_free, batch, auto, permute k, pride share) is scored from the same records;
   2. every other level the device runs (LEVELS), for the candidates the stage-1 best does not beat beyond the noise,
      scored under the best stage-1 calibration; a level whose first PROBE_QUESTIONS project beyond the budget stops;
-  3. PASSAGES for the best point so far (first-stage passages of an index embedded by that candidate).
+  3. PASSAGES for the best point so far, under its calibration (first-stage passages of an index embedded by that
+     candidate).
 Projected time of the 515-question test = load + 500 x MC prompts per question x s per prompt + 15 x descriptive s
 (+ reranking when passages are on), all measured on this machine. Choice: the highest score within the budget;
 a point the best does not beat by more than max(SCORE_TOLERANCE, NOISE_Z x paired SE) is tied with it, and the
@@ -120,14 +121,18 @@ def calibration_variants(records, questions):
     """{name: (Config fields of the calibration, records as that calibration would have them)} for every
     calibration the records allow: identity-based ones always; permute k and pride share when shifts are there."""
     n_max = max(len(q.options) for q in questions if q.kind == "mc")
-    have = min((len(r.get("shifts", {})) + 1 for r in records if r["kind"] == "mc"), default=1)
+    mc = [r for r in records if r["kind"] == "mc"]
+
+    def scored(k):  # every record has its first min(k, n) shifts
+        return all(len(r.get("shifts", {})) + 1 >= min(k, len(r["logprobs"])) for r in mc)
+
     out = {m: (dict(calibration=m, permutations=1, pride_share=0.0), records)
            for m in ("none", "content_free", "batch", "auto")}
     for k in PERMUTE_K:
-        if 2 <= k <= min(have, n_max):
+        if 2 <= k <= n_max and scored(k):
             out[f"permute-{k}"] = (dict(calibration="permute", permutations=k, pride_share=0.0),
                                    restricted(records, lambda r, k=k: range(1, k)))
-    if have >= n_max:
+    if scored(n_max):
         for share in PRIDE_SHARES:
             estimate = answering.pride_questions(questions, share)
             out[f"pride-{share}"] = (dict(calibration="pride", permutations=n_max, pride_share=share),
@@ -179,7 +184,8 @@ def score_point(name, records, meta, questions, labels, desc_cache):
                          keyword_recall=sum(k for _, k in parts.values()) / len(parts) if parts else None,
                          score=scoring.W_MC * sum(mc) / len(mc) + scoring.W_DESC * (sum(desc) / len(desc)
                                                                                     if desc else 0.0),
-                         projected_s=projected_seconds(meta, fields), dtype=meta["dtype"], device=meta["device"],
+                         projected_s=projected_seconds(meta, fields), load_s=meta["seconds"]["load"],
+                         dtype=meta["dtype"], device=meta["device"],
                          peak_gib=meta.get("peak_gpu_gib") or meta.get("peak_rss_gib"),
                          load_average=meta.get("load_average"), timing=meta.get("timing")))
     return rows
@@ -221,6 +227,15 @@ def alternatives(rows, labels, chosen, n=8):
             for r in out]
 
 
+def dev_seconds(row, labels):
+    """Measured time of the row's configuration for the whole development set (load, prompts, descriptive)."""
+    timing, n_mc = row["timing"] or {}, sum(labels[i]["kind"] == "mc" for i in row["each"])
+    prompts = test_prompts_per_question(row["config"]) if row["config"]["calibration"] != "permute" else \
+        min(row["config"]["permutations"], 4)  # the development items have four options
+    return (row["load_s"] + n_mc * prompts * (timing.get("mc_s_per_prompt") or 0.0)
+            + (len(row["each"]) - n_mc) * (timing.get("desc_s_per_question") or 0.0))
+
+
 def write_selection(chosen, tied, rows, labels, budget_s, device, command):
     """selection.json: the configuration, its dev figures, the alternatives for slower machines, the machine."""
     best = max(rows, key=lambda r: r["score"])
@@ -235,6 +250,7 @@ def write_selection(chosen, tied, rows, labels, budget_s, device, command):
                      encoder=scoring.encoder_name(), best_score=round(best["score"], 4),
                      best_minus_chosen=round(diff, 4), best_minus_chosen_se=round(se, 4), dtype=chosen["dtype"],
                      projected_s=round(chosen["projected_s"], 1), budget_s=budget_s, points=len(rows),
+                     per_question_s=round(dev_seconds(chosen, labels) / len(chosen["each"]), 3),
                      tied=[f"{r['point']} {r['calibration']}" for r in tied]),
         alternatives=alternatives(rows, labels, chosen), device=device,
         machine=dict(common.machine(), cpu_dtype=measured.get("cpu_dtype"), gflops=measured.get("gflops")),
@@ -260,6 +276,11 @@ def report(rows, chosen, tied, warning, labels, budget_s, stopped, skipped, comm
              f"paired SE)): {', '.join(r['point'] + ' ' + r['calibration'] for r in tied)}.", ""]
     if warning:
         lines += [f"**Warning:** {warning}", ""]
+    echo = scoring.score({i: labels[i]["Question"] for i in chosen["each"] if labels[i]["kind"] == "desc"}, labels)
+    if echo.get("desc_score") is not None:
+        lines += [f"Echo baseline (each descriptive question answered with its own text): descriptive "
+                  f"{echo['desc_score']:.3f} (cosine {echo['cosine']:.3f}, keyword recall {echo['keyword_recall']:.3f})."
+                  " The descriptive columns below read against it.", ""]
     lines += ["| point | calibration | score | Δ vs chosen ± SE | MC acc | desc | cosine | keyword recall | dtype | "
               "s/prompt | desc s/q | projected min | peak GiB | load |", "|" + "---|" * 14]
     for r in sorted(rows, key=lambda r: -r["score"]):
@@ -342,7 +363,7 @@ def measure(questions, labels, device, budget_s, desc_cache):
         candidate, level = best["config"]["candidate"], best["config"]["level"]
         name = point_name(candidate, level, passages)
         index_dir = build_index(candidate, OUT / f"index-{candidate}")
-        config = point_config(candidate, level, passages, n_max)  # all shifts: every calibration is scored
+        config = point_config(candidate, level, passages, n_max, like=as_config(best["config"]))
         done = finished(config, name, index_dir=index_dir)
         if done:
             rows += score_point(name, *done, questions, labels, desc_cache)

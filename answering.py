@@ -25,6 +25,7 @@ import retrieval
 MC_BATCH = 8  # prompts per forward pass; also the checkpoint unit (a batch takes seconds, never minutes)
 DESC_BATCH = 8  # generation batch (decode is ~8x faster per token at batch 8 than 1 on CPU)
 DESC_MAX_NEW_TOKENS = 128  # the reference answers are one or two sentences
+DESC_GENERATION = dict()  # further generate() options for descriptive answers (reports/desc.md)
 DESC_MAX_SENTENCES = 3
 AUTO_SKEW = 0.5  # auto: batch calibration when one option wins more than this share of the raw answers, else none
 CONTENT_FREE_STEMS = ["N/A", "[빈칸]", ""]  # content-free prompts for content_free calibration (Zhao et al. 2021)
@@ -39,7 +40,7 @@ MEASURED = ("prefill_tokens_per_s", "generated_tokens_per_s", "peak_rss_gib", "p
 
 @dataclass
 class Config:
-    """What answers: a candidate (common.CANDIDATES name, or a model folder / hub id), its level (lm.LEVELS), the
+    """What answers: a candidate (a common.candidates() name, or a model folder / hub id), its level (lm.LEVELS), the
     option calibration (CALIBRATIONS), the cyclic option shifts scored per question (permute: every question;
     pride: the pride_share of the questions that estimate the position prior) and the passages per prompt."""
 
@@ -253,13 +254,13 @@ def shifts_for(questions, config):
 
 
 # ----------------------------------------------------------------------------- descriptive answers
-def clean_description(text, question):
-    """Plain Korean prose: no markdown, at most DESC_MAX_SENTENCES sentences, never empty."""
+def clean_description(text, question, max_sentences=None):
+    """Plain Korean prose: no markdown, at most max_sentences (DESC_MAX_SENTENCES) sentences, never empty."""
     text = re.sub(r"[*#`>|]+", "", text)
     text = re.sub(r"^\s*(?:[-•]|\d+[.)])\s*", "", text, flags=re.M)
     text = re.sub(r"\s+", " ", text).strip()
     sentences = re.split(r"(?<=[.!?다요])\s+", text)
-    text = " ".join(sentences[:DESC_MAX_SENTENCES]).strip()
+    text = " ".join(sentences[:max_sentences or DESC_MAX_SENTENCES]).strip()
     if not text:  # an empty answer scores 0: restate the question's content instead
         text = re.sub(r"(을|를)?\s*(설명|서술|기술)하(세요|시오)\.?$", "", question.strip()).strip() or question
     return text
@@ -267,13 +268,19 @@ def clean_description(text, question):
 
 # ----------------------------------------------------------------------------- one run over a question set
 def config_key(model_id, dtype_name, level="float", rag=None):
-    """Changes when anything that changes the raw predictions changes (model, level, dtype, prompts, limits,
-    context). The calibration is not in it: shifts are added to the same records."""
+    """Changes when anything that changes the raw multiple-choice predictions changes (model, level, dtype, prompts,
+    context). Neither the calibration (shifts are added to the same records) nor the descriptive settings (desc_key)
+    are in it."""
     parts = [common.resolve_model(model_id), lm.model_fingerprint(model_id), dtype_name, level, common.SYSTEM_PROMPT,
-             common.MC_INSTRUCTION, common.MC_ANSWER_PREFIX, common.DESC_INSTRUCTION,
-             str(DESC_MAX_NEW_TOKENS)]
+             common.MC_INSTRUCTION, common.MC_ANSWER_PREFIX]
     if rag:
         parts += [common.CONTEXT_HEADER, json.dumps(rag, sort_keys=True)]
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
+
+
+def desc_key():
+    """Changes when the descriptive answers' settings change: a checkpointed one written under others is redone."""
+    parts = [common.DESC_INSTRUCTION, str(DESC_MAX_NEW_TOKENS), json.dumps(DESC_GENERATION, sort_keys=True)]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
 
 
@@ -309,16 +316,17 @@ def answer_desc(model, tokenizer, questions, contexts, stats):
     verbatim copy of retrieved text), and the record keeps that rule (stale_records)."""
     prompts = [lm.render(tokenizer, common.desc_messages(q.text, c)) for q, c in zip(questions, contexts)]
     texts = lm.generate(model, tokenizer, prompts, DESC_MAX_NEW_TOKENS, DESC_BATCH, stats, sources=contexts,
-                        no_copy=RAG_NO_COPY_TOKENS)
-    return [dict(id=q.id, kind="desc", raw=t, **({"no_copy": RAG_NO_COPY_TOKENS} if c else {}))
+                        no_copy=RAG_NO_COPY_TOKENS, **DESC_GENERATION)
+    return [dict(id=q.id, kind="desc", raw=t, desc_key=desc_key(), **({"no_copy": RAG_NO_COPY_TOKENS} if c else {}))
             for q, t, c in zip(questions, texts, contexts)]
 
 
 def stale_records(done, shifts):
-    """Ids of checkpointed records to answer again: descriptive answers written with passages under another copy
-    rule (RAG_NO_COPY_TOKENS), and multiple-choice records missing a shift the calibration needs."""
-    stale = [i for i, r in done.items() if r["kind"] == "desc" and r.get("context")
-             and r.get("no_copy", 0) != RAG_NO_COPY_TOKENS]
+    """Ids of checkpointed records to answer again: descriptive answers written under other descriptive settings
+    (desc_key) or with passages under another copy rule (RAG_NO_COPY_TOKENS), and multiple-choice records missing a
+    shift the calibration needs."""
+    stale = [i for i, r in done.items() if r["kind"] == "desc" and (r.get("desc_key") != desc_key() or (
+        r.get("context") and r.get("no_copy", 0) != RAG_NO_COPY_TOKENS))]
     return stale + [i for i, r in done.items() if r["kind"] == "mc"
                     and not set(map(str, shifts.get(i, []))) <= set(r.get("shifts", {}))]
 
@@ -335,12 +343,17 @@ def retrieve(index, tokenizer, questions, passages, ranked=None):
     return [(retrieval.format_context(h, tokenizer, passages, RAG_MAX_TOKENS), [c.key for c, _ in h]) for h in hits]
 
 
-def open_index(model, tokenizer, model_id, index_dir):
-    """The retriever with the answering model attached as its dense encoder (single-LLM rule); the index must have
-    been embedded by that model."""
+def require_index(index_dir):
+    """Stop with what to run when the index the passages come from is missing."""
     if not (index_dir / "DONE").exists():
         raise SystemExit(f"no index at {index_dir}: run `make index`, or answer without passages "
                          "(04_infer.py --passages 0).")
+
+
+def open_index(model, tokenizer, model_id, index_dir):
+    """The retriever with the answering model attached as its dense encoder (single-LLM rule); the index must have
+    been embedded by that model."""
+    require_index(index_dir)
     index = retrieval.load_index(index_dir)
     encoder = index.meta.get("encoder")
     if retrieval.SEARCH_METHOD != "bm25" and common.resolve_model(encoder) != common.resolve_model(model_id):
@@ -396,6 +409,8 @@ def run(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None
     dtype_name = str(dtype).replace("torch.", "")
     out_dir.mkdir(parents=True, exist_ok=True)
     ranked = {q.id: ranked[q.id] for q in questions if q.id in ranked} if ranked else {}
+    if config.passages:
+        require_index(index_dir)
     rag = rag_settings(config.passages, ranked, index_dir) if config.passages else None
     key = config_key(config.model, dtype_name, config.level, rag)
     checkpoint = out_dir / f"predictions-{key}.jsonl"
@@ -404,7 +419,8 @@ def run(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None
     shifts = shifts_for(questions, config)
     stale = stale_records(done, shifts)
     if stale:
-        print(f"04: {len(stale)} checkpointed answers lack a shift or follow another copy rule: answering them again")
+        print(f"04: {len(stale)} checkpointed answers lack a shift or follow other descriptive settings: answering "
+              "them again")
     for i in stale:
         del done[i]
     todo = [q for q in questions if q.id not in done]

@@ -25,7 +25,7 @@ DATA = ROOT / "data"
 MODELS = ROOT / "models"
 OUTPUTS = ROOT / "outputs"
 REPORTS = ROOT / "reports"
-SHARED = Path(os.environ.get("FSKU_SHARED", ROOT.parent / "shared"))  # dev data beside the checkout (verify: allow)
+SHARED = Path(os.environ.get("FSKU_SHARED", ROOT.parent / "shared"))  # dev data beside the checkout
 
 USER_TEST = DATA / "test.csv"  # the competition file, put here by the user (never committed)
 USER_SAMPLE = DATA / "sample_submission.csv"
@@ -69,9 +69,9 @@ def mc_messages(stem, options, context=""):
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
 
 
-def desc_messages(question, context=""):
-    """Chat messages for a descriptive question."""
-    content = "\n".join([DESC_INSTRUCTION] + _with_context(context) + ["", question.strip()])
+def desc_messages(question, context="", instruction=None):
+    """Chat messages for a descriptive question (DESC_INSTRUCTION unless another instruction is given)."""
+    content = "\n".join([instruction or DESC_INSTRUCTION] + _with_context(context) + ["", question.strip()])
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
 
@@ -83,9 +83,9 @@ def candidates():
 
 def model_target(model_id):
     """The make target that builds a model folder of the pipeline, None for any other id."""
-    targets = {str(STUDENT_BASE.relative_to(ROOT)): "student", str(TEACHER_BASE.relative_to(ROOT)): "teacher",
-               str(DISTILLED_MERGED.relative_to(ROOT)): "distill"}
-    return targets.get(str(model_id).rstrip("/"))
+    path = Path(str(model_id).rstrip("/"))
+    targets = {STUDENT_BASE.name: "student", TEACHER_BASE.name: "teacher", DISTILLED_MERGED.name: "distill"}
+    return targets.get(path.name) if path.parent.name == MODELS.name else None
 
 
 def settings_of(module, skip_suffixes=()):

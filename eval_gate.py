@@ -1,44 +1,73 @@
 """Would a relevance gate help: passages in the prompt only where retrieval looks sure? Written as reports/gate.md.
 
-Reads two finished 04_infer.py runs of the same model on the development set, one without passages and one with
-them (`make rag-report` writes both), the index (`make index`) and data/prepared/{questions,labels}.csv. A gate
-at threshold t answers a question from the run with passages when a BM25 signal of the question is at least t,
-else from the run without; the two groups are calibrated separately (04's CALIBRATION, each with its own option
-prior), as a gated 04 run would have to. No model runs here: the answers are the two runs' records, and greedy
-scoring is deterministic, so a gated run would give the same log-probabilities. Reports, per signal, the MC
-accuracy at several shares of questions given passages; the gain of a threshold chosen on one half of the
-questions and measured on the other (GATE_SPLITS random halvings); and the oracle gate, which gives passages
-exactly where a cited article is among them. Run by `make gate-report`.
+Reads the two `make select` points of the chosen configuration (selection.json, answering.chosen()): 05_quantize.py's
+outputs/05_select/<candidate>-<level>-p0 (no passages) and -p<PASSAGES> (first-stage passages from the index 05
+built for that candidate, outputs/05_select/index-<candidate>), and data/prepared/{questions,labels}.csv. The answers
+come from the points' records: multiple choice by answering.calibrated_answers under the chosen calibration (a point
+may hold more option shifts than that calibration reads: the others are dropped), descriptive by
+answering.clean_description. A gate at threshold t answers a question from the point with passages when a BM25 signal
+of the question is at least t, else from the point without; the two groups are calibrated separately, as a gated run
+would have to. No model runs here: greedy scoring is deterministic, so a gated run would give the same
+log-probabilities. Reports, per signal, the MC accuracy at several shares of questions given passages; the gain of a
+threshold chosen on one half of the questions and measured on the other (GATE_SPLITS random halvings); the oracle
+gate, which gives passages exactly where a cited article is among them; and the descriptive score with and without
+passages beside the echo baseline. Run by `make gate-report`.
 """
 import argparse
-import importlib
+import json
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 
+import answering
 import common
 import competition
+import eval_retrieval
 import evaluate
+import lm
+import retrieval
+import scoring
 
 # ----------------------------------------------------------------------------- settings
-PLAIN_RUN = common.OUTPUTS / "baseline" / "student"  # no passages
-RAG_RUN = common.OUTPUTS / "baseline" / "rag"  # 3 first-stage passages, same model
+SELECT = common.OUTPUTS / "05_select"  # 05_quantize.py's points and indexes (`make select`)
+PASSAGES = 3  # the point with passages read beside the p0 one (one of 05's PASSAGES)
 SHARES = [1.0, 0.5, 0.2, 0.1, 0.05, 0.0]  # share of the questions given passages (highest signal first)
 GATE_SPLITS = 20  # random halvings for the held-out threshold choice
 GRID = 20  # candidate thresholds: quantiles of the signal in steps of 1/GRID
 # -----------------------------------------------------------------------------
 
-infer = importlib.import_module("04_infer")
-build_index = importlib.import_module("02_build_index")
-retrieval = importlib.import_module("eval_retrieval")
 SIGNALS = {"top": "top BM25 score", "margin": "top minus second BM25 score",
            "ratio": "top / second BM25 score", "per_token": "top BM25 score / query morphemes"}
 
 
+def point_dirs(config):
+    """(point without passages, point with PASSAGES, the index of the latter) of the config's candidate and level,
+    named as 05_quantize.py names them."""
+    name = f"{config.candidate}-{config.level}"
+    return SELECT / f"{name}-p0", SELECT / f"{name}-p{PASSAGES}", SELECT / f"index-{config.candidate}"
+
+
+def load_point(folder):
+    """(records by id, meta) of a finished select point; stops with what to run when it is missing."""
+    if not (folder / "DONE").exists():
+        raise SystemExit(f"{folder} has no finished run: run `make select` (it answers the development set at "
+                         f"every point the gate reads: {folder.name} and its index).")
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    return lm.read_records(folder / meta["predictions"]), meta
+
+
+def with_chosen_shifts(records, questions, config):
+    """The multiple-choice records by id, each with only the option shifts the config's calibration reads."""
+    keep = answering.shifts_for(questions, config)
+    return {i: dict(r, shifts={s: lp for s, lp in r.get("shifts", {}).items() if int(s) in keep.get(i, [])})
+            for i, r in records.items() if r["kind"] == "mc"}
+
+
 def signals(index, questions):
     """{id: {signal: value}} from the BM25 scores of each question over the index."""
-    tokens = build_index.morphemes(index.kiwi, [q.text for q in questions])
+    tokens = retrieval.morphemes(index.kiwi, [q.text for q in questions])
     out = {}
     for q, toks in zip(questions, tokens):
         top = np.sort(index.bm25.scores(toks))[::-1][:2]
@@ -48,14 +77,14 @@ def signals(index, questions):
     return out
 
 
-def gated_answers(ids, use_rag, plain, rag):
+def gated_answers(ids, use_rag, plain, rag, calibration):
     """MC answers when the questions in use_rag take the run with passages, each group calibrated on its own.
     plain, rag: (records by id, content-free prior) of the two runs."""
     answers = {}
     for (records, content_free), group in ((rag, [i for i in ids if i in use_rag]),
                                            (plain, [i for i in ids if i not in use_rag])):
         if group:
-            answers.update(infer.calibrated_answers([records[i] for i in group], infer.CALIBRATION, content_free))
+            answers.update(answering.calibrated_answers([records[i] for i in group], calibration, content_free))
     return answers
 
 
@@ -67,27 +96,75 @@ def above(values, ids, threshold):
     return {i for i in ids if values[i] >= threshold}
 
 
-def held_out_gain(values, ids, plain, rag, labels, seed=common.SEED):
+def held_out_gain(values, ids, plain, rag, labels, calibration, seed=common.SEED):
     """Mean and SD over GATE_SPLITS halvings of: accuracy of the threshold that is best on one half, measured on
     the other half, minus the no-passage accuracy there (both directions of each halving)."""
     rng, gains = random.Random(seed), []
     ordered = sorted(values[i] for i in ids)
     grid = [ordered[int(len(ordered) * k / GRID)] for k in range(GRID)] + [float("inf")]
+
+    def acc(group, use_rag):
+        return accuracy(gated_answers(group, use_rag, plain, rag, calibration), labels)
+
     for _ in range(GATE_SPLITS):
         shuffled = list(ids)
         rng.shuffle(shuffled)
         halves = shuffled[:len(ids) // 2], shuffled[len(ids) // 2:]
         for train, test in (halves, halves[::-1]):
-            best = max(grid, key=lambda t: accuracy(gated_answers(train, above(values, train, t), plain, rag),
-                                                    labels))
-            gains.append(accuracy(gated_answers(test, above(values, test, best), plain, rag), labels)
-                         - accuracy(gated_answers(test, set(), plain, rag), labels))
+            best = max(grid, key=lambda t: acc(train, above(values, train, t)))
+            gains.append(acc(test, above(values, test, best)) - acc(test, set()))
     return float(np.mean(gains)), float(np.std(gains))
 
 
-def load(run_dir):
-    _, meta, records = evaluate.load_run(run_dir)
-    return {r["id"]: r for r in records if r["kind"] == "mc"}, meta
+def gate_lines(ids, values, plain, rag, labels, calibration):
+    """The table of MC accuracy per signal and share given passages, with the held-out gain."""
+    lines = ["| signal | " + " | ".join(f"passages for {s:.0%}" for s in SHARES) + " | held-out gain (mean ± SD) |",
+             "|---|" + "---|" * (len(SHARES) + 1)]
+    for name, label in SIGNALS.items():
+        ranked = sorted(ids, key=lambda i: -values[i][name])
+        cells = [accuracy(gated_answers(ids, set(ranked[:round(s * len(ids))]), plain, rag, calibration), labels)
+                 for s in SHARES]
+        mean, sd = held_out_gain({i: values[i][name] for i in ids}, ids, plain, rag, labels, calibration)
+        lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {mean:+.3f} ± {sd:.3f} |")
+    return lines
+
+
+def oracle_lines(ids, index, rag_records, plain, rag, labels, calibration):
+    """The oracle gate: passages exactly for the questions whose cited article is among them."""
+    items, _, _ = eval_retrieval.dev_items(eval_retrieval.catalogue(index.chunks))
+    golds = {item["id"]: set(item["golds"]) for item in items}
+    hit = {i for i in ids if golds.get(i, set()) & {tuple(k) for k in rag_records[i]["context"]}}
+    oracle = accuracy(gated_answers(ids, hit, plain, rag, calibration), labels)
+    full_plain = gated_answers(ids, set(), plain, rag, calibration)
+    full_rag = gated_answers(ids, set(ids), plain, rag, calibration)
+    diff, se = scoring.mc_difference({i: full_rag[i] for i in hit}, {i: full_plain[i] for i in hit}, labels)
+    return [f"**Oracle gate** (passages exactly for the {len(hit)} questions whose cited article is among their "
+            f"passages, of {sum(i in golds for i in ids)} whose `reference` names an article): **{oracle:.3f}**. "
+            f"On those {len(hit)} questions, passages change the accuracy by {diff:+.3f} ± {se:.3f} (paired SE; "
+            "each run calibrated over all its questions).", ""]
+
+
+def desc_lines(questions, plain_records, rag_records, labels):
+    """Descriptive score without and with passages (paired difference) beside the echo baseline."""
+    desc = [q for q in questions if q.kind == "desc"]
+    if not desc:
+        return []
+
+    def cleaned(records):
+        return {q.id: answering.clean_description(records[q.id]["raw"], q.text) for q in desc}
+
+    runs = {"no passages": cleaned(plain_records), f"{PASSAGES} passages": cleaned(rag_records),
+            "echo baseline (the question as the answer)": evaluate.echo_answers(desc, {q.id for q in desc})}
+    lines = [f"## Descriptive answers ({len(desc)} questions, cosine: `{scoring.encoder_name()}`)", "",
+             "| answers | cosine | keyword recall | descriptive score |", "|---|---|---|---|"]
+    each = {}
+    for name, answers in runs.items():
+        each[name], parts = scoring.per_question(answers, labels)
+        n = len(parts)
+        lines.append(f"| {name} | {sum(c for c, _ in parts.values()) / n:.3f} | "
+                     f"{sum(k for _, k in parts.values()) / n:.3f} | {sum(each[name].values()) / n:.3f} |")
+    diff, se = scoring.paired(each[f"{PASSAGES} passages"], each["no passages"])
+    return lines + ["", f"Passages change the descriptive score by {diff:+.3f} ± {se:.3f} (paired SE).", ""]
 
 
 def main():
@@ -96,47 +173,37 @@ def main():
     parser.add_argument("--command", default="make gate-report")
     args = parser.parse_args()
 
-    labels = evaluate.read_labels()
-    (plain_records, plain_meta), (rag_records, rag_meta) = load(PLAIN_RUN), load(RAG_RUN)
+    config = answering.chosen()
+    labels = scoring.read_labels(common.LABELS)
+    plain_dir, rag_dir, index_dir = point_dirs(config)
+    (plain_all, plain_meta), (rag_all, rag_meta) = load_point(plain_dir), load_point(rag_dir)
     if plain_meta["model"] != rag_meta["model"] or not rag_meta.get("rag") or plain_meta.get("rag"):
-        raise SystemExit(f"{PLAIN_RUN} and {RAG_RUN} must be runs of one model without and with passages: "
-                         "run `make rag-report` first.")
-    ids = [i for i in plain_records if i in rag_records and i in labels]
-    plain, rag = (plain_records, plain_meta["content_free"]), (rag_records, rag_meta["content_free"])
-    index = build_index.load_index()
-    questions = [q for q in competition.read_questions(common.QUESTIONS) if q.id in set(ids)]
-    values = signals(index, questions)
-
-    none = accuracy(gated_answers(ids, set(), plain, rag), labels)
+        raise SystemExit(f"{plain_dir} and {rag_dir} must be runs of one model without and with passages: "
+                         "run `make select` again.")
+    if not (index_dir / "DONE").exists():
+        raise SystemExit(f"no index at {index_dir}: run `make select` (it builds the index of the point with "
+                         "passages).")
+    questions = competition.read_questions(common.QUESTIONS)
+    plain = (with_chosen_shifts(plain_all, questions, config), plain_meta["content_free"])
+    rag = (with_chosen_shifts(rag_all, questions, config), rag_meta["content_free"])
+    ids = [q.id for q in questions if q.id in plain[0] and q.id in rag[0] and q.id in labels]
+    index = retrieval.load_index(index_dir)
+    values = signals(index, [q for q in questions if q.id in set(ids)])
+    cal, info = config.calibration, rag_meta["rag"]
     lines = ["# Relevance gate: passages only where retrieval looks sure", "",
              f"Produced by `{args.command}`. {len(ids)} development multiple-choice questions, model "
-             f"`{rag_meta['model']}`; answers from `{PLAIN_RUN.relative_to(common.ROOT)}` (no passages) and "
-             f"`{RAG_RUN.relative_to(common.ROOT)}` ({rag_meta['rag']['passages']} {rag_meta['rag']['method']} "
-             f"passages, {rag_meta['rag']['max_tokens']} tokens). Each group calibrated on its own "
-             f"(`{infer.CALIBRATION}`). One question = {1 / len(ids):.3f}.", "",
-             f"No passages: **{none:.3f}**. Passages for every question: "
-             f"**{accuracy(gated_answers(ids, set(ids), plain, rag), labels):.3f}**.", "",
-             "| signal | " + " | ".join(f"passages for {s:.0%}" for s in SHARES) + " | held-out gain (mean ± SD) |",
-             "|---|" + "---|" * (len(SHARES) + 1)]
-    for name, label in SIGNALS.items():
-        ranked = sorted(ids, key=lambda i: -values[i][name])
-        cells = [accuracy(gated_answers(ids, set(ranked[:round(s * len(ids))]), plain, rag), labels) for s in SHARES]
-        mean, sd = held_out_gain({i: values[i][name] for i in ids}, ids, plain, rag, labels)
-        lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {mean:+.3f} ± {sd:.3f} |")
-
-    items, _, _ = retrieval.dev_items(retrieval.catalogue(index.chunks))
-    golds = {item["id"]: set(item["golds"]) for item in items}
-    hit = {i for i in ids if golds.get(i, set()) & {tuple(k) for k in rag_records[i]["context"]}}
-    oracle = accuracy(gated_answers(ids, hit, plain, rag), labels)
-    full_plain = gated_answers(ids, set(), plain, rag)
-    full_rag = gated_answers(ids, set(ids), plain, rag)
-    diff, se = evaluate.mc_difference({i: full_rag[i] for i in hit}, {i: full_plain[i] for i in hit}, labels)
-    lines += ["", f"**Oracle gate** (passages exactly for the {len(hit)} questions whose cited article is among their "
-              f"passages, of {sum(i in golds for i in ids)} whose `reference` names an article): **{oracle:.3f}**. "
-              f"On those {len(hit)} questions, passages change the accuracy by {diff:+.3f} ± {se:.3f} (paired SE; "
-              "each run calibrated over all its questions).", ""]
+             f"`{rag_meta['model']}`; answers from the select points `{os.path.relpath(plain_dir, common.ROOT)}` (no "
+             f"passages) and `{os.path.relpath(rag_dir, common.ROOT)}` ({info['passages']} {info['method']} passages, "
+             f"{info['max_tokens']} tokens). Each group calibrated on its own (`{cal}`, the chosen calibration). One "
+             f"question = {1 / len(ids):.3f}.", "",
+             f"No passages: **{accuracy(gated_answers(ids, set(), plain, rag, cal), labels):.3f}**. Passages for "
+             f"every question: **{accuracy(gated_answers(ids, set(ids), plain, rag, cal), labels):.3f}**.", ""]
+    lines += gate_lines(ids, values, plain, rag, labels, cal) + [""]
+    lines += oracle_lines(ids, index, rag_all, plain, rag, labels, cal)
+    answered = [q for q in questions if q.id in plain_all and q.id in rag_all and q.id in labels]
+    lines += desc_lines(answered, plain_all, rag_all, labels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    build_index.write_atomic(args.out, "\n".join(lines))
+    common.write_text(args.out, "\n".join(lines))
     print(f"eval_gate: -> {args.out}")
 
 

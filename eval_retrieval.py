@@ -1,7 +1,8 @@
 """Retrieval quality of the 02 index on the development questions, written as a markdown report.
 
 Reads outputs/02_index/ (`make index`), data/prepared/{questions,labels}.csv (the development set: `make data`
-without data/test.csv), data/corpus/ and the student model (dense query vectors). The `reference` column names
+without data/test.csv), data/corpus/ and the index's encoder, the answering LLM (dense query vectors); the
+retriever is retrieval.py's. The `reference` column names
 the cited law and article for the law items: parsed to (law, kind, article); a question counts as a hit at rank r
 when the r-th retrieved chunk comes from that law document (법률, 시행령 and 시행규칙 are different documents) and
 has that article number. Reports recall@1/5/20 and MRR (over the top CANDIDATES) for BM25, dense (four pooling
@@ -12,7 +13,6 @@ build time and query latency. The questions are only measured, never indexed. Ru
 import argparse
 import csv
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -25,6 +25,8 @@ import numpy as np
 
 import common
 import competition
+import lm
+import retrieval
 
 # ----------------------------------------------------------------------------- settings
 KS = (1, 5, 20)  # recall cut-offs
@@ -55,7 +57,6 @@ SUBDOMAIN_LAW = {
 }
 # -----------------------------------------------------------------------------
 
-ix = importlib.import_module("02_build_index")
 ART = r"제\s*(\d+)\s*조(?:\s*의\s*(\d+))?"
 ART_RE = re.compile(ART)
 MORE_RE = re.compile(r"^(?:\s*(?:제\s*\d+\s*[항호]|\d+\s*항))*\s*(?:및|,|와|과|또는)\s*" + ART)
@@ -67,18 +68,18 @@ def catalogue(chunks):
     docs = defaultdict(dict)
     for c in chunks:
         if c.article.startswith("제"):
-            docs[(ix.compact(c.law), c.kind)].setdefault(c.article, c.title)
+            docs[(retrieval.compact(c.law), c.kind)].setdefault(c.article, c.title)
     return dict(docs)
 
 
 def same_title(a, b):
-    a, b = ix.compact(a or ""), ix.compact(b or "")
+    a, b = retrieval.compact(a or ""), retrieval.compact(b or "")
     return bool(a and b) and (a == b or a in b or b in a)
 
 
 def find_law(prefix, docs):
     """(compact law, kind) named in the text before the article, or None; the longest known name wins."""
-    text = ix.compact(prefix)
+    text = retrieval.compact(prefix)
     names = {law for law, _ in docs} | set(LAW_ALIASES)
     found = [n for n in names if n in text]
     if not found:
@@ -100,7 +101,8 @@ def resolve_inferred(article, title, sub_domain, docs):
     if not family:
         return None, "no law named and no law for the sub-domain"
     if title:
-        in_family = [(law, k) for (law, k), arts in docs.items() if law == family and same_title(arts.get(article), title)]
+        in_family = [(law, k) for (law, k), arts in docs.items()
+                     if law == family and same_title(arts.get(article), title)]
         if in_family:
             return (in_family[0] if len(in_family) == 1 else (family, "법률")), "title"
         anywhere = [d for d, arts in docs.items() if same_title(arts.get(article), title)]
@@ -129,7 +131,7 @@ def parse_reference(reference, sub_domain, docs):
         tail = re.search(r"\(\s*" + ART + r"\s*\)\s*[.\"']?\s*$", text)
         if tail:
             m, title, leftover = tail, None, ""
-        elif bracket and len(ix.compact(bracket.group(1))) <= 30:
+        elif bracket and len(retrieval.compact(bracket.group(1))) <= 30:
             title, leftover = bracket.group(1), ""  # 「통신과금서비스제공자의 등록 등」 제53조: an article title
         elif unknown:
             return dict(golds=[], why="document not in the corpus")
@@ -139,7 +141,7 @@ def parse_reference(reference, sub_domain, docs):
         title = None
     if leftover and len(leftover) > 2:
         return dict(golds=[], why="article cited inside a sentence")
-    article = ix.article_label(m.group(1), m.group(2))
+    article = retrieval.article_label(m.group(1), m.group(2))
     after = text[m.end():]
     paren = re.match(r"\s*\(([^)]{1,40})\)", after)
     words = re.match(r"\s+([가-힣ㆍ·\s]{2,30}?)\s*(?=[\"」]|$)", after)
@@ -147,7 +149,7 @@ def parse_reference(reference, sub_domain, docs):
     articles = [article]
     rest = after
     while (more := MORE_RE.match(rest)):
-        articles.append(ix.article_label(more.group(1), more.group(2)))
+        articles.append(retrieval.article_label(more.group(1), more.group(2)))
         rest = rest[more.end():]
     how = "explicit"
     if doc is None:
@@ -222,25 +224,24 @@ def dev_items(docs):
 
 def extended_tokens(tokenizer, kiwi):
     """Chunks and morphemes of laws + guidelines + laws_extended (cached by corpus and chunk settings)."""
-    parts = list(ix.CORPUS_PARTS) + [EXTENDED_PART]
-    key = hashlib.sha256((ix.corpus_fingerprint(common.CORPUS, parts) + json.dumps(ix.settings())).encode())
+    parts = list(retrieval.CORPUS_PARTS) + [EXTENDED_PART]
+    fingerprint = retrieval.corpus_fingerprint(common.CORPUS, parts) + json.dumps(retrieval.index_settings())
+    key = hashlib.sha256(fingerprint.encode())
     path = CACHE / f"extended-{key.hexdigest()[:12]}.json"
-    chunks = ix.chunk_corpus(common.CORPUS, parts, ix.tokenizer_spans(tokenizer))
+    chunks = retrieval.chunk_corpus(common.CORPUS, parts, retrieval.tokenizer_spans(tokenizer))
     if path.exists():
         tokens = json.loads(path.read_text(encoding="utf-8"))
         return chunks, tokens, None
     t0 = time.time()
-    tokens = ix.morphemes(kiwi, [c.text for c in chunks])
+    tokens = retrieval.morphemes(kiwi, [c.text for c in chunks])
     seconds = time.time() - t0
     CACHE.mkdir(parents=True, exist_ok=True)
-    ix.write_atomic(path, json.dumps(tokens, ensure_ascii=False))
+    common.write_text(path, json.dumps(tokens, ensure_ascii=False))
     return chunks, tokens, seconds
 
 
 # ----------------------------------------------------------------------------- main
 def main():
-    import lm
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=common.REPORTS / "retrieval.md")
     parser.add_argument("--index", type=Path, default=common.INDEX)
@@ -249,12 +250,12 @@ def main():
     args = parser.parse_args()
 
     t_start = time.time()
-    index = ix.load_index(args.index)
+    index = retrieval.load_index(args.index)
     meta = index.meta
-    tokenizer = lm.load_tokenizer(common.STUDENT_MODEL)  # chunk windows are sized in student tokens
-    all_parts = list(ix.CORPUS_PARTS) + ([] if args.no_extended else [EXTENDED_PART])
+    tokenizer = lm.load_tokenizer(meta["encoder"])  # chunk windows are sized in the encoder's tokens
+    all_parts = list(retrieval.CORPUS_PARTS) + ([] if args.no_extended else [EXTENDED_PART])
     cheap_spans = lambda t: [(m.start(), m.end()) for m in re.finditer(r"\S+", t)]  # noqa: E731
-    docs = catalogue(ix.chunk_corpus(common.CORPUS, all_parts, cheap_spans))
+    docs = catalogue(retrieval.chunk_corpus(common.CORPUS, all_parts, cheap_spans))
     items_all, why, n_labels = dev_items(docs)
     indexed_docs = catalogue(index.chunks)
     items = [it for it in items_all if all((g[0], g[1]) in indexed_docs for g in it["golds"])]
@@ -277,22 +278,21 @@ def main():
     # dense: all pooling variants from the cache, query vectors from one batched pass
     device = lm.pick_device()
     model = lm.load_model(meta["encoder"], device, lm.pick_dtype(device))
-    enc_tokenizer = lm.load_tokenizer(meta["encoder"])
-    index.attach_encoder(model, enc_tokenizer)
+    index.attach_encoder(model, tokenizer)
     t0 = time.time()
-    qvec = ix.embed(model, enc_tokenizer, [it["text"] for it in items], progress=True)
+    qvec = retrieval.embed(model, tokenizer, [it["text"] for it in items], progress=True)
     encoder_ms = (time.time() - t0) * 1000 / max(len(items), 1)
     cache = np.load(args.index / "emb_cache.npz", allow_pickle=False)
     row_of = {str(h): i for i, h in enumerate(cache["hashes"])}
-    chunk_rows = [row_of[ix.embedding_key(enc_tokenizer, c.text)] for c in index.chunks]
+    chunk_rows = [row_of[retrieval.embedding_key(tokenizer, c.text)] for c in index.chunks]
     dense_hits = {}
     unmeasured = []
-    for variant in ix.DENSE_VARIANTS:
+    for variant in retrieval.DENSE_VARIANTS:
         matrix = cache[variant][chunk_rows]
         if (np.linalg.norm(matrix, axis=1) < 0.5).any() or (np.linalg.norm(qvec[variant], axis=1) < 0.5).any():
             unmeasured.append(variant)  # EMBED_DEPTH "mid": the forward pass stopped before the last layer
             continue
-        flat = ix.flat_index(matrix)
+        flat = retrieval.flat_index(matrix)
         scores, idx = flat.search(qvec[variant], MRR_DEPTH)
         for n, it in enumerate(items):
             hits = [(int(i), float(s)) for i, s in zip(idx[n], scores[n])]
@@ -311,7 +311,7 @@ def main():
         for w in FUSION_WEIGHTS:
             index.weight_bm25 = w
             ranks[f"fused weighted {w}"].append(first_rank(keys(index.fuse(b, d, MRR_DEPTH, "weighted")), it["golds"]))
-    index.weight_bm25 = ix.FUSION_WEIGHT_BM25
+    index.weight_bm25 = retrieval.FUSION_WEIGHT_BM25
     summary = {name: summarise(r) for name, r in ranks.items()}
     fusions = [n for n in summary if n.startswith("fused")]
     winner = max(fusions, key=lambda n: (summary[n][WINNER_METRIC], summary[n]["MRR"]))
@@ -323,30 +323,30 @@ def main():
     # BM25 backends on the same tokens
     tokens = json.loads((args.index / "bm25_tokens.json").read_text(encoding="utf-8"))
     backends = {}
-    queries = ix.morphemes(index.kiwi, [it["text"] for it in items])
+    queries = retrieval.morphemes(index.kiwi, [it["text"] for it in items])
     for backend in ("rank_bm25", "bm25s"):
         try:
-            engine, build_ms = timed(ix.BM25, tokens, backend)
+            engine, build_ms = timed(retrieval.BM25, tokens, backend)
         except ImportError as e:
             backends[backend] = dict(error=f"not installed ({e.name})")
             continue
         ms, rk = [], []
         for it, q in zip(items, queries):
             scores, t = timed(engine.scores, q)
-            top, t2 = timed(ix.top_k, scores, MRR_DEPTH)
+            top, t2 = timed(retrieval.top_k, scores, MRR_DEPTH)
             ms.append(t + t2)
             rk.append(first_rank([index.chunks[i].key for i in top], it["golds"]))
         backends[backend] = dict(build_ms=build_ms, latency=latency(ms), metrics=summarise(rk))
-    kiwi_ms = [timed(ix.morphemes, index.kiwi, [it["text"]])[1] for it in items]
+    kiwi_ms = [timed(retrieval.morphemes, index.kiwi, [it["text"]])[1] for it in items]
 
     # laws_extended, BM25 only
     extended = None
     if not args.no_extended:
         ext_chunks, ext_tokens, ext_seconds = extended_tokens(tokenizer, index.kiwi)
-        engine = ix.BM25(ext_tokens, index.bm25.backend)
+        engine = retrieval.BM25(ext_tokens, index.bm25.backend)
         ext_ranks_same, ext_ranks_all = [], []
-        for it, q in zip(items_all, ix.morphemes(index.kiwi, [it["text"] for it in items_all])):
-            top = ix.top_k(engine.scores(q), MRR_DEPTH)
+        for it, q in zip(items_all, retrieval.morphemes(index.kiwi, [it["text"] for it in items_all])):
+            top = retrieval.top_k(engine.scores(q), MRR_DEPTH)
             r = first_rank([ext_chunks[i].key for i in top], it["golds"])
             ext_ranks_all.append(r)
             if all((g[0], g[1]) in indexed_docs for g in it["golds"]):
@@ -366,10 +366,14 @@ def main():
     hows = defaultdict(int)
     for it in items_all:
         hows[it["how"]] += 1
+    shown = args.out.relative_to(common.ROOT) if args.out.is_absolute() and common.ROOT in args.out.parents \
+        else args.out
+    bm25_wins = (summary["bm25"][WINNER_METRIC], summary["bm25"]["MRR"]) >= (summary[winner][WINNER_METRIC],
+                                                                             summary[winner]["MRR"])
     lines = [
         "# Retrieval on the development set",
         "",
-        f"Produced by `{args.command}` (`.venv/bin/python eval_retrieval.py --out {args.out.relative_to(common.ROOT) if args.out.is_absolute() and common.ROOT in args.out.parents else args.out}`) "
+        f"Produced by `{args.command}` (`.venv/bin/python eval_retrieval.py --out {shown}`) "
         f"in {time.time() - t_start:.0f} s, from the index of `make index` (02_build_index.py).",
         "The development questions are only measured: they are in no chunk, index or prompt.",
         "",
@@ -387,7 +391,7 @@ def main():
         f"- {meta['chunks']} chunks ({meta['articles']} articles/별표/부칙, {meta['windowed_articles']} split into "
         f"windows of {meta['settings']['WINDOW_TOKENS']} tokens, overlap {meta['settings']['WINDOW_OVERLAP']}) from "
         f"{meta['files']} files; chunk length mean {meta['chunk_tokens']['mean']} / max {meta['chunk_tokens']['max']} "
-        "student tokens.",
+        "encoder tokens.",
         f"- Build on this CPU ({meta['device']}, {meta['dtype']}): chunking {s['chunking']} s, morphemes "
         f"{s['bm25_tokenize']} s, BM25 index {s['bm25_index']} s, embeddings {s['embedding']} s "
         "(0 when all chunks came from the cache); total " + f"{s['total']} s"
@@ -396,27 +400,28 @@ def main():
         f"- Size: {meta['index_bytes'] / 2**20:.1f} MiB (" + ", ".join(
             f"{n} {v / 2**20:.1f} MiB" for n, v in b.items()) + "; emb_cache.npz holds all four dense variants).",
         f"- Encoder: `{meta['encoder']}` ("
-        + ("the student LLM" if meta["settings"]["ENCODER"] is None else "a separate encoder")
+        + ("the answering LLM" if meta["settings"]["ENCODER"] is None else "a separate encoder")
         + f"), first {meta['settings']['EMBED_MAX_TOKENS']} tokens of each chunk/question, dense variant "
         f"`{meta['dense_variant']}`; fusion `{index.fusion}` (BM25 weight {index.weight_bm25}); first-stage search "
-        f"method (SEARCH_METHOD, recommended; search() defaults to fused) `{ix.SEARCH_METHOD}`.",
+        f"method (retrieval.SEARCH_METHOD, used by 03 and 04) `{retrieval.SEARCH_METHOD}`.",
         "",
         "## Recall (index corpus)",
         HEAD,
     ]
-    order = ["bm25", "bm25 (stem only)"] + [f"dense {v}" for v in ix.DENSE_VARIANTS if v not in unmeasured] + fusions
+    dense = [f"dense {v}" for v in retrieval.DENSE_VARIANTS if v not in unmeasured]
+    order = ["bm25", "bm25 (stem only)"] + dense + fusions
     lines += [row(n, summary[n]) for n in order]
     if unmeasured:
         lines += ["", f"Not measured: dense {', '.join(unmeasured)} (EMBED_DEPTH = \"mid\": the embedding pass stops "
                   "after the middle layer to halve its cost on this CPU)."]
     lines += [
         "",
-        f"Best fusion by {WINNER_METRIC} (then MRR): **{winner}**; default in 02_build_index.py: `{default_fused}`. "
+        f"Best fusion by {WINNER_METRIC} (then MRR): **{winner}**; default in retrieval.py: `{default_fused}`. "
         f"Best dense variant: **{dense_best}**; default: `{default_dense}`. "
         "(Chosen on the same development set they are reported on: optimistic by the selection.) "
         + (f"BM25 alone ({WINNER_METRIC} {summary['bm25'][WINNER_METRIC]:.3f}, MRR {summary['bm25']['MRR']:.3f}) "
-           f"{'beats' if (summary['bm25'][WINNER_METRIC], summary['bm25']['MRR']) >= (summary[winner][WINNER_METRIC], summary[winner]['MRR']) else 'loses to'} "
-           f"the best fusion; recommended first-stage method (SEARCH_METHOD): `{ix.SEARCH_METHOD}`."),
+           f"{'beats' if bm25_wins else 'loses to'} "
+           f"the best fusion; recommended first-stage method (SEARCH_METHOD): `{retrieval.SEARCH_METHOD}`."),
         "",
         "## Per domain and sub-domain (BM25 / default dense / default fused)",
         "| group | n | method | " + " | ".join(f"recall@{k}" for k in KS) + " | MRR |",
@@ -434,7 +439,7 @@ def main():
         f"in a second pass) {latency(kiwi_ms)}.",
     ]
     lines += [f"- {name}: {latency(ms)}." for name, ms in lat.items() if name != "bm25"]
-    lines += [f"- Encoder forward for the query vector (not included above; batched {ix.EMBED_BATCH}): "
+    lines += [f"- Encoder forward for the query vector (not included above; batched {retrieval.EMBED_BATCH}): "
               f"{encoder_ms:.0f} ms per question.", "",
               "## BM25 backend (same morphemes, scoring + top-k only)", HEAD]
     for backend, r in backends.items():
@@ -456,7 +461,7 @@ def main():
         ]
     lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    ix.write_atomic(args.out, "\n".join(lines))
+    common.write_text(args.out, "\n".join(lines))
     print(f"eval: wrote {args.out} ({len(items)} questions, winner {winner}, {time.time() - t_start:.0f} s)")
 
 

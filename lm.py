@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 import common
+import gpu_memory
 
 
 # ----------------------------------------------------------------------------- settings
@@ -34,6 +35,10 @@ LEVELS = {  # quantization level -> weights dtype ("float": the device's fast fl
     "torchao-int8wo": dict(dtype="float", config="torchao", settings=dict(method="Int8WeightOnlyConfig")),
     "torch-int8-dynamic": dict(dtype="float32", after_load="torch-int8-dynamic", devices=("cpu",)),
 }
+TEACHER_DEVICE = os.environ.get("FSKU_TEACHER_DEVICE", "same")  # where 00 and 01 put the teacher: same (the
+# student's device), cuda:N, or auto (device_map="auto" over every GPU, the student's working memory kept free)
+TEACHER_LEVELS = ("bf16", "bnb-int8", "bnb-nf4")  # on a GPU the teacher loads at the first of these whose weights
+# (gpu_memory.weight_bytes) fit the free memory: a 14B teacher is bf16 on an 80 GB card and nf4 beside a 7B on 48 GB
 # -----------------------------------------------------------------------------
 
 
@@ -189,7 +194,7 @@ def local_model(model_id):
     makes that is missing says which make target makes it. Inference runs offline (common.OFFLINE_ENV): a hub id
     must already be in the local cache."""
     path = common.resolve_model(model_id)
-    if Path(path).exists():
+    if Path(path).is_absolute() and Path(path).exists():  # never relative to the current folder
         return path
     target = common.model_target(model_id)
     if target or "/" not in str(model_id) or str(model_id).startswith(("models/", "outputs/", ".")):
@@ -198,13 +203,14 @@ def local_model(model_id):
     return path
 
 
-def load_model(model_id, device, dtype, level=None, quantization=None):
+def load_model(model_id, device, dtype, level=None, quantization=None, max_memory=None):
     """Load a causal LM for inference straight onto the device (device_map: never a full copy in host RAM first);
     says what to do when the model is missing.
 
     level (LEVELS) quantizes while loading (or after, for an after-load method); quantization (a transformers config,
     e.g. BitsAndBytesConfig) does so directly. A folder saved quantized (its config.json names the method) loads
-    quantized on its own.
+    quantized on its own. device "auto" spreads the layers over the GPUs (device_map="auto"), each GPU filled up to
+    max_memory ({gpu index: "N GiB"}, gpu_max_memory).
     """
     path = local_model(model_id)
     if level is not None and quantization is None:
@@ -213,12 +219,85 @@ def load_model(model_id, device, dtype, level=None, quantization=None):
         bnb_log = logging.getLogger("bitsandbytes.autograd._functions")  # the logger of the per-matmul warning
         if not any(isinstance(f, _FirstOnly) for f in bnb_log.filters):
             bnb_log.addFilter(_FirstOnly())
-    kwargs = dict(dtype=dtype, device_map=device, quantization_config=quantization)
+    kwargs = dict(dtype=dtype, device_map=device, quantization_config=quantization, max_memory=max_memory)
     model = AutoModelForCausalLM.from_pretrained(path, **{k: v for k, v in kwargs.items() if v is not None})
     after = LEVELS[level].get("after_load") if level else None
     if after:
         model = quantize_after_load(model, after, device)
     return model.eval()
+
+
+def device_name(device):
+    """A device as load_model and the per-device settings take it: "cpu" for any CPU device (the Trainer's rank
+    device reads "cpu:0"), "cuda:N" for a GPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "cpu"
+    return f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"
+
+
+def model_config(model_id):
+    """The config.json of a model as a dict (the sizes gpu_memory needs)."""
+    path = Path(local_model(model_id)) / "config.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(local_model(model_id)).to_dict()
+
+
+def gpu_free_gib(device):
+    """Free memory of one GPU in GiB, as the driver reports it (the CUDA context already taken)."""
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return free / 2**30
+
+
+def gpu_max_memory(student_device, reserve_gib):
+    """max_memory for device_map="auto" over every GPU: each GPU's free memory less gpu_memory.HEADROOM_GIB, and on the
+    student's GPU also less reserve_gib (the stage's working memory there)."""
+    student = device_name(student_device)
+    memory = {}
+    for index in range(torch.cuda.device_count()):
+        free = gpu_free_gib(f"cuda:{index}") - gpu_memory.HEADROOM_GIB
+        free -= reserve_gib if f"cuda:{index}" == student else 0.0
+        memory[index] = f"{max(free, 0.0):.2f}GiB"
+    return memory
+
+
+def fitting_level(config, free_gib, levels=TEACHER_LEVELS):
+    """The first of levels whose weights (gpu_memory.weight_bytes) fit in free_gib; stops with what to do when none
+    does."""
+    for level in levels:
+        if gpu_memory.weights_gib(config, level) <= free_gib:
+            return level
+    need = gpu_memory.weights_gib(config, levels[-1])
+    raise SystemExit(f"the teacher needs {need:.1f} GiB even at {levels[-1]}, but {free_gib:.1f} GiB are free for it "
+                     "beside the student: set FSKU_TEACHER_DEVICE=cuda:N (another GPU) or auto (spread over the GPUs), "
+                     "or choose a smaller teacher (reports/gpu-plan.md, `make gpu-plan`).")
+
+
+def teacher_placement(device, reserve_gib, config):
+    """(device or "auto", level, max_memory) of the teacher on a GPU by TEACHER_DEVICE, relative to the student's
+    device: on the student's GPU its free memory less reserve_gib and HEADROOM_GIB must hold the weights."""
+    place = device if TEACHER_DEVICE == "same" else TEACHER_DEVICE
+    if place == "auto":
+        memory = gpu_max_memory(device, reserve_gib)
+        return "auto", fitting_level(config, sum(float(m[:-3]) for m in memory.values())), memory
+    place = device_name(pick_device(place))
+    free = gpu_free_gib(place) - gpu_memory.HEADROOM_GIB - (reserve_gib if place == device else 0.0)
+    return place, fitting_level(config, free), None
+
+
+def load_teacher(model_id, device, reserve_gib=0.0, dtype=None):
+    """The frozen teacher for 00 and 01, loaded after the student. On the CPU in dtype (default: the float level's);
+    on a GPU where TEACHER_DEVICE says, at the first of TEACHER_LEVELS that fits (teacher_placement)."""
+    device = device_name(device)
+    if device_kind(device) == "cpu":
+        return load_model(model_id, "cpu", dtype or pick_dtype("cpu")).requires_grad_(False)
+    place, level, memory = teacher_placement(device, reserve_gib, model_config(model_id))
+    print(f"lm: teacher {model_id} at {level} on {place}" + (f" (max_memory {memory})" if memory else ""))
+    model = load_model(model_id, place, pick_dtype(device, level=level), level=level, max_memory=memory)
+    return model.requires_grad_(False)
 
 
 def model_fingerprint(model_id):
@@ -316,9 +395,11 @@ def ngram_continuations(ids, n):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, batch_size=8, stats=None, sources=None, no_copy=0):
+def generate(model, tokenizer, prompts, max_new_tokens, batch_size=8, stats=None, sources=None, no_copy=0,
+             **options):
     """Greedy continuations of the prompts (text only, special tokens dropped). With sources (one text per prompt)
-    and no_copy > 0, no continuation repeats no_copy consecutive tokens of its source (NoCopy)."""
+    and no_copy > 0, no continuation repeats no_copy consecutive tokens of its source (NoCopy). options go to
+    model.generate (e.g. no_repeat_ngram_size, repetition_penalty)."""
     results = [None] * len(prompts)
     for idx, enc in _batches(prompts, tokenizer, batch_size):
         t0 = time.time()
@@ -327,7 +408,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size=8, stats=None
         if sources and no_copy > 0:
             ids = [tokenizer(sources[i], add_special_tokens=False).input_ids if sources[i] else [] for i in idx]
             processors = LogitsProcessorList([NoCopy(ids, no_copy, enc.input_ids.shape[1])])
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
+                             **options)
         new = out[:, enc.input_ids.shape[1]:]
         for row, i in enumerate(idx):
             results[i] = tokenizer.decode(new[row], skip_special_tokens=True)

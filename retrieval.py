@@ -589,8 +589,9 @@ class Index:
             raise SystemExit(f"retrieval: unknown FUSION {fusion!r}: use rrf or weighted.")
         return ranked(fused, k)
 
-    def search_with_vector(self, text, vector, k, method=SEARCH_METHOD):
+    def search_with_vector(self, text, vector, k, method=None):
         """Search given a precomputed query vector (None for bm25): [(Chunk, score)] best first."""
+        method = method or SEARCH_METHOD
         if method == "bm25":
             hits = self.bm25_ranking(text, k)
         elif method == "dense":
@@ -602,12 +603,14 @@ class Index:
             raise SystemExit(f"retrieval: unknown search method {method!r}: use bm25, dense or fused.")
         return [(self.chunks[i], s) for i, s in hits]
 
-    def search_many(self, texts, k=5, method=SEARCH_METHOD):
-        """Search for each text; the dense query vectors are computed in batches. [] for a text with no hit."""
+    def search_many(self, texts, k=5, method=None):
+        """Search for each text (SEARCH_METHOD unless method is given); the dense query vectors are computed in
+        batches. [] for a text with no hit."""
+        method = method or SEARCH_METHOD
         vectors = self.query_vectors(texts) if method != "bm25" else [None] * len(texts)
         return [self.search_with_vector(t, v, k, method) for t, v in zip(texts, vectors)]
 
-    def search(self, text, k=5, method=SEARCH_METHOD):
+    def search(self, text, k=5, method=None):
         return self.search_many([text], k, method)[0]
 
 

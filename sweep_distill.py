@@ -1,14 +1,17 @@
 """Hyperparameter sweep of the distillation and the distillation report.
 
 --sweep: for every point of this device's SWEEP_GRID (alpha, beta, tau, loss type) trains an adapter with
-01_train_distillm.py (SWEEP_STEPS steps), merges it, answers the first SWEEP_EVAL_QUESTIONS development questions
-with 04_infer.py and scores them with evaluate.py; the base student is answered on the same questions. Every point
-is a folder under outputs/01_sweep/ with its own DONE stamps, so a killed sweep resumes; a folder made from other
-pairs, questions or settings (its inputs.json) is started again. Writes reports/sweep.md. Run by `make sweep`.
---report: scores the base student and teacher (outputs/baseline), the distilled students (outputs/distill/*) on
-the development set and all four on 00's held-out template questions (outputs/distill/heldout-*), and collects
-pair-generation throughput (outputs/00_pairs/meta.json), training meta and the naive vs chunked loss measurement;
-writes reports/distill.md. Run by `make distill-report`.
+01_train_distillm.py (SWEEP_STEPS steps; on a device that trains from the teacher's stored top-k, the store at the
+point's temperature first), merges it, answers the first SWEEP_EVAL_QUESTIONS development questions with
+04_infer.py (EVAL_FLAGS) and scores them with scoring.py; the base student is answered on the same questions.
+Every point is a folder under outputs/01_sweep/ with its own DONE stamps, so a killed sweep resumes; a folder made
+from other pairs, questions or settings (its inputs.json) is started again. Writes reports/sweep.md. Run by
+`make sweep`.
+--report: scores the base student and teacher (outputs/distill/{student,teacher}) and the distilled students
+(outputs/distill/<loss>) on the development set and all four on 00's held-out template questions
+(outputs/distill/heldout-*), and collects pair-generation throughput (outputs/00_pairs/meta.json), training meta
+and the naive vs chunked loss measurement; writes reports/distill.md. Run by `make distill-report`, whose rules
+make those runs with EVAL_FLAGS.
 Copy the winning values into the settings block of 01_train_distillm.py: `make distill` trains with those.
 """
 import argparse
@@ -21,10 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import answering
 import common
 import competition
-import evaluate
 import lm
+import scoring
 
 # ----------------------------------------------------------------------------- settings
 SWEEP_GRID = dict(cpu=dict(loss_type=["distillm_v2"], alpha=[0.1, 0.3], beta=[1.0], temperature=[1.0]),
@@ -35,17 +39,19 @@ SWEEP_EVAL_QUESTIONS = 500  # first development questions (multiple choice only)
 SWEEP_KEEP_MERGED = False  # merged models are 1 GB each on the student: delete after scoring
 REPORT_CALIBRATION = "batch"  # one option-prior correction for every run in reports/distill.md
 DISTILL_RUNS = ["distillm_v2", "kd"]  # outputs/distill/<name>: 04_infer.py runs of merged distilled students
+EVAL_FLAGS = ["--passages", "0", "--level", "float", "--calibration", "none"]  # every 04 run of the sweep alike (the
+# Makefile's distill-report runs too): no passages, the device's float dtype, raw option scores (the reports
+# calibrate them all with REPORT_CALIBRATION)
 # -----------------------------------------------------------------------------
 
 SWEEP_DIR = common.OUTPUTS / "01_sweep"
 DISTILL_DIR = common.OUTPUTS / "distill"
-BASELINE_DIR = common.OUTPUTS / "baseline"
 
 
 def grid_points(grid=None, extra=SWEEP_EXTRA):
     """Every combination of the grid (SWEEP_GRID of this device unless given) plus the extra points, each with a
     folder name."""
-    grid = grid or SWEEP_GRID[lm.pick_device()]
+    grid = grid or SWEEP_GRID[lm.device_kind(lm.pick_device())]
     keys = list(grid)
     points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] + list(extra)
     for p in points:
@@ -81,12 +87,13 @@ def train_and_answer(point, steps, n_questions):
     adapter, merged, answers = folder / "adapter", folder / "merged", folder / "eval"
     if not (answers / "DONE").exists():
         if not (merged / "DONE").exists():
-            run([sys.executable, common.ROOT / "01_train_distillm.py", "--loss-type", point["loss_type"],
-                 "--alpha1", point["alpha"], "--alpha2", point["alpha"], "--beta", point["beta"],
-                 "--temperature", point["temperature"], *(["--max-steps", steps] if steps else []), "--out", adapter,
-                 "--merge", merged])
+            trainer = [sys.executable, common.ROOT / "01_train_distillm.py", "--temperature", point["temperature"]]
+            run(trainer + ["--store-topk"])  # the teacher's top-k at this temperature (a stamp where it is loaded)
+            run(trainer + ["--loss-type", point["loss_type"], "--alpha1", point["alpha"], "--alpha2", point["alpha"],
+                           "--beta", point["beta"], *(["--max-steps", steps] if steps else []), "--out", adapter,
+                           "--merge", merged])
         run([sys.executable, common.ROOT / "04_infer.py", "--model", merged, "--out", answers, "--mc-only",
-             "--limit", n_questions, "--no-rag"])
+             "--limit", n_questions, *EVAL_FLAGS])
     if not SWEEP_KEEP_MERGED and merged.exists():
         shutil.rmtree(merged)
     return answers
@@ -96,8 +103,8 @@ def base_answers(n_questions):
     fresh_folder(SWEEP_DIR / "base-student", dict(model=str(common.STUDENT_MODEL), **question_inputs(n_questions)))
     answers = SWEEP_DIR / "base-student" / "eval"
     if not (answers / "DONE").exists():
-        run([sys.executable, common.ROOT / "04_infer.py", "--model", common.STUDENT_MODEL, "--out", answers,
-             "--mc-only", "--limit", n_questions, "--no-rag"])
+        run([sys.executable, common.ROOT / "04_infer.py", "--model", "student", "--out", answers, "--mc-only",
+             "--limit", n_questions, *EVAL_FLAGS])
     return answers
 
 
@@ -109,20 +116,20 @@ def training_meta(folder):
 def sweep_report(points, labels, command):
     """reports/sweep.md: every point against the base student on the same questions, all with REPORT_CALIBRATION
     (04's "auto" could calibrate one point and not another), the change with its paired standard error."""
-    steps = SWEEP_STEPS[lm.pick_device()]
-    base_run = evaluate.load_run(base_answers(SWEEP_EVAL_QUESTIONS))
+    steps = SWEEP_STEPS[lm.device_kind(lm.pick_device())]
+    base_run = scoring.load_run(base_answers(SWEEP_EVAL_QUESTIONS))
     ids = {r["id"] for r in base_run[2]}
     base = subset_answers(base_run, ids)
-    base_acc = evaluate.score(base, labels)["mc_acc"]
+    base_acc = scoring.score(base, labels)["mc_acc"]
     rows = []
     for p in points:
-        run = evaluate.load_run(train_and_answer(p, steps, SWEEP_EVAL_QUESTIONS))
+        run = scoring.load_run(train_and_answer(p, steps, SWEEP_EVAL_QUESTIONS))
         answers, raw = subset_answers(run, ids), subset_answers(run, ids, "none")
-        diff, se = evaluate.mc_difference(answers, base, labels)
+        diff, se = scoring.mc_difference(answers, base, labels)
         t = training_meta(SWEEP_DIR / p["name"] / "adapter")
         first, last = loss_ends(t.get("history"))
-        rows.append((evaluate.score(answers, labels)["mc_acc"], p, t, diff, se,
-                     evaluate.score(raw, labels)["mc_acc"], evaluate.most_frequent(raw), first, last))
+        rows.append((scoring.score(answers, labels)["mc_acc"], p, t, diff, se,
+                     scoring.score(raw, labels)["mc_acc"], scoring.most_frequent(raw), first, last))
     raw_base = subset_answers(base_run, ids, "none")
     lines = ["# Distillation sweep", "", f"Produced by `{command}`. Each point: {steps or 'MAX_STEPS'} LoRA steps on "
              f"the {training_meta(common.PAIRS).get('pairs', '?')} pairs of outputs/00_pairs, scored on the first "
@@ -131,14 +138,14 @@ def sweep_report(points, labels, command):
              "base student's on the same questions, with the paired standard error of that difference "
              f"(one question = {1 / max(len(ids), 1):.3f}).", "",
              f"Base student on the same questions: MC accuracy **{base_acc:.3f}**, raw "
-             f"{evaluate.score(raw_base, labels)['mc_acc']:.3f}, most frequent raw answer "
-             f"{evaluate.most_frequent(raw_base)}.", "",
+             f"{scoring.score(raw_base, labels)['mc_acc']:.3f}, most frequent raw answer "
+             f"{scoring.most_frequent(raw_base)}.", "",
              "| loss | alpha | beta | tau | MC accuracy | change ± SE | raw MC | most frequent raw answer | "
              "loss first → last 10% | s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for acc, p, t, diff, se, raw_acc, top, first, last in sorted(rows, key=lambda r: -r[0]):
         lines.append(f"| {p['loss_type']} | {p['alpha']} | {p['beta']} | {p['temperature']} | {acc:.3f} | "
-                     f"{diff:+.3f} ± {se:.3f} | {raw_acc:.3f} | {top} | {evaluate.fmt(first, 4)} → "
-                     f"{evaluate.fmt(last, 4)} | {t.get('seconds', {}).get('per_step', '–')} |")
+                     f"{diff:+.3f} ± {se:.3f} | {raw_acc:.3f} | {top} | {scoring.fmt(first, 4)} → "
+                     f"{scoring.fmt(last, 4)} | {t.get('seconds', {}).get('per_step', '–')} |")
     return lines + [""]
 
 
@@ -184,13 +191,13 @@ def measurement_lines():
 
 
 def subset_answers(run, ids, calibration=None):
-    """Answers of a loaded 04 run (evaluate.load_run) on the question ids only, multiple choice re-calibrated on that
+    """Answers of a loaded 04 run (scoring.load_run) on the question ids only, multiple choice re-calibrated on that
     subset from the raw log-probabilities (REPORT_CALIBRATION unless given), so runs answered on different subsets
     (--limit, --mc-only) compare fairly."""
     answers, meta, records = run
     records = [r for r in records if r["id"] in ids]
     subset = {r["id"]: answers[r["id"]] for r in records if r["kind"] == "desc"}
-    subset.update(evaluate.infer.calibrated_answers(records, calibration or REPORT_CALIBRATION,
+    subset.update(answering.calibrated_answers(records, calibration or REPORT_CALIBRATION,
                                                     meta.get("content_free")))
     return subset
 
@@ -232,27 +239,28 @@ def pairs_lines(pairs_meta):
             f"{r['student_answer_seconds']:.0f} s); "
             + (f"question writing {r['questions_per_minute']} questions/minute ({r['write_seconds']:.0f} s)"
                if r.get("questions_per_minute") else "questions from templates (no generation)")
-            + f". Peak RSS {pairs_meta['peak_rss_gib']} GiB (both models loaded). Command: `make pairs`.", ""]
+            + f". Peak RSS {pairs_meta['peak_rss_gib']} GiB, GPU {pairs_meta.get('peak_gpu_gib') or '–'} GiB (both "
+            "models loaded). Command: `make pairs`.", ""]
 
 
 def compare(done, labels):
-    """Per run name of done [(name, 04 run folder)]: evaluate.score of its answers plus raw_mc and raw_top (accuracy
+    """Per run name of done [(name, 04 run folder)]: scoring.score of its answers plus raw_mc and raw_top (accuracy
     and most frequent answer without calibration), closed / closed_mc (share of the teacher-student gap, by score
     and by MC accuracy) and change (MC accuracy minus the base student's, with its paired standard error), all over
     the questions every run answered, multiple choice re-calibrated alike (subset_answers)."""
-    loaded = {name: evaluate.load_run(folder) for name, folder in done}
+    loaded = {name: scoring.load_run(folder) for name, folder in done}
     ids = set.intersection(*(set(run[0]) for run in loaded.values())) if loaded else set()
     answers = {name: subset_answers(run, ids) for name, run in loaded.items()}
     raw = {name: subset_answers(run, ids, "none") for name, run in loaded.items()}
     raw_mc = {name: {i: x for i, x in r.items() if labels.get(i, {}).get("kind") == "mc"} for name, r in raw.items()}
-    scores = {name: dict(evaluate.score(a, labels), raw_mc=evaluate.score(raw[name], labels)["mc_acc"],
-                         raw_top=evaluate.most_frequent(raw_mc[name])) for name, a in answers.items()}
+    scores = {name: dict(scoring.score(a, labels), raw_mc=scoring.score(raw[name], labels)["mc_acc"],
+                         raw_top=scoring.most_frequent(raw_mc[name])) for name, a in answers.items()}
     st, te = scores.get("base student"), scores.get("teacher")
     for name, s in scores.items():
         s["closed"] = gap_closed(st.get("score"), te.get("score"), s.get("score")) \
             if st and te and s.get("score") else None
         s["closed_mc"] = gap_closed(st["mc_acc"], te["mc_acc"], s["mc_acc"]) if st and te else None
-        s["change"] = evaluate.mc_difference(answers[name], answers["base student"], labels) \
+        s["change"] = scoring.mc_difference(answers[name], answers["base student"], labels) \
             if st and name != "base student" else None
     return scores
 
@@ -271,7 +279,7 @@ def heldout_lines():
         return ["Held-out template questions: not answered (`make distill-report` answers them after `make pairs`).",
                 ""]
     kinds = {q.id: template_kind(q.stem) for q in competition.read_questions(common.HELDOUT)}
-    keys = evaluate.read_labels(common.HELDOUT_KEYS)
+    keys = scoring.read_labels(common.HELDOUT_KEYS)
     scores = compare(done, {i: dict(k, domain=kinds.get(i, "")) for i, k in keys.items()})  # per_domain: per kind
     n = next(iter(scores.values()))["n_mc"]
     lines = ["## Held-out template questions (in distribution)", "",
@@ -283,8 +291,8 @@ def heldout_lines():
              "|---|---|---|---|---|---|"]
     lines += [f"| {name} | not run ({folder.name}) | | | | |" for name, folder in runs if (name, folder) not in done]
     for name, s in scores.items():
-        lines.append(f"| {name} | {evaluate.fmt(s['mc_acc'])} | {evaluate.fmt(s['closed_mc'], 2)} | "
-                     f"{change_text(s)} | {evaluate.fmt(s['raw_mc'])} | {s['raw_top']} |")
+        lines.append(f"| {name} | {scoring.fmt(s['mc_acc'])} | {scoring.fmt(s['closed_mc'], 2)} | "
+                     f"{change_text(s)} | {scoring.fmt(s['raw_mc'])} | {s['raw_top']} |")
     names = sorted({k for s in scores.values() for k in s["per_domain"]})
     lines += ["", "Per template (\"in\": which statement is in the article; \"not_in\": which is not; \"title\": "
               "its title), MC accuracy (questions):", "", "| model | " + " | ".join(names) + " |",
@@ -303,7 +311,7 @@ def template_kind(stem):
 
 
 def distill_report(labels, command):
-    runs = [("base student", BASELINE_DIR / "student"), ("teacher", BASELINE_DIR / "teacher")]
+    runs = [("base student", DISTILL_DIR / "student"), ("teacher", DISTILL_DIR / "teacher")]
     runs += [(f"student + {name}", DISTILL_DIR / name) for name in DISTILL_RUNS]
     done = [(name, folder) for name, folder in runs if (folder / "DONE").exists()]
     scores = compare(done, labels)
@@ -312,7 +320,7 @@ def distill_report(labels, command):
              "## Development score", "",
              f"All runs scored on the same {any_s['n_mc'] if any_s else 0} multiple-choice and "
              f"{any_s['n_desc'] if any_s else 0} descriptive development questions (the questions every run "
-             "answered), no retrieval (`04_infer.py --no-rag`), multiple choice re-calibrated on that set "
+             "answered), 04_infer.py with `" + " ".join(EVAL_FLAGS) + "`, multiple choice re-calibrated on that set "
              f"(`{REPORT_CALIBRATION}`, the same for every run). "
              "Gap closed = (distilled - base student) / (teacher - base student). MC change = MC accuracy minus the "
              "base student's, ± the paired standard error over the same questions. Raw MC = without calibration "
@@ -322,15 +330,15 @@ def distill_report(labels, command):
     lines += [f"| {name} | not run ({folder.relative_to(common.ROOT)}) | | | | | | |" for name, folder in runs
               if (name, folder) not in done]
     for name, s in scores.items():
-        lines.append(f"| {name} | {evaluate.fmt(s.get('score'))} | {evaluate.fmt(s['mc_acc'])} | "
-                     f"{evaluate.fmt(s.get('desc_score'))} | {evaluate.fmt(s['closed'], 2)} | "
-                     f"{evaluate.fmt(s['closed_mc'], 2)} | {change_text(s)} | {evaluate.fmt(s['raw_mc'])} |")
+        lines.append(f"| {name} | {scoring.fmt(s.get('score'))} | {scoring.fmt(s['mc_acc'])} | "
+                     f"{scoring.fmt(s.get('desc_score'))} | {scoring.fmt(s['closed'], 2)} | "
+                     f"{scoring.fmt(s['closed_mc'], 2)} | {change_text(s)} | {scoring.fmt(s['raw_mc'])} |")
     lines += [""] + heldout_lines()
     lines += pairs_lines(training_meta(common.PAIRS))
     lines += ["## Training runs", "", "Loss: mean over the first and the last 10% of the logged micro-batches (one "
               "micro-batch is a few pairs, so single values are noisy).", "",
-              "| adapter | loss | steps | pairs | s/step | loss, first 10% | loss, last 10% | gradient checkpointing "
-              "| peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
+              "| adapter | loss | teacher | processes | steps | pairs | s/step | loss, first 10% | loss, last 10% | "
+              "gradient checkpointing | peak RSS GiB | peak GPU GiB |", "|---" * 12 + "|"]
     for folder in [common.DISTILLED] + [DISTILL_DIR / f"adapter-{n}" for n in DISTILL_RUNS]:
         t = training_meta(folder)
         if t:
@@ -338,9 +346,11 @@ def distill_report(labels, command):
             checkpointing = t.get("settings", {}).get("GRADIENT_CHECKPOINTING", "–")
             if isinstance(checkpointing, dict):  # per device
                 checkpointing = ", ".join(f"{device} {value}" for device, value in checkpointing.items())
-            lines.append(f"| {folder.relative_to(common.ROOT)} | {t['loss_config']['loss_type']} | {t['max_steps']} | "
-                         f"{t['n_pairs']} | {t['seconds']['per_step']} | {evaluate.fmt(first, 4)} | "
-                         f"{evaluate.fmt(last, 4)} | {checkpointing} | {t['peak_rss_gib']} |")
+            lines.append(f"| {folder.relative_to(common.ROOT)} | {t['loss_config']['loss_type']} | "
+                         f"{t.get('teacher_source', 'model')} | {t.get('world_size', 1)} | {t['max_steps']} | "
+                         f"{t['n_pairs']} | {t['seconds']['per_step']} | {scoring.fmt(first, 4)} | "
+                         f"{scoring.fmt(last, 4)} | {checkpointing} | {t['peak_rss_gib']} | "
+                         f"{t.get('peak_gpu_gib') or '–'} |")
     return lines + [""] + measurement_lines()
 
 
@@ -360,7 +370,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--command", default="make sweep")
     args = parser.parse_args()
-    labels = evaluate.read_labels()
+    labels = scoring.read_labels()
     lines = sweep_report(grid_points(), labels, args.command) if args.sweep else distill_report(labels, args.command)
     if args.notes and args.notes.exists():
         lines += [args.notes.read_text(encoding="utf-8")]

@@ -49,7 +49,6 @@ TINY_LAWS = ["전자서명은 서명자의 신원을 나타내는 정보이다."
 @pytest.fixture
 def tiny_index(tiny_model_dir, tmp_path, monkeypatch):
     """A four-article index built with the tiny model, installed as common.INDEX."""
-    import importlib
     import json
 
     import torch
@@ -57,7 +56,7 @@ def tiny_index(tiny_model_dir, tmp_path, monkeypatch):
     import common
     import lm
 
-    ix = importlib.import_module("02_build_index")
+    import retrieval as ix
     model = lm.load_model(str(tiny_model_dir), "cpu", torch.float32)
     tokenizer = lm.load_tokenizer(str(tiny_model_dir))
     chunks = [ix.Chunk(id=i, source=f"laws/t{i}.md", law="테스트법", kind="법률", article=f"제{i + 1}조", title="",
@@ -66,7 +65,8 @@ def tiny_index(tiny_model_dir, tmp_path, monkeypatch):
     folder = tmp_path / "02_index"
     folder.mkdir()
     ix.write_index(folder, chunks, ix.morphemes(ix.make_kiwi(), TINY_LAWS), vectors)
-    meta = dict(settings=dict(BM25_BACKEND="rank_bm25"), corpus="toy", dense_variant=ix.DENSE_VARIANT)
+    meta = dict(settings=dict(BM25_BACKEND="rank_bm25"), corpus="toy", dense_variant=ix.DENSE_VARIANT,
+                encoder=str(tiny_model_dir))
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     (folder / "DONE").touch()
     monkeypatch.setattr(common, "INDEX", folder)

@@ -1,4 +1,5 @@
-"""04_infer.py: option calibration, descriptive clean-up, batched scoring and resume on a tiny random model."""
+"""answering.py and 04_infer.py: option calibration, descriptive clean-up, batched scoring and resume on a tiny random
+model."""
 import csv
 import importlib
 import json
@@ -7,12 +8,19 @@ import math
 import pytest
 import torch
 
+import answering
 import common
 import competition
 import lm
+import retrieval
 from conftest import TINY_LAWS
 
 infer = importlib.import_module("04_infer")
+
+
+def cfg(model, passages=0, **fields):
+    """An answering.Config for a model folder."""
+    return answering.Config(candidate=str(model), passages=passages, **fields)
 
 
 def record(qid, probs):
@@ -23,38 +31,38 @@ def test_batch_calibration_removes_a_shared_option_prior():
     # Every question puts most mass on option 1; the true answer is the option the question lifts above the prior.
     prior = [0.7, 0.1, 0.1, 0.1]
     records = []
-    for i in range(infer.BATCH_MIN):
+    for i in range(answering.BATCH_MIN):
         boost = i % 4
         probs = [p * (3.0 if k == boost else 1.0) for k, p in enumerate(prior)]
         records.append(record(f"q{i}", [p / sum(probs) for p in probs]))
-    none = infer.calibrated_answers(records, "none")
-    batch = infer.calibrated_answers(records, "batch")
+    none = answering.calibrated_answers(records, "none")
+    batch = answering.calibrated_answers(records, "batch")
     assert set(none.values()) == {"1"}
-    assert all(batch[f"q{i}"] == str(i % 4 + 1) for i in range(infer.BATCH_MIN))
+    assert all(batch[f"q{i}"] == str(i % 4 + 1) for i in range(answering.BATCH_MIN))
 
 
 def test_content_free_calibration_divides_by_the_given_prior():
     records = [record("a", [0.5, 0.3, 0.1, 0.1])]
     content_free = {"4": [math.log(p) for p in (0.8, 0.1, 0.05, 0.05)]}
     # 0.5/0.8 < 0.3/0.1: option 2 wins once the prior is removed
-    assert infer.calibrated_answers(records, "content_free", content_free) == {"a": "2"}
+    assert answering.calibrated_answers(records, "content_free", content_free) == {"a": "2"}
 
 
 def test_batch_calibration_falls_back_to_content_free_on_few_questions():
     records = [record("a", [0.5, 0.3, 0.1, 0.1])]
     content_free = {"4": [math.log(p) for p in (0.8, 0.1, 0.05, 0.05)]}
-    assert infer.calibrated_answers(records, "batch", content_free) == {"a": "2"}
-    assert infer.calibrated_answers(records, "batch") == {"a": "1"}  # no prior at all: plain argmax
+    assert answering.calibrated_answers(records, "batch", content_free) == {"a": "2"}
+    assert answering.calibrated_answers(records, "batch") == {"a": "1"}  # no prior at all: plain argmax
 
 
 def test_calibration_per_option_count():
     records = [record("four", [0.1, 0.2, 0.3, 0.4]), record("five", [0.1, 0.1, 0.1, 0.1, 0.6])]
-    assert infer.calibrated_answers(records, "none") == {"four": "4", "five": "5"}
+    assert answering.calibrated_answers(records, "none") == {"four": "4", "five": "5"}
 
 
 def test_unknown_calibration_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown CALIBRATION"):
-        infer.calibrated_answers([record("a", [0.5, 0.5])], "median")
+        answering.calibrated_answers([record("a", [0.5, 0.5])], "median")
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -63,12 +71,12 @@ def test_unknown_calibration_is_a_clear_error():
     ("### 제목\n1. 내용", "제목 내용"),
 ])
 def test_clean_description(raw, expected):
-    assert infer.clean_description(raw, "질문") == expected
+    assert answering.clean_description(raw, "질문") == expected
 
 
 def test_clean_description_is_never_empty():
-    assert infer.clean_description(" ** ", "CISO의 독립성을 설명하세요.") == "CISO의 독립성"
-    assert infer.clean_description("", "설명하세요.") == "설명하세요."
+    assert answering.clean_description(" ** ", "CISO의 독립성을 설명하세요.") == "CISO의 독립성"
+    assert answering.clean_description("", "설명하세요.") == "설명하세요."
 
 
 def test_batched_logprobs_match_one_by_one(tiny_model_dir):
@@ -97,12 +105,12 @@ def write_questions(path, n_mc=5, n_desc=2):
 
 
 def test_run_answers_every_question_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
-    monkeypatch.setattr(infer, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(answering, "MC_BATCH", 2)
     questions = competition.read_questions(write_questions(tmp_path / "q.csv"))
     out = tmp_path / "run"
-    records, meta = infer.run(questions, out, str(tiny_model_dir), "float32")
-    rows = infer.submission_rows(questions, records, "batch", meta["content_free"])
+    records, meta = answering.run(questions, out, cfg(tiny_model_dir), "float32")
+    rows = answering.submission_rows(questions, records, "batch", meta["content_free"])
     assert competition.validate_submission(rows, questions) == []
     assert meta["answered_now"] == 7 and meta["prefill_tokens_per_s"] > 0
     assert sorted(meta["content_free"]) == ["4", "5"]
@@ -111,7 +119,7 @@ def test_run_answers_every_question_and_resumes(tiny_model_dir, tmp_path, monkey
     checkpoint = out / meta["predictions"]
     lines = checkpoint.read_text(encoding="utf-8").splitlines()
     checkpoint.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10], encoding="utf-8")
-    again, meta2 = infer.run(questions, out, str(tiny_model_dir), "float32")
+    again, meta2 = answering.run(questions, out, cfg(tiny_model_dir), "float32")
     assert meta2["answered_now"] == 4
     for a, b in zip(records, again):
         assert a["id"] == b["id"]
@@ -123,22 +131,22 @@ def test_run_answers_every_question_and_resumes(tiny_model_dir, tmp_path, monkey
     # A question whose text changed under the same id is answered again, never taken from the checkpoint.
     edited = [competition.parse_question(q.id, q.text.replace("옳은 것은", "옳지 않은 것은")) if q.id == "M0" else q
               for q in questions]
-    _, meta3 = infer.run(edited, out, str(tiny_model_dir), "float32")
+    _, meta3 = answering.run(edited, out, cfg(tiny_model_dir), "float32")
     assert meta3["answered_now"] == 1
 
 
 def test_checkpoint_key_changes_with_the_prompt(tiny_model_dir, monkeypatch):
-    key = infer.config_key(str(tiny_model_dir), "float32")
+    key = answering.config_key(str(tiny_model_dir), "float32")
     monkeypatch.setattr(common, "MC_INSTRUCTION", "다른 지시문")
-    assert infer.config_key(str(tiny_model_dir), "float32") != key
+    assert answering.config_key(str(tiny_model_dir), "float32") != key
 
 
 def test_main_writes_a_valid_submission(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
     questions = write_questions(tmp_path / "q.csv", n_mc=3, n_desc=1)
     out = tmp_path / "out"
     monkeypatch.setattr("sys.argv", ["04_infer.py", "--model", str(tiny_model_dir), "--out", str(out),
-                                     "--questions", str(questions), "--dtype", "float32", "--no-rag"])
+                                     "--questions", str(questions), "--dtype", "float32", "--passages", "0"])
     infer.main()
     rows = competition.read_submission(out / "submission.csv")
     assert [r[0] for r in rows] == ["M0", "M1", "M2", "D0"]
@@ -148,38 +156,36 @@ def test_main_writes_a_valid_submission(tiny_model_dir, tmp_path, monkeypatch):
     infer.main()  # everything from the checkpoint: the measurements of the first run are kept
     again = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     assert again["answered_now"] == 0
-    assert [again[f] for f in infer.MEASURED] == [meta[f] for f in infer.MEASURED]
+    assert [again[f] for f in answering.MEASURED] == [meta[f] for f in answering.MEASURED]
     assert again["prefill_tokens_per_s"] > 0
 
 
 def test_retrieved_context_goes_into_the_prompt_and_the_key(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
-    monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
-    monkeypatch.setattr(infer, "RAG_PASSAGES", 3)  # the default is 0 for the embedded student (reports/rag.md)
+    monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
     seen = []
     real_render = lm.render
     monkeypatch.setattr(lm, "render", lambda tok, messages, prefix="": seen.append(messages[1]["content"])
                         or real_render(tok, messages, prefix))
     questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=2, n_desc=1))
-    records, meta = infer.run(questions, tmp_path / "rag", str(tiny_model_dir), "float32", rag=True)
-    assert meta["rag"]["passages"] == infer.RAG_PASSAGES
-    assert all(len(r["context"]) == min(infer.RAG_PASSAGES, len(TINY_LAWS)) for r in records)
+    records, meta = answering.run(questions, tmp_path / "rag", cfg(tiny_model_dir, 3), "float32")
+    assert meta["rag"]["passages"] == 3
+    assert all(len(r["context"]) == min(3, len(TINY_LAWS)) for r in records)
     question_prompts = [p for p in seen if "옳은 것은" in p or "설명하세요" in p]
     assert question_prompts and all(common.CONTEXT_HEADER in p and "[1] " in p for p in question_prompts)
-    _, plain = infer.run(questions, tmp_path / "rag", str(tiny_model_dir), "float32", rag=False)
+    _, plain = answering.run(questions, tmp_path / "rag", cfg(tiny_model_dir), "float32")
     assert plain["key"] != meta["key"] and plain["rag"] is None
 
 
 def test_a_question_with_nothing_retrieved_is_still_answered(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
-    monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
-    monkeypatch.setattr(infer, "RAG_PASSAGES", 3)
-    monkeypatch.setattr(infer, "RAG_METHOD", "bm25")  # dense and fused always return the nearest chunks
+    monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(retrieval, "SEARCH_METHOD", "bm25")  # dense and fused always return the nearest chunks
     rows = [dict(ID="hit", Question="전자서명의 정의를 설명하세요."), dict(ID="none", Question="여행 일정을 설명하세요.")]
     common.write_csv(tmp_path / "q.csv", ["ID", "Question"], rows)
     questions = competition.read_questions(tmp_path / "q.csv")
-    records, meta = infer.run(questions, tmp_path / "out", str(tiny_model_dir), "float32", rag=True)
+    records, meta = answering.run(questions, tmp_path / "out", cfg(tiny_model_dir, 3), "float32")
     context = {r["id"]: r["context"] for r in records}
     assert context["hit"] and context["none"] == []  # no word of the second question is in the corpus
-    answers = infer.submission_rows(questions, records, "none", meta["content_free"])
+    answers = answering.submission_rows(questions, records, "none", meta["content_free"])
     assert [i for i, _ in answers] == ["hit", "none"] and all(a.strip() for _, a in answers)
 
 
@@ -187,15 +193,15 @@ def test_missing_index_says_what_to_do(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "INDEX", tmp_path / "absent")
     questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=1, n_desc=0))
     with pytest.raises(SystemExit, match="make index"):
-        infer.run(questions, tmp_path / "out", str(tiny_model_dir), "float32", rag=True)
+        answering.run(questions, tmp_path / "out", cfg(tiny_model_dir, 3), "float32")
 
 
 def test_auto_calibration_corrects_only_a_piled_up_prior():
     piled = [record(f"p{i}", [0.7, 0.1, 0.1, 0.1] if i % 4 else [0.2, 0.6, 0.1, 0.1]) for i in range(60)]
     spread = [record(f"s{i}", [0.1] * (i % 4) + [0.7] + [0.1] * (3 - i % 4)) for i in range(60)]
-    assert infer.auto_mode(piled) == "batch" and infer.auto_mode(spread) == "none"
-    assert infer.calibrated_answers(spread, "auto") == infer.calibrated_answers(spread, "none")
-    assert infer.calibrated_answers(piled, "auto") == infer.calibrated_answers(piled, "batch")
+    assert answering.auto_mode(piled) == "batch" and answering.auto_mode(spread) == "none"
+    assert answering.calibrated_answers(spread, "auto") == answering.calibrated_answers(spread, "none")
+    assert answering.calibrated_answers(piled, "auto") == answering.calibrated_answers(piled, "batch")
 
 
 def test_no_copy_bans_the_token_that_would_complete_a_source_run():
@@ -241,17 +247,72 @@ def test_generation_never_repeats_a_run_of_its_source(tiny_model_dir, monkeypatc
 
 def test_a_changed_copy_rule_answers_only_the_descriptive_questions_again(tiny_model_dir, tiny_index, tmp_path,
                                                                           monkeypatch):
-    monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
-    monkeypatch.setattr(infer, "RAG_PASSAGES", 3)
+    monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
     questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=2, n_desc=1))
-    records, meta = infer.run(questions, tmp_path / "rag", str(tiny_model_dir), "float32", rag=True)
-    assert meta["no_copy"] == infer.RAG_NO_COPY_TOKENS
-    assert [r.get("no_copy") for r in records if r["kind"] == "desc"] == [infer.RAG_NO_COPY_TOKENS]
-    monkeypatch.setattr(infer, "RAG_NO_COPY_TOKENS", 2)
-    again, meta2 = infer.run(questions, tmp_path / "rag", str(tiny_model_dir), "float32", rag=True)
+    records, meta = answering.run(questions, tmp_path / "rag", cfg(tiny_model_dir, 3), "float32")
+    assert meta["no_copy"] == answering.RAG_NO_COPY_TOKENS
+    assert [r.get("no_copy") for r in records if r["kind"] == "desc"] == [answering.RAG_NO_COPY_TOKENS]
+    monkeypatch.setattr(answering, "RAG_NO_COPY_TOKENS", 2)
+    again, meta2 = answering.run(questions, tmp_path / "rag", cfg(tiny_model_dir, 3), "float32")
     assert meta2["key"] == meta["key"] and meta2["answered_now"] == 1
     assert [r.get("no_copy") for r in again if r["kind"] == "desc"] == [2]
     # without passages the rule does not apply: a plain checkpoint stays valid under any rule
-    _, plain = infer.run(questions, tmp_path / "plain", str(tiny_model_dir), "float32")
-    monkeypatch.setattr(infer, "RAG_NO_COPY_TOKENS", 5)
-    assert infer.run(questions, tmp_path / "plain", str(tiny_model_dir), "float32")[1]["answered_now"] == 0
+    _, plain = answering.run(questions, tmp_path / "plain", cfg(tiny_model_dir), "float32")
+    monkeypatch.setattr(answering, "RAG_NO_COPY_TOKENS", 5)
+    assert answering.run(questions, tmp_path / "plain", cfg(tiny_model_dir), "float32")[1]["answered_now"] == 0
+
+
+def test_a_run_killed_at_any_moment_resumes_to_the_same_submission(tiny_model_dir, tmp_path):
+    """kill -9 of a real 04_infer.py process after its first checkpoints: the rerun loses at most the batch in
+    flight and writes a submission byte-identical to an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    questions = write_questions(tmp_path / "q.csv", n_mc=240, n_desc=6)
+
+    def command(out):
+        return [sys.executable, str(common.ROOT / "04_infer.py"), "--model", str(tiny_model_dir), "--out", str(out),
+                "--questions", str(questions), "--dtype", "float32", "--passages", "0"]
+
+    env = dict(os.environ, FSKU_CPU_DTYPE="float32")
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        lines = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in killed.glob("predictions-*.jsonl"))
+        if lines >= 2 * answering.MC_BATCH:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "DONE").exists(), "the run finished before the kill: the test needs a slower run"
+    assert lines >= 2 * answering.MC_BATCH
+    subprocess.run(command(killed), env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = json.loads((killed / "meta.json").read_text(encoding="utf-8"))
+    assert 0 < meta["answered_now"] < 246  # the checkpointed batches were not answered again
+    clean = tmp_path / "clean"
+    subprocess.run(command(clean), env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert (killed / "submission.csv").read_bytes() == (clean / "submission.csv").read_bytes()
+
+
+def test_a_missing_model_folder_names_the_make_target(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    for model, target in (("models/teacher-base", "make teacher"), ("models/student-base", "make student"),
+                          ("models/student-distilled-merged", "make distill")):
+        with pytest.raises(SystemExit, match=target):
+            lm.load_tokenizer(model)
+    with pytest.raises(SystemExit, match="FSKU_STUDENT"):
+        lm.load_model("models/my-own-model", "cpu", torch.float32)
+
+
+def test_changed_descriptive_settings_answer_only_the_descriptive_questions_again(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
+    questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=3, n_desc=2))
+    _, meta = answering.run(questions, tmp_path / "out", cfg(tiny_model_dir), "float32")
+    monkeypatch.setattr(answering, "DESC_GENERATION", dict(no_repeat_ngram_size=2))
+    _, again = answering.run(questions, tmp_path / "out", cfg(tiny_model_dir), "float32")
+    assert again["key"] == meta["key"] and again["answered_now"] == 2  # the multiple-choice records stay valid

@@ -1,4 +1,5 @@
-"""00_generate_pairs.py: question checking, layout, no test data, chunking fallback and resume on a tiny model."""
+"""00_generate_pairs.py: question checking, layout, no test data, the retriever's chunks, the writer's token cap,
+per-device settings and resume on a tiny model; sweep_distill.py's grid, folders and reports."""
 import importlib
 import inspect
 import json
@@ -10,6 +11,7 @@ import pytest
 import common
 import competition
 import lm
+import scoring
 
 g = importlib.import_module("00_generate_pairs")
 
@@ -60,7 +62,7 @@ def test_prompt_matches_04_and_context_is_shared(monkeypatch):
     text = g.mc_question_text(stem, options)
     plain = g.build_prompt("a", "mc", text, "제1조 목적", random.Random(1))  # rng().random() = 0.13 < 0.5
     assert plain["prefix"] == common.MC_ANSWER_PREFIX and plain["context"] is True
-    assert getattr(common, "CONTEXT_HEADER", g.CONTEXT_HEADER) in plain["prompt"][-1]["content"]
+    assert common.CONTEXT_HEADER in plain["prompt"][-1]["content"]
     assert "제1조 목적" in plain["prompt"][-1]["content"]
     g_rng = random.Random(3)  # first draw 0.237 ...; find a draw above CONTEXT_RATE
     while True:
@@ -78,10 +80,17 @@ def test_never_reads_the_development_or_competition_questions():
         assert name not in source
 
 
-def test_article_chunks_fallback():
-    text = "# 법\n## 제1장 총칙\n##### 제1조 (목적)\n\n이 법은 목적으로 한다.\n##### 제2조 (정의)\n\n1\\. 정의\n"
-    chunks = g.article_chunks(text, "laws/전자금융거래법__법률.md")
-    assert [c["text"].split("\n")[0] for c in chunks] == ["전자금융거래법 제1조 (목적)", "전자금융거래법 제2조 (정의)"]
+def test_chunks_come_from_the_retrievers_chunker(tiny_model_dir, tmp_path):
+    tok = lm.load_tokenizer(tiny_model_dir)
+    (tmp_path / "laws").mkdir()
+    text = "# 전자금융거래법\n## 제1장 총칙\n##### 제1조 (목적)\n\n이 법은 전자금융거래의 안전성을 확보함을 목적으로 한다.\n"
+    (tmp_path / "laws" / "전자금융거래법__법률.md").write_text(text + "##### 제2조 (정의)\n\n1\\. 정의\n", encoding="utf-8")
+    chunks = g.load_chunks(tok, tmp_path, ["laws"])
+    assert [c["article"] for c in chunks] == ["제1조", "제2조"] and chunks[0]["title"] == "목적"
+    assert chunks[0]["id"] == g.chunk_id(chunks[0]["text"]) and chunks[0]["source"] == "laws/전자금융거래법__법률.md"
+    (tmp_path / "empty" / "laws").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="make data"):
+        g.load_chunks(tok, tmp_path / "empty", ["laws"])
 
 
 def test_chunk_ids_are_content_hashes():
@@ -96,7 +105,7 @@ def tiny(tiny_model_dir):
     return tok, lm.load_model(str(tiny_model_dir), "cpu", torch.float32)
 
 
-def fake_writer(teacher, tokenizer, jobs, seed):
+def fake_writer(teacher, tokenizer, jobs, seed, caps=None):
     """A question writer that always produces a well-formed, distinct question (the tiny model writes noise)."""
     out = {}
     for j in jobs:
@@ -115,18 +124,17 @@ def test_resume_appends_only_new_chunks(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(g, "write_questions", fake_writer)
     monkeypatch.setattr(g, "KEEP_TEACHER_WRONG", True)  # the tiny teacher's option is noise
     monkeypatch.setattr(g, "ANSWER_MAX_NEW_TOKENS", 4)
-    monkeypatch.setattr(g, "BATCH", 2)
     monkeypatch.setattr(g, "MIN_CHUNK_CHARS", 5)
     chunks = [dict(id=g.chunk_id(f"조문 {i} 내용입니다"), source="laws/x.md", text=f"조문 {i} 내용입니다", n=i)
               for i in range(6)]
-    g.run(chunks, model, model, tok, tmp_path, n_chunks=2)
-    first = g.read_jsonl(tmp_path / "pairs.jsonl")
+    g.run(chunks, model, model, tok, tmp_path, n_chunks=2, batch=2)
+    first = lm.read_jsonl(tmp_path / "pairs.jsonl")
     assert len(first) == 4 and {p["kind"] for p in first} == {"mc", "desc"}
     with open(tmp_path / "pairs.jsonl", "a", encoding="utf-8") as f:
         f.write('{"id": "torn')  # a kill in the middle of a line
-    stats = g.run(chunks, model, model, tok, tmp_path, n_chunks=4)
+    stats = g.run(chunks, model, model, tok, tmp_path, n_chunks=4, batch=2)
     assert stats["chunks_done_before"] == 2 and stats["chunks_now"] == 2
-    pairs = g.read_jsonl(tmp_path / "pairs.jsonl")
+    pairs = lm.read_jsonl(tmp_path / "pairs.jsonl")
     assert len(pairs) == 8 and len({p["id"] for p in pairs}) == 8
     for p in pairs:
         assert p["chosen"].strip() and p["rejected"].strip() and p["settings"]["temperature"] == g.ANSWER_TEMPERATURE
@@ -135,12 +143,13 @@ def test_resume_appends_only_new_chunks(tiny, tmp_path, monkeypatch):
     assert g.run(chunks, model, model, tok, tmp_path, n_chunks=4)["chunks_now"] == 0
     meta = g.summary(tmp_path, stats, 1.0)
     assert meta["pairs"] == 8 and meta["attempts"] == 8 and meta["timed_batches"]["batches"] == 2
+    assert "peak_gpu_gib" in meta and meta["peak_rss_gib"] > 0  # GPU peak beside host RSS (None on the CPU)
 
 
 def test_duplicates_are_dropped(tiny, tmp_path, monkeypatch):
     tok, model = tiny
 
-    def same_writer(teacher, tokenizer, jobs, seed):
+    def same_writer(teacher, tokenizer, jobs, seed, caps=None):
         return {j["id"]: fake_writer(teacher, tokenizer, [dict(j, chunk=dict(j["chunk"], n=0))], seed)[j["id"]]
                 for j in jobs}
 
@@ -151,8 +160,8 @@ def test_duplicates_are_dropped(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(g, "OPTION_COUNTS", (4,))
     chunks = [dict(id=g.chunk_id(f"조문 {i}"), source="laws/x.md", text=f"조문 {i} 내용", n=i) for i in range(3)]
     g.run(chunks, model, model, tok, tmp_path, n_chunks=3)
-    attempts = g.read_jsonl(tmp_path / "attempts.jsonl")
-    assert len(g.read_jsonl(tmp_path / "pairs.jsonl")) == 2
+    attempts = lm.read_jsonl(tmp_path / "attempts.jsonl")
+    assert len(lm.read_jsonl(tmp_path / "pairs.jsonl")) == 2
     assert sum(a["reason"] == "duplicate" for a in attempts) == 4
 
 
@@ -231,6 +240,79 @@ def test_template_title_question_and_descriptive_and_too_small_pool():
     assert g.checked_question(job, "", random.Random(0))[2].startswith("nothing written")
 
 
+def long_sentence(subject, chars=g.SENTENCE_CHARS[1]):
+    """A sentence of exactly `chars` characters that the template writer uses as an option."""
+    end = " 하여야 한다."
+    body = f"{subject}는 " + "전자금융거래의 안전성과 신뢰성을 확보하기 위한 보안대책을 수립하고 " * 8
+    return body[:chars - len(end)] + end
+
+
+def longest_template_chunks():
+    """Two articles of one law, each with five sentences of the longest option length: every 5-option template
+    question built from them has options of SENTENCE_CHARS[1] characters."""
+    subjects = ["금융회사", "전자금융업자", "신용정보회사", "개인정보처리자", "정보통신서비스 제공자"]
+    return [dict(id=g.chunk_id(a), source=LAW, law="가상법", kind="법률", article=a, title=f"제목{a}",
+                 text="\n".join([f"가상법 [법률] {a} (제목{a})"] + [long_sentence(f"{a} {x}") for x in subjects]))
+            for a in ("제10조", "제11조")]
+
+
+def test_mc_write_cap_fits_the_longest_template_question(tiny):
+    tok, _ = tiny
+    chunks = law_chunks() + longest_template_chunks()
+    assert all(len(x) == g.SENTENCE_CHARS[1] for x in g.sentences(chunks[-1]))
+    cap = g.mc_write_cap(tok, chunks)
+    pool, longest = g.template_pool(chunks), 0
+    for seed in range(10):
+        job = dict(id="x-mc", chunk=chunks[-1], kind="mc", n_options=5)
+        raw = g.template_questions([job], pool, seed)["x-mc"]
+        assert g.parse_mc(raw, 5)[1] is None
+        longest = max(longest, len(tok(raw, add_special_tokens=False).input_ids))
+    assert longest <= cap <= longest + 2 * g.WRITE_MC_MARGIN  # fits, and not by a wide margin
+    assert longest > 200  # what the former fixed cap of 200 new tokens cut off
+
+
+def test_the_teacher_writes_within_the_caps(tiny, monkeypatch):
+    tok, model = tiny
+    asked = []
+
+    def fake_sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed):
+        asked.append(max_new_tokens)
+        return [""] * len(prompts)
+
+    monkeypatch.setattr(g, "sample", fake_sample)
+    jobs = [dict(id="a-mc", kind="mc", passage="조문", n_options=5),
+            dict(id="a-desc", kind="desc", passage="조문", n_options=0)]
+    g.write_questions(model, tok, jobs, 0, dict(g.WRITE_MAX_NEW_TOKENS, mc=777))
+    assert asked == [777, g.WRITE_MAX_NEW_TOKENS["desc"]]
+
+
+def test_models_load_on_any_gpu_with_the_cuda_settings(tiny_model_dir, monkeypatch):
+    """FSKU_DEVICE=cuda:1: the per-device settings are read by kind, the student loads first and the teacher keeps
+    this stage's working memory free beside it (no GPU here: the loaders are stand-ins)."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(common, "STUDENT_MODEL", str(tiny_model_dir))
+    monkeypatch.setattr(common, "TEACHER_MODEL", str(tiny_model_dir))
+    monkeypatch.setattr(lm, "pick_dtype", lambda device, dtype=None, level="float": torch.bfloat16)
+    monkeypatch.setattr(lm, "load_model", lambda model_id, device, dtype, **kw: calls.append(("student", device)))
+    monkeypatch.setattr(lm, "load_teacher", lambda model_id, device, reserve, dtype: calls.append(
+        ("teacher", device, reserve)))
+    tok = lm.load_tokenizer(tiny_model_dir)
+    g.load_models("cuda:1", tok, 300)
+    config = lm.model_config(tiny_model_dir)
+    reserve = g.working_memory_bytes(config, config, g.prompt_tokens(tok, 300), 300, g.BATCH["cuda"]) / 2**30
+    assert calls == [("student", "cuda:1"), ("teacher", "cuda:1", pytest.approx(reserve))] and reserve > 0
+    assert g.prompt_tokens(tok, 300)["answer"] > 300  # a question as long as the cap, in the answering template
+
+
+@pytest.mark.parametrize("module", ["00_generate_pairs", "01_train_distillm", "sweep_distill"])
+def test_per_device_settings_have_a_cpu_and_a_cuda_value(module):
+    settings = common.settings_of(importlib.import_module(module))
+    per_device = {k: v for k, v in settings.items() if isinstance(v, dict) and "cpu" in v}
+    assert per_device and all(set(v) == {"cpu", "cuda"} for v in per_device.values()), per_device
+
+
 def test_template_run_keeps_only_mc_the_teacher_gets_right(tiny, tmp_path, monkeypatch):
     tok, model = tiny
     monkeypatch.setattr(g, "ANSWER_MAX_NEW_TOKENS", 4)
@@ -238,7 +320,7 @@ def test_template_run_keeps_only_mc_the_teacher_gets_right(tiny, tmp_path, monke
     monkeypatch.setattr(g, "OPTION_COUNTS", (4,))
     chunks = law_chunks()
     g.run(chunks, model, model, tok, tmp_path, n_chunks=4, writer="template")
-    pairs, attempts = g.read_jsonl(tmp_path / "pairs.jsonl"), g.read_jsonl(tmp_path / "attempts.jsonl")
+    pairs, attempts = lm.read_jsonl(tmp_path / "pairs.jsonl"), lm.read_jsonl(tmp_path / "attempts.jsonl")
     mc = [p for p in pairs if p["kind"] == "mc"]
     wrong = [a for a in attempts if a["reason"] == "the teacher's most likely option is not the key"]
     assert len(mc) + len(wrong) == 4 and all(p["writer"] == "template" for p in pairs)
@@ -259,11 +341,10 @@ def test_keep_teacher_wrong_keeps_every_mc(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(g, "OPTION_COUNTS", (4,))
     monkeypatch.setattr(g, "KEEP_TEACHER_WRONG", True)
     g.run(law_chunks(), model, model, tok, tmp_path, n_chunks=4, writer="template")
-    assert sum(p["kind"] == "mc" for p in g.read_jsonl(tmp_path / "pairs.jsonl")) == 4
+    assert sum(p["kind"] == "mc" for p in lm.read_jsonl(tmp_path / "pairs.jsonl")) == 4
 
 
 def test_heldout_set_is_disjoint_from_the_pairs_and_keyed_right(tiny, tmp_path, monkeypatch):
-    evaluate = importlib.import_module("evaluate")
     tok, model = tiny
     monkeypatch.setattr(g, "MIN_CHUNK_CHARS", 5)
     monkeypatch.setattr(g, "OPTION_COUNTS", (4,))
@@ -272,8 +353,8 @@ def test_heldout_set_is_disjoint_from_the_pairs_and_keyed_right(tiny, tmp_path, 
     chunks = law_chunks()
     g.run(chunks, model, model, tok, tmp_path, n_chunks=2, writer="template", kinds=("mc",))
     assert g.write_heldout(chunks, tmp_path, n_chunks=10) == 2
-    used = {a["id"].rsplit("-", 1)[0] for a in g.read_jsonl(tmp_path / "attempts.jsonl")}
-    questions, keys = competition.read_questions(common.HELDOUT), evaluate.read_labels(common.HELDOUT_KEYS)
+    used = {a["id"].rsplit("-", 1)[0] for a in lm.read_jsonl(tmp_path / "attempts.jsonl")}
+    questions, keys = competition.read_questions(common.HELDOUT), scoring.read_labels(common.HELDOUT_KEYS)
     assert len(used) == 2 and not used & {k["chunk_id"] for k in keys.values()}
     by_id = {c["id"]: c for c in chunks}
     for q in questions:
@@ -281,7 +362,7 @@ def test_heldout_set_is_disjoint_from_the_pairs_and_keyed_right(tiny, tmp_path, 
         assert q.kind == "mc" and len(q.options) == 4 and k["kind"] == "mc" and k["domain"] == "가상법"
         key_in_article = q.options[int(k["Answer"]) - 1] in g.sentences(by_id[k["chunk_id"]])
         assert key_in_article != ("아닌 것은" in q.stem)  # "in": the article's sentence; "not in": another's
-    assert evaluate.score({i: k["Answer"] for i, k in keys.items()}, keys)["mc_acc"] == 1.0
+    assert scoring.score({i: k["Answer"] for i, k in keys.items()}, keys)["mc_acc"] == 1.0
     assert g.heldout_set(chunks, used, {g.norm_key(q.stem) for q in questions}, 10) == ([], [])  # asked stems
     window = dict(chunks[0], id="w2", text=chunks[0]["text"] + "\n이용자는 비밀번호를 타인에게 알려서는 아니 된다.")
     keys = g.heldout_set(chunks + [window], {chunks[0]["id"]}, set(), 10)[1]
@@ -308,12 +389,11 @@ def test_loss_ends_average_the_first_and_last_tenth():
 
 
 def test_mc_difference_is_paired():
-    evaluate = importlib.import_module("evaluate")
     labels = {f"q{i}": dict(kind="mc", Answer="1") for i in range(4)}
     labels["d"] = dict(kind="desc", Answer="설명")
     a = {"q0": "1", "q1": "1", "q2": "2", "q3": "1", "d": "x"}
     b = {"q0": "1", "q1": "2", "q2": "2", "q3": "2", "d": "y"}
-    diff, se = evaluate.mc_difference(a, b, labels)
+    diff, se = scoring.mc_difference(a, b, labels)
     assert diff == 0.5  # a right on q1 and q3 where b is wrong; descriptive ignored
     assert abs(se - (1 / 3) ** 0.5 / 2) < 1e-9  # differences [0, 1, 0, 1]: sample sd sqrt(1/3), over sqrt(4)
 

@@ -1,24 +1,27 @@
-"""05_quantize.py: every level against full precision on a tiny model, the selection rule, the whole sweep."""
+"""Levels (lm.LEVELS) against full precision on a tiny model; 05_quantize.py's calibrations, projection, selection
+rule and the whole three-stage measurement."""
+import dataclasses
 import importlib
 import json
+import math
 import shutil
-import sys
 
 import pytest
 import torch
 
+import answering
 import common
 import competition
 import lm
+import retrieval
 from conftest import build_tiny_model
 
 quantize = importlib.import_module("05_quantize")
-infer = importlib.import_module("04_infer")
 
 # Largest |logit - fp32 logit| allowed, as a share of the largest |fp32 logit|, on the tiny random model. 4-bit
-# weights of a 32-wide random model are coarse (NF4 measured 0.14 here); 8-bit and half precision stay near 1%.
-BOUNDS = {"fp32": 1e-6, "bf16": 0.03, "fp16": 0.01, "bnb-int8": 0.03, "bnb-nf4": 0.25, "bnb-nf4-dq": 0.25,
-          "torchao-int8wo": 0.03, "torch-int8-dynamic": 0.05}
+# weights of a 64-wide random model are coarse (NF4 measured 0.14 here); 8-bit and half precision stay near 1%.
+BOUNDS = {"float": 0.03, "fp32": 1e-6, "bf16": 0.03, "fp16": 0.01, "bnb-int8": 0.03, "bnb-nf4": 0.25,
+          "bnb-nf4-dq": 0.25, "torchao-int8wo": 0.03, "torch-int8-dynamic": 0.05}
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
 
 
@@ -29,250 +32,253 @@ def level_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-levels"), hidden_size=64, intermediate_size=128)
 
 
-def logits_of(model_dir, dtype=None):
-    model = lm.load_model(str(model_dir), "cpu", dtype or lm.pick_dtype("cpu", None, str(model_dir)))
+def logits_of(model_dir, level=None, dtype=None):
+    model = lm.load_model(str(model_dir), "cpu", dtype or lm.pick_dtype("cpu", level=level), level=level)
     with torch.no_grad():
         return model(IDS).logits.float()
 
 
-def test_every_level_has_a_bound():
-    assert set(BOUNDS) == set(quantize.LEVELS)
-    assert quantize.REFERENCE in quantize.LEVELS and set(quantize.MEASURE) <= set(quantize.LEVELS)
+def test_every_level_has_a_bound_and_every_measured_level_exists():
+    assert set(BOUNDS) == set(lm.LEVELS)
+    assert all(set(levels) <= set(lm.LEVELS) for levels in quantize.LEVELS.values())
 
 
-@pytest.mark.parametrize("level", sorted(quantize.LEVELS))
-def test_level_saves_reloads_and_stays_near_full_precision(level, level_model_dir, tmp_path):
-    reason = quantize.level_runnable(level, "cpu")
+@pytest.mark.parametrize("level", sorted(lm.LEVELS))
+def test_level_loads_quantized_and_stays_near_full_precision(level, level_model_dir):
+    reason = lm.level_runnable(level, "cpu")
     if reason:
         pytest.skip(f"{level} cannot run on this CPU: {reason}")
-    ref = logits_of(level_model_dir, torch.float32)
-    out = tmp_path / level
-    quantize.build_level(level_model_dir, level, out)
-    assert (out / "DONE").exists() and (out / "tokenizer.json").exists()
-    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    assert meta["quantization"]["level"] == level
-    # The folder loads at its level with no settings from the caller: the dtype and method travel with it.
-    assert lm.pick_dtype("cpu", None, str(out)) == getattr(torch, quantize.LEVELS[level]["dtype"])
-    got = logits_of(out)
+    ref = logits_of(level_model_dir, dtype=torch.float32)
+    got = logits_of(level_model_dir, level)
     error = (got - ref).abs().max().item() / ref.abs().max().item()
     assert error <= BOUNDS[level], f"{level}: relative logit error {error:.4f} > {BOUNDS[level]}"
-    if level != "fp32":
-        assert error > 0  # the level really changed the weights
+    if level not in ("fp32", "float") or lm.pick_dtype("cpu") != torch.float32:
+        assert level == "fp32" or error > 0  # the level really changed the weights
 
 
 def test_levels_a_device_cannot_run_say_why():
-    assert "cpu" in quantize.level_runnable("torch-int8-dynamic", "cuda")
-    assert quantize.level_runnable("bf16", "cpu") is None
+    assert "cpu" in lm.level_runnable("torch-int8-dynamic", "cuda")
+    assert lm.level_runnable("fp32", "cpu") is None
 
 
 def test_after_load_method_refuses_a_gpu():
     with pytest.raises(SystemExit, match="CPU only"):
         lm.quantize_after_load(torch.nn.Linear(2, 2), "torch-int8-dynamic", "cuda")
-    with pytest.raises(SystemExit, match="05_quantize"):
+    with pytest.raises(SystemExit, match="LEVELS"):
         lm.quantize_after_load(torch.nn.Linear(2, 2), "int3-magic", "cpu")
 
 
-# ----------------------------------------------------------------------------- selection on synthetic tables
-def row(level, score, hours, disk=1.0, runnable=True):
-    return dict(level=level, score=score, projected_s=hours * 3600, disk_gib=disk, runnable=runnable)
+def test_cpu_dtype_is_measured_once_per_machine(tmp_path, monkeypatch):
+    monkeypatch.delenv("FSKU_CPU_DTYPE", raising=False)
+    cache = tmp_path / "machine.json"
+    calls = []
+    monkeypatch.setattr(lm, "_matmul_gflops", lambda dtype, *a: calls.append(dtype) or
+                        (100.0 if dtype == torch.float32 else 400.0))
+    assert lm.cpu_float_dtype(cache) == "bfloat16" and len(calls) == 2
+    assert lm.cpu_float_dtype(cache) == "bfloat16" and len(calls) == 2  # cached: no second benchmark
+    known = json.loads(cache.read_text(encoding="utf-8"))
+    known["key"] = "another machine"
+    cache.write_text(json.dumps(known), encoding="utf-8")
+    monkeypatch.setattr(lm, "_matmul_gflops", lambda dtype, *a: 60.0 if dtype == torch.float32 else 7.0)
+    assert lm.cpu_float_dtype(cache) == "float32"  # an AVX2 machine: bf16 is slower, fp32 is chosen
+    monkeypatch.setenv("FSKU_CPU_DTYPE", "bfloat16")
+    assert lm.cpu_float_dtype(cache) == "bfloat16"
 
 
-def test_select_takes_the_best_score_inside_the_margin():
-    rows = [row("fp32", 0.60, 4.0), row("bf16", 0.55, 2.0), row("nf4", 0.50, 1.0)]
-    chosen, warning, _ = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.0)
-    assert chosen["level"] == "bf16" and warning is None  # fp32 scores best but 4.0 h > 0.8 x 4.5 h
+# ----------------------------------------------------------------------------- calibrations scored offline
+def full_shift_record(qid, content, position):
+    """A record scored under all cyclic shifts of 4 options: the model's score of option i shown at position j is
+    content[i] + position[j], returned in the original option order (as answering.answer_mc stores it)."""
+    n = len(content)
+
+    def observed(shift):  # position j shows option (j + shift) % n
+        at = [content[(j + shift) % n] + position[j] for j in range(n)]
+        return answering.unshift(at, shift)
+
+    return dict(id=qid, kind="mc", logprobs=observed(0), shifts={str(s): observed(s) for s in range(1, n)})
 
 
-def test_select_breaks_ties_by_time_then_disk():
-    rows = [row("fp32", 0.550, 3.0), row("bf16", 0.548, 2.0, disk=1.2), row("int8", 0.548, 2.0, disk=0.7)]
-    chosen, _, tied = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.005)
-    assert chosen["level"] == "int8"
-    chosen, _, tied = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.0)
-    assert chosen["level"] == "fp32"
+def test_permutation_mean_cancels_a_position_bias():
+    position = [0.0, 0.0, 0.0, 3.0]  # a strong preference for the last position
+    record = full_shift_record("a", [0.0, 1.0, 0.0, 0.0], position)  # the content favours option 2
+    assert answering.calibrated_answers([record], "none") == {"a": "4"}
+    assert answering.calibrated_answers([record], "permute") == {"a": "2"}
 
 
-def test_paired_standard_error_by_hand():
-    labels = {i: dict(kind="mc", Answer="1") for i in "abcd"} | {"x": dict(kind="desc", Answer="설명")}
-    a = dict(answers={"a": "1", "b": "1", "c": "2", "d": "1", "x": "가"})
-    b = dict(answers={"a": "1", "b": "2", "c": "2", "d": "2", "x": "나"})
-    # differences in correctness: 0, 1, 0, 1 -> mean 0.5, sample variance 1/3, SE of the mean sqrt(1/12); half of it
-    assert quantize.paired_se(a, b, labels) == pytest.approx(0.5 * (1 / 12) ** 0.5)
-    assert quantize.paired_se(a, a, labels) == 0.0  # identical answers: no noise between them
+def test_pride_estimates_the_position_prior_and_removes_it_from_unpermuted_questions():
+    position = [1.5, 0.0, 0.0, 0.0]
+    estimate = [full_shift_record(f"e{i}", [0.5 * (i % 4 == k) for k in range(4)], position) for i in range(8)]
+    plain = dict(full_shift_record("p", [0.0, 0.0, 1.0, 0.0], position), shifts={})
+    prior = answering.pride_prior(estimate)[4]
+    assert max(range(4), key=prior.__getitem__) == 0 and prior[0] - prior[1] == pytest.approx(1.5, abs=1e-6)
+    assert answering.calibrated_answers(estimate + [plain], "none")["p"] == "1"
+    assert answering.calibrated_answers(estimate + [plain], "pride")["p"] == "3"
 
 
-def test_select_treats_a_win_inside_the_noise_as_a_tie():
-    rows = [row("bf16", 0.385, 0.07), row("nf4", 0.407, 0.08)]
-    chosen, _, tied = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.005, noise=lambda a, b: 0.025)
-    assert chosen["level"] == "bf16"  # 0.022 ahead but the paired SE is 0.025: tied, and bf16 is faster
-    assert [r["level"] for r in tied] == ["bf16", "nf4"]
-    chosen, _, tied = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8, tolerance=0.005, noise=lambda a, b: 0.01)
-    assert chosen["level"] == "nf4"
+def test_shifts_follow_the_calibration():
+    questions = [competition.parse_question(f"q{i}", f"문제 {i}?\n" + "\n".join(f"{k} 보기{k}" for k in range(1, 5)))
+                 for i in range(40)] + [competition.parse_question("d", "개념을 설명하세요.")]
+    permute = answering.shifts_for(questions, answering.Config(calibration="permute", permutations=3))
+    assert set(permute) == {q.id for q in questions[:40]} and all(s == [1, 2] for s in permute.values())
+    pride = answering.shifts_for(questions, answering.Config(calibration="pride", permutations=4, pride_share=0.1))
+    full = [i for i, s in pride.items() if s]
+    assert len(full) == answering.BATCH_MIN // 5 and all(pride[i] == [1, 2, 3] for i in full)
+    assert all(s == [] for s in answering.shifts_for(questions, answering.Config()).values())
 
 
-def test_select_with_nothing_under_budget_takes_the_fastest_and_warns():
-    rows = [row("fp32", 0.6, 9.0), row("nf4", 0.4, 6.0), row("gone", 0.9, 0.1, runnable=False)]
-    chosen, warning, _ = quantize.select(rows, limit_s=4.5 * 3600, margin=0.8)
-    assert chosen["level"] == "nf4" and "fastest" in warning and "nf4" in warning
+def test_calibration_variants_score_every_calibration_the_records_allow():
+    questions = [competition.parse_question(f"q{i}", f"문제 {i}?\n1 가\n2 나\n3 다\n4 라") for i in range(12)]
+    records = [full_shift_record(q.id, [0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]) for q in questions]
+    variants = quantize.calibration_variants(records, questions)
+    assert {"none", "batch", "permute-2", "permute-4", "pride-0.1"} <= set(variants)
+    assert "permute-5" not in variants  # four options: a fifth shift does not exist
+    _, two = variants["permute-2"]
+    assert all(set(r["shifts"]) == {"1"} for r in two)
+    identity_only = [dict(r, shifts={}) for r in records]
+    assert set(quantize.calibration_variants(identity_only, questions)) == {"none", "content_free", "batch", "auto"}
 
 
-def test_select_refuses_when_nothing_ran():
-    with pytest.raises(SystemExit, match="no quantization level"):
-        quantize.select([row("a", None, 1.0), row("b", 0.5, 1.0, runnable=False)])
+def test_projected_time_by_hand():
+    meta = dict(seconds=dict(load=10.0), timing=dict(mc_s_per_prompt=0.5, desc_s_per_question=4.0))
+    plain = dict(calibration="none", permutations=1, pride_share=0.0)
+    assert quantize.projected_seconds(meta, plain) == pytest.approx(10 + 500 * 0.5 + 15 * 4)
+    permute = dict(calibration="permute", permutations=5, pride_share=0.0)
+    five = quantize.TEST_FIVE / quantize.TEST_MC
+    assert quantize.test_prompts_per_question(permute) == pytest.approx((1 - five) * 4 + five * 5)
+    assert quantize.projected_seconds(meta, plain, rerank_s=1.0) == pytest.approx(10 + 500 * 1.5 + 15 * 5)
 
 
-def test_projection_and_agreement():
-    result = dict(load_s=10.0, mc_s=2.0, desc_s=20.0, rerank_s=1.0, rag=True)
-    assert quantize.projected_seconds(result, n_mc=500, n_desc=15) == 10 + 500 * 3 + 15 * 21
-    # Answers without passages: the reranker is measured for agreement but not run by `make submission`.
-    assert quantize.projected_seconds(dict(result, rag=False), n_mc=500, n_desc=15) == 10 + 500 * 2 + 15 * 20
-    ref = dict(answers={"a": "1", "b": "2", "d": "설명"}, rerank_orders={"a": [1, 2, 3, 4], "b": [5, 6, 7, 8]})
-    got = dict(answers={"a": "1", "b": "3", "d": "다른 설명"}, rerank_orders={"a": [1, 3, 2, 9], "b": [6, 5, 8, 7]})
-    a = quantize.agreement(got, ref)
-    assert a["mc_agree"] == 0.5  # the descriptive answer is not counted
-    assert a["rerank_top1"] == 0.5
-    assert a["rerank_keep"] == pytest.approx((3 / 3 + 2 / 3) / 2)
+# ----------------------------------------------------------------------------- the choice
+LABELS = {f"m{i}": dict(kind="mc", Answer="1") for i in range(100)}
 
 
-def test_spread_takes_evenly_and_all_for_zero():
-    assert quantize.spread(list(range(10)), 5) == [0, 2, 4, 6, 8]
-    assert quantize.spread(list(range(3)), 0) == [0, 1, 2] and quantize.spread(list(range(3)), 7) == [0, 1, 2]
+def row(name, correct, seconds):
+    """A result row whose first `correct` of 100 MC answers are right."""
+    return dict(point=name, calibration="none", score=0.5 * correct / 100, projected_s=seconds,
+                each={f"m{i}": float(i < correct) for i in range(100)}, config={})
 
 
-def test_svg_draws_the_limit_and_every_level():
-    svg = quantize.svg_plot([row("bf16", 0.5, 1.0), row("nf4", 0.45, 0.5)], 4.5 * 3600, 0.8, "bf16")
-    assert svg.startswith("<svg") and svg.endswith("</svg>")
-    assert "4.5 h limit" in svg and svg.count("<circle") == 2 and 'fill="green"' in svg
-    assert "1  bf16  0.500  1.00 h" in svg and "2  nf4  0.450  0.50 h" in svg  # the legend names every point
+def test_select_takes_the_best_inside_the_budget():
+    rows = [row("fast", 40, 100), row("best", 60, 500), row("too slow", 90, 5000)]
+    chosen, tied, warning = quantize.select(rows, LABELS, budget_s=1000)
+    assert chosen["point"] == "best" and warning is None and tied == [rows[1]]
 
 
-# ----------------------------------------------------------------------------- the sweep, end to end (tiny)
-QUESTIONS = [("M1", "전자서명이란?\n1 서명\n2 보호\n3 안전\n4 보고", "1"),
+def test_a_win_inside_the_noise_is_a_tie_and_the_faster_point_wins():
+    rows = [row("fast", 59, 100), row("slow", 60, 500)]
+    chosen, tied, _ = quantize.select(rows, LABELS, budget_s=1000)
+    assert chosen["point"] == "fast" and len(tied) == 2
+    diff, se = quantize.scoring.score_difference(rows[1]["each"], rows[0]["each"], LABELS)
+    # one question of 100 differs: MC difference 0.01 (half of it in the score), its SE sqrt(0.01 * 0.99 / 99)
+    assert diff == pytest.approx(0.005) and se == pytest.approx(0.5 * math.sqrt(0.01 * 0.99 / 99))
+    clear = [row("fast", 50, 100), row("slow", 60, 500)]
+    assert quantize.select(clear, LABELS, budget_s=1000)[0]["point"] == "slow"  # ten questions apart: a real win
+
+
+def test_select_with_nothing_inside_the_budget_takes_the_fastest_and_warns():
+    chosen, _, warning = quantize.select([row("a", 50, 3000), row("b", 60, 9000)], LABELS, budget_s=1000)
+    assert chosen["point"] == "a" and "fastest" in warning
+    with pytest.raises(SystemExit, match="nothing was measured"):
+        quantize.select([], LABELS, 1000)
+
+
+def test_alternatives_step_down_in_time():
+    rows = [dict(row("chosen", 60, 900), config=dict(c=0)), dict(row("mid", 55, 500), config=dict(c=1)),
+            dict(row("worse-mid", 50, 600), config=dict(c=2)), dict(row("fast", 40, 100), config=dict(c=3))]
+    out = quantize.alternatives(rows, LABELS, rows[0])
+    assert [a["config"]["c"] for a in out] == [0, 1, 3]
+
+
+def test_a_slower_machine_falls_back_to_an_alternative_that_fits(tmp_path, monkeypatch):
+    slow = dict(candidate="teacher", level="float", calibration="permute", permutations=4, pride_share=0.0,
+                passages=0)
+    fast = dict(slow, calibration="none", permutations=1)
+    other = dict(fast, candidate="student")
+    data = dict(config=slow, figures=dict(budget_s=1000), device="cpu", alternatives=[
+        dict(config=slow, projected_s=900), dict(config=other, projected_s=100), dict(config=fast, projected_s=300)],
+                machine=dict(cpu_dtype="bfloat16", gflops=dict(bfloat16=400.0)))
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    monkeypatch.setattr(lm, "pick_device", lambda *a: "cpu")
+    monkeypatch.setattr(lm, "cpu_gflops", lambda: 400.0)
+    assert answering.chosen(path, fit=True) == answering.Config(**slow)  # as fast as the choosing machine
+    monkeypatch.setattr(lm, "cpu_gflops", lambda: 400.0 / 3)  # three times slower: 2700 s over, 900 s fits
+    assert answering.chosen(path, fit=True) == answering.Config(**fast)  # the student is never a fallback
+    monkeypatch.setattr(lm, "cpu_gflops", lambda: 40.0)  # nothing fits: the fastest of the same model and passages
+    assert answering.chosen(path, fit=True) == answering.Config(**fast)
+    assert answering.chosen(path) == answering.Config(**slow)  # without fit: exactly the committed choice
+
+
+# ----------------------------------------------------------------------------- the whole measurement
+QUESTIONS = [("M1", "전자서명의 정의로 옳은 것은?\n1 신원 정보\n2 보안 사고\n3 금융 거래\n4 처리자", "1"),
              ("M2", "개인정보처리자의 의무는?\n1 보고\n2 보호\n3 서명\n4 안전", "2"),
+             ("M3", "전자금융거래의 원칙은?\n1 안전\n2 신속\n3 비용\n4 편의\n5 속도", "1"),
              ("D1", "전자금융거래의 안전성을 설명하세요.", "안전성을 확보하여야 한다")]
 
 
 @pytest.fixture
-def sweep(tiny_model_dir, tmp_path, monkeypatch):
-    """05 wired to a tiny base student, a 3-question evaluation set, no index, and in-process child steps."""
-    base = tmp_path / "student-base"
-    shutil.copytree(tiny_model_dir, base)
-    (base / "DONE").touch()
-    monkeypatch.setattr(common, "STUDENT_BASE", base)
-    monkeypatch.setattr(common, "DISTILLED_MERGED", tmp_path / "no-distilled")
-    monkeypatch.setattr(common, "INDEX", tmp_path / "no-index")
-    monkeypatch.setattr(common, "MODELS", tmp_path)
-    monkeypatch.setattr(common, "FINAL", tmp_path / "student-final")
+def select_run(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
+    """05 wired to two tiny candidates, a 4-question dev set, the tiny index and in-process child steps."""
+    other = tmp_path / "other-model"
+    build_tiny_model(other, seed=1)
+    monkeypatch.setattr(common, "candidates", lambda: dict(student=str(tiny_model_dir), teacher=str(other),
+                                                           distilled=str(tmp_path / "absent")))
+    monkeypatch.setattr(common, "SELECTION", tmp_path / "selection.json")
     monkeypatch.setattr(common, "REPORTS", tmp_path / "reports")
+    (tmp_path / "reports").mkdir()
     monkeypatch.setattr(quantize, "OUT", tmp_path / "05")
-    monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
     questions = [competition.parse_question(i, t) for i, t, _ in QUESTIONS]
-    labels = {i: dict(kind="desc" if i.startswith("D") else "mc", Answer=a, domain="테스트", Keyword="안전성")
-              for i, _, a in QUESTIONS}
-    monkeypatch.setattr(quantize, "eval_set", lambda: (questions, labels))
-    # A level that cannot run here, to check it is reported rather than skipped.
-    monkeypatch.setitem(quantize.LEVELS, "gpu-only", dict(dtype="float16", devices=("cuda",)))
-    monkeypatch.setattr(quantize, "MEASURE", ["bf16", "fp32", "gpu-only"])
-    steps = []
+    labels = {i: dict(kind="desc" if i.startswith("D") else "mc", Answer=a, domain="테스트", Keyword="안전성",
+                      Question=t) for i, t, a in QUESTIONS}
+    monkeypatch.setattr(quantize, "dev_set", lambda: (questions, labels))
+    monkeypatch.setitem(quantize.LEVELS, "cpu", ["float", "fp32", "fp16"])
+    monkeypatch.setattr(quantize, "PASSAGES", [2])
+    monkeypatch.setattr(quantize, "build_index", lambda candidate, folder: tiny_index)
+    monkeypatch.setattr(retrieval, "SEARCH_METHOD", "bm25")  # the tiny index was embedded by one of the two
+    monkeypatch.setattr(quantize, "PROBE_QUESTIONS", 2)
+    runs = []
 
-    def in_process(args):
-        steps.append(args[0])
-        values = dict(zip(args[::2], args[1::2]))
-        if "--build" in values:
-            quantize.build_level(values["--source"], values["--build"], quantize.Path(values["--dir"]))
-        else:
-            quantize.measure_level(quantize.Path(values["--dir"]), values["--measure"], quantize.Path(values["--work"]))
-        return 0
+    def in_process(config, folder, limit=0, index_dir=None):
+        runs.append((dataclasses.asdict(config), limit))
+        quantize.child_point(json.dumps(dataclasses.asdict(config)), folder, limit, index_dir)
+        return True
 
-    monkeypatch.setattr(quantize, "run_step", in_process)
-    monkeypatch.setattr(sys, "argv", ["05_quantize.py"])
-    return tmp_path, steps
+    monkeypatch.setattr(quantize, "run_point", in_process)
+    monkeypatch.setattr("sys.argv", ["05_quantize.py"])
+    return tmp_path, runs
 
 
-def test_sweep_measures_selects_saves_and_reports(sweep):
-    tmp_path, steps = sweep
+def test_select_measures_every_stage_and_writes_the_choice(select_run, monkeypatch):
+    tmp_path, runs = select_run
+    monkeypatch.setattr(quantize, "beats", lambda a, b, labels, **kw: False)  # everything ties: stage 2 for both
+    monkeypatch.setitem(quantize.BUDGET_HOURS, "cpu", 10.0)
     quantize.main()
-    final = tmp_path / "student-final"
-    assert (final / "DONE").exists()
-    meta = json.loads((final / "selection.json").read_text(encoding="utf-8"))
-    assert meta["chosen"]["level"] in ("bf16", "fp32") and meta["chosen"]["source_name"] == "base"
-    fingerprint = lm.model_fingerprint(str(final))
-    text = (tmp_path / "reports" / "quantize.md").read_text(encoding="utf-8")
-    assert "| gpu-only | not run: runs on cuda only, not cpu |" in text
-    assert "**(chosen)**" in text and "quantize.svg" in text and "Tied with the best score here: " in text
-    assert (tmp_path / "reports" / "quantize.svg").exists()
-    result = json.loads((tmp_path / "05" / "base-bf16" / "result.json").read_text(encoding="utf-8"))
-    assert result["n_mc"] == 2 and result["n_desc"] == 1 and result["disk_gib"] > 0
-    assert not (tmp_path / "05" / "base-bf16" / "model").exists()  # only the chosen level keeps its weights
-    # 04's meta beside the answers: a rerun served from the checkpoint keeps the speed and memory measured here
-    assert (tmp_path / "05" / "base-bf16" / "answers" / "meta.json").exists()
-    # The chosen folder is what 04 answers with: it loads at its own level.
-    assert lm.pick_dtype("cpu", None, str(final)) == getattr(torch, quantize.LEVELS[meta["chosen"]["level"]]["dtype"])
-    assert steps.count("--measure") == 2
+    stage1 = [c for c, limit in runs if c["level"] == "float" and c["passages"] == 0]
+    assert sorted(c["candidate"] for c in stage1) == ["student", "teacher"]  # the distilled one is absent
+    assert all(c["calibration"] == "permute" and c["permutations"] == 5 for c in stage1)  # every shift: 5 options
+    assert any(limit == 2 and c["level"] == "fp32" for c, limit in runs)  # a probe before each stage-2 level
+    assert any(c["passages"] == 2 for c, _ in runs)  # stage 3
+    selection = json.loads(common.SELECTION.read_text(encoding="utf-8"))
+    assert answering.Config(**selection["config"]).check()
+    assert selection["figures"]["points"] > 10 and selection["alternatives"][0]["config"] == selection["config"]
+    assert selection["machine"]["cores"] and selection["date"]
+    report = (tmp_path / "reports" / "select.md").read_text(encoding="utf-8")
+    assert "**(chosen)**" in report and "pride-0.1" in report and "permute-4" in report and "Echo baseline" in report
+    again = len(runs)
+    quantize.main()  # everything measured: a rerun answers nothing new (checkpoints), and chooses the same
+    assert json.loads(common.SELECTION.read_text(encoding="utf-8"))["config"] == selection["config"]
+    assert len(runs) > again  # the child steps run, but from their checkpoints
+    meta = json.loads((tmp_path / "05" / quantize.point_name(stage1[0]["candidate"], "float", 0) / "meta.json")
+                      .read_text(encoding="utf-8"))
+    assert meta["answered_now"] == 0
 
-    # A rerun measures nothing: every level's result is current.
-    steps.clear()
+
+def test_a_level_over_budget_stops_after_its_probe(select_run, monkeypatch):
+    tmp_path, runs = select_run
+    monkeypatch.setattr(quantize, "beats", lambda a, b, labels, **kw: False)
+    monkeypatch.setitem(quantize.BUDGET_HOURS, "cpu", 1e-6)  # nothing fits: every probed level stops
     quantize.main()
-    assert steps == ["--build"]  # only the chosen level is rebuilt into models/student-final
-    assert lm.model_fingerprint(str(final)) == fingerprint  # same weights: 03 and 04 reuse their checkpoints
-
-
-def test_report_only_never_measures(sweep, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["05_quantize.py", "--report-only"])
-    with pytest.raises(SystemExit, match="make quantize"):
-        quantize.main()
-
-
-def test_the_distilled_student_is_quantized_only_after_a_clear_win(monkeypatch):
-    scores = {"base": 0.382, "distilled": 0.385}  # measured here: a 1-step smoke adapter, 0.003 ahead on 108 questions
-    monkeypatch.setattr(quantize, "sources", lambda: {"base": "b", "distilled": "d"})
-    monkeypatch.setattr(quantize, "measure", lambda name, path, level, device, missing_ok=True: dict(
-        source=name, level=level, score=scores[name], runnable=True, load_s=0.0, mc_s=1.0, desc_s=1.0))
-    monkeypatch.setattr(quantize, "MEASURE", ["bf16"])
-    name, path, rows, source_rows = quantize.collect("cpu", noise=lambda a, b: 0.0)
-    assert (name, path) == ("base", "b") and [r["source"] for r in source_rows] == ["base", "distilled"]
-    scores["distilled"] = 0.45
-    assert quantize.collect("cpu", noise=lambda a, b: 0.0)[0] == "distilled"
-    assert quantize.collect("cpu", noise=lambda a, b: 0.1)[0] == "base"  # 0.068 ahead inside a 0.1 noise margin
-
-
-def test_a_repeated_library_warning_is_shown_once():
-    import logging
-
-    seen = []
-    log = logging.getLogger("test.first-only")
-    log.propagate = False
-    handler = logging.Handler()
-    handler.emit = seen.append
-    log.addHandler(handler)
-    log.addFilter(lm._FirstOnly())
-    for _ in range(3):
-        log.warning("MatMul8bitLt: inputs will be cast from %s to float16", "torch.bfloat16")
-    log.warning("another message")
-    assert [r.getMessage() for r in seen] == ["MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16",
-                                              "another message"]
-
-
-def test_level_key_follows_settings_and_versions_not_source_text(tiny_model_dir, monkeypatch):
-    key = quantize.level_key(tiny_model_dir, "bf16", indexed=False)
-    assert key == quantize.level_key(tiny_model_dir, "bf16", indexed=False)
-    assert key != quantize.level_key(tiny_model_dir, "bnb-nf4", indexed=False)
-    monkeypatch.setattr(infer, "DESC_MAX_NEW_TOKENS", 7)
-    changed = quantize.level_key(tiny_model_dir, "bf16", indexed=False)
-    monkeypatch.undo()
-    monkeypatch.setattr(common, "MC_INSTRUCTION", "다른 지시문")
-    assert len({key, changed, quantize.level_key(tiny_model_dir, "bf16", indexed=False)}) == 3
-    monkeypatch.undo()
-    monkeypatch.setattr(lm, "versions", lambda *packages: dict(bitsandbytes="0.0"))
-    assert quantize.level_key(tiny_model_dir, "bf16", indexed=False) != key
-
-
-def test_level_key_ignores_retrieval_settings_while_no_passages_are_used(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(infer, "RAG_PASSAGES", 0)
-    key = quantize.level_key(tiny_model_dir, "bf16", indexed=False)
-    monkeypatch.setattr(infer, "RAG_METHOD", "bm25")
-    monkeypatch.setattr(infer, "RAG_NO_COPY_TOKENS", 3)
-    assert quantize.level_key(tiny_model_dir, "bf16", indexed=False) == key
-    monkeypatch.setattr(infer, "RAG_PASSAGES", 3)
-    with_passages = quantize.level_key(tiny_model_dir, "bf16", indexed=False)
-    monkeypatch.setattr(infer, "RAG_METHOD", "fused")
-    assert len({key, with_passages, quantize.level_key(tiny_model_dir, "bf16", indexed=False)}) == 3
+    assert not any(c["level"] == "fp32" and limit == 0 for c, limit in runs)
+    report = (tmp_path / "reports" / "select.md").read_text(encoding="utf-8")
+    assert "over the" in report and "Warning" in report

@@ -1,16 +1,18 @@
-"""03_rerank.py on a tiny random model: shared-prefix scores equal the plain ones, FIRST labels, blend, fallback."""
+"""The LLM reranker (retrieval.py) on a tiny random model: shared-prefix scores equal the plain ones, FIRST labels,
+blend, fallback; 03_rerank.run checkpoints and resumes; eval_rerank's metrics by hand."""
 import importlib
-import json
 
 import pytest
 import torch
 
-import common
+import answering
 import competition
+import eval_rerank
 import lm
+import retrieval
 from conftest import TINY_LAWS
 
-rerank = importlib.import_module("03_rerank")
+rerank = importlib.import_module("03_rerank")  # its run only: the reranker itself is retrieval's
 
 QUESTION = "전자서명의 정의로 옳은 것은?"
 
@@ -23,8 +25,8 @@ def tiny(tiny_model_dir):
 @pytest.fixture(autouse=True)
 def tiny_labels(monkeypatch):
     # "Yes"/"No" are several tokens in the tiny tokenizer; digits are single tokens there.
-    monkeypatch.setattr(rerank, "YES", "1")
-    monkeypatch.setattr(rerank, "NO", "2")
+    monkeypatch.setattr(retrieval, "YES", "1")
+    monkeypatch.setattr(retrieval, "NO", "2")
 
 
 @torch.no_grad()
@@ -33,7 +35,7 @@ def plain_scores(model, tokenizer, passages):
     yes, no = tokenizer.encode("1", add_special_tokens=False)[0], tokenizer.encode("2", add_special_tokens=False)[0]
     out = []
     for p in passages:
-        prefix, suffix = rerank.pointwise_parts(tokenizer, QUESTION, p)
+        prefix, suffix = retrieval.pointwise_parts(tokenizer, QUESTION, p)
         logits = model(input_ids=torch.tensor([prefix + suffix])).logits[0, -1, [yes, no]].log_softmax(-1)
         out.append((logits[0] - logits[1]).item())
     return out
@@ -41,50 +43,50 @@ def plain_scores(model, tokenizer, passages):
 
 def test_shared_prefix_equals_plain_prompts(tiny, monkeypatch):
     model, tokenizer = tiny
-    monkeypatch.setattr(rerank, "BATCH", 3)  # several batches, each reusing the one prefix cache
+    monkeypatch.setattr(retrieval, "RERANK_BATCH", 3)  # several batches, each reusing the one prefix cache
     expected = plain_scores(model, tokenizer, TINY_LAWS)
-    shared = rerank.pointwise_scores(model, tokenizer, QUESTION, TINY_LAWS, share_prefix=True)
-    unshared = rerank.pointwise_scores(model, tokenizer, QUESTION, TINY_LAWS, share_prefix=False)
+    shared = retrieval.pointwise_scores(model, tokenizer, QUESTION, TINY_LAWS, share_prefix=True)
+    unshared = retrieval.pointwise_scores(model, tokenizer, QUESTION, TINY_LAWS, share_prefix=False)
     assert shared == pytest.approx(expected, abs=1e-4)
     assert unshared == pytest.approx(expected, abs=1e-4)
 
 
 def test_prefix_depends_on_the_question_only(tiny):
     _, tokenizer = tiny
-    a, _ = rerank.pointwise_parts(tokenizer, QUESTION, TINY_LAWS[0])
-    b, _ = rerank.pointwise_parts(tokenizer, QUESTION, TINY_LAWS[1])
+    a, _ = retrieval.pointwise_parts(tokenizer, QUESTION, TINY_LAWS[0])
+    b, _ = retrieval.pointwise_parts(tokenizer, QUESTION, TINY_LAWS[1])
     assert a == b
 
 
 def test_token_count_counts_the_prefix_once(tiny):
     model, tokenizer = tiny
     stats = {}
-    rerank.pointwise_scores(model, tokenizer, QUESTION, TINY_LAWS, share_prefix=True, stats=stats)
-    parts = [rerank.pointwise_parts(tokenizer, QUESTION, p) for p in TINY_LAWS]
+    retrieval.pointwise_scores(model, tokenizer, QUESTION, TINY_LAWS, share_prefix=True, stats=stats)
+    parts = [retrieval.pointwise_parts(tokenizer, QUESTION, p) for p in TINY_LAWS]
     assert stats["tokens"] == len(parts[0][0]) + sum(len(s) for _, s in parts)
 
 
 def test_listwise_reads_the_label_logits(tiny):
     model, tokenizer = tiny
-    scores = rerank.listwise_scores(model, tokenizer, QUESTION, TINY_LAWS)
+    scores = retrieval.listwise_scores(model, tokenizer, QUESTION, TINY_LAWS)
     assert len(scores) == len(TINY_LAWS) and all(s < 0 for s in scores)
     with pytest.raises(SystemExit, match="at most 20"):
-        rerank.listwise_scores(model, tokenizer, QUESTION, ["x"] * 21)
+        retrieval.listwise_scores(model, tokenizer, QUESTION, ["x"] * 21)
 
 
 def test_blend_weights():
     llm, first = [0.1, 0.9, 0.5], [3.0, 2.0, 1.0]
-    assert rerank.blend(llm, first, weight=1.0) == [1, 2, 0]
-    assert rerank.blend(llm, first, weight=0.0) == [0, 1, 2]
-    assert rerank.blend([1.0], [1.0]) == [0]
+    assert retrieval.blend(llm, first, weight=1.0) == [1, 2, 0]
+    assert retrieval.blend(llm, first, weight=0.0) == [0, 1, 2]
+    assert retrieval.blend([1.0], [1.0]) == [0]
 
 
 def test_long_passages_are_cut_not_dropped(tiny):
     _, tokenizer = tiny
     long = "개인정보 " * 500
-    cut = rerank.cut(tokenizer, long, 20)
+    cut = retrieval.cut(tokenizer, long, 20)
     assert 0 < len(tokenizer(cut, add_special_tokens=False).input_ids) <= 21 and long.startswith(cut)
-    assert rerank.cut(tokenizer, "짧다", 20) == "짧다"
+    assert retrieval.cut(tokenizer, "짧다", 20) == "짧다"
 
 
 class FakeChunk:
@@ -100,42 +102,40 @@ def test_failure_falls_back_to_the_first_stage(tiny, monkeypatch, caplog, mode):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(rerank, f"{mode}_scores", broken)
-    order, scores, failed = rerank.rerank_question(model, tokenizer, QUESTION, hits, mode)
+    monkeypatch.setattr(retrieval, f"{mode}_scores", broken)
+    order, scores, failed = retrieval.rerank_question(model, tokenizer, QUESTION, hits, mode)
     assert (order, scores, failed) == ([0, 1, 2, 3], None, True)
     assert "first-stage order kept" in caplog.text
 
 
 def test_fewer_candidates_than_asked(tiny):
     model, tokenizer = tiny
-    assert rerank.rerank_question(model, tokenizer, QUESTION, [(FakeChunk(0, "하나"), 1.0)]) == ([0], None, False)
-    assert rerank.rerank_question(model, tokenizer, QUESTION, []) == ([], None, False)
+    assert retrieval.rerank_question(model, tokenizer, QUESTION, [(FakeChunk(0, "하나"), 1.0)]) == ([0], None, False)
+    assert retrieval.rerank_question(model, tokenizer, QUESTION, []) == ([], None, False)
 
 
 @pytest.mark.parametrize("mode", ["pointwise", "listwise"])
 def test_run_writes_every_question_and_resumes(tiny_model_dir, tiny_index, tmp_path, monkeypatch, mode):
-    monkeypatch.setattr(rerank, "CANDIDATES", 3)
+    monkeypatch.setattr(retrieval, "RERANK_CANDIDATES", 3)
     questions = [competition.parse_question(f"Q{i}", t) for i, t in enumerate(["전자서명을 설명하세요.",
                                                                             "개인정보처리자의 의무를 설명하세요."])]
-    records, meta = rerank.run(questions, tmp_path / "rr", str(tiny_model_dir), mode, "float32")
+    config = answering.Config(candidate=str(tiny_model_dir))
+    records, meta = rerank.run(questions, tmp_path / "rr", config, mode, "float32")
     assert [r["id"] for r in records] == ["Q0", "Q1"] and meta["failures"] == 0
     assert all(sorted(r["chunks"]) == sorted(r["first_stage"]) and len(r["chunks"]) == 3 for r in records)
     assert meta["tokens_per_question"] > 0
-    again, meta2 = rerank.run(questions, tmp_path / "rr", str(tiny_model_dir), mode, "float32")
+    again, meta2 = rerank.run(questions, tmp_path / "rr", config, mode, "float32")
     assert meta2["reranked_now"] == 0 and again == records
     # a checkpoint-only rerun reports the cost measured when the questions were reranked (eval_rerank's table)
     assert meta2["tokens_per_question"] == meta["tokens_per_question"] and meta2["timed_questions"] == 2
     assert meta2["seconds"]["per_question"] == meta["seconds"]["per_question"] > 0
-    ranked = rerank.load_ranked(tmp_path / "rr" / f"ranked-{meta['key']}.jsonl")
-    assert json.dumps(ranked["Q0"]) == json.dumps(records[0])
+    assert lm.read_records(tmp_path / "rr" / f"ranked-{meta['key']}.jsonl")["Q0"] == records[0]
     edited = [questions[0], competition.parse_question("Q1", "금융회사의 보안 의무를 설명하세요.")]  # same id, new text
-    _, meta3 = rerank.run(edited, tmp_path / "rr", str(tiny_model_dir), mode, "float32")
+    _, meta3 = rerank.run(edited, tmp_path / "rr", config, mode, "float32")
     assert meta3["reranked_now"] == 1
 
 
 def test_rerank_report_metrics_by_hand():
-    eval_rerank = importlib.import_module("eval_rerank")
-
     class Keyed:
         def __init__(self, key):
             self.key = key
@@ -147,17 +147,3 @@ def test_rerank_report_metrics_by_hand():
     m = eval_rerank.summary(ranks)
     assert (m["recall@1"], m["recall@3"], m["recall@5"]) == (1 / 3, 1 / 3, 2 / 3)
     assert m["MRR"] == pytest.approx((1 + 1 / 5) / 3)
-
-
-def test_nothing_is_reranked_when_the_answers_use_no_passages(tmp_path, monkeypatch):
-    import sys
-
-    questions = tmp_path / "questions.csv"
-    questions.write_text("ID,Question\nQ1,전자서명을 설명하세요.\n", encoding="utf-8")
-    monkeypatch.setattr(importlib.import_module("04_infer"), "RAG_PASSAGES", 0)
-    monkeypatch.setattr(rerank, "run", lambda *a, **k: pytest.fail("03 loaded the model with nothing to rerank"))
-    monkeypatch.setattr(sys, "argv", ["03_rerank.py", "--questions", str(questions), "--out", str(tmp_path / "03")])
-    rerank.main()
-    assert (tmp_path / "03" / "DONE").exists()
-    assert (tmp_path / "03" / "ranked.jsonl").read_text(encoding="utf-8") == ""
-    assert "RAG_PASSAGES = 0" in json.loads((tmp_path / "03" / "meta.json").read_text(encoding="utf-8"))["skipped"]

