@@ -4,7 +4,12 @@ Reads outputs/00_pairs/pairs.jsonl (`make pairs`: prompts with a teacher answer 
 rejected) and the student; the teacher either runs beside the student in training (TEACHER_SOURCE "model") or has
 stored its top-k log-probabilities at every answer position once (`--store-topk`, `make topk`: outputs/01_topk/,
 shard-NNNNN.safetensors + meta.json + DONE), so that training loads no teacher (TEACHER_SOURCE "topk": a 7B student
-trains on one 24 GB card, reports/gpu-plan.md). Writes the LoRA adapter (adapter_config.json,
+trains on one 24 GB card, reports/gpu-plan.md). The stored distribution is the teacher's on the pair's privileged
+prompt (TOPK_TARGET "context": the question with its source passage, 00's teacher_prompt; the student trains on
+the prompt without it, same answer positions) or on the student's prompt ("plain", --target plain ->
+outputs/01_topk-plain). Multiple-choice pairs carry it from 00's answering prefill (recorded_topk: the option digits
+and one bucket for the rest, MC_TARGET), so storing loads no teacher either; a multiple-choice answer is its digit
+alone, and the two sides of such a pair share one forward (SHARE_CONTEXT). Writes the LoRA adapter (adapter_config.json,
 adapter_model.safetensors), meta.json (settings, data hash, losses, timings, memory, per-rank digests) and DONE into
 models/student-distilled/ (or --out), resumable Trainer checkpoints into outputs/01_train/<name>/, and with --merge a
 full model directory (adapter merged into the base, tokenizer, meta.json) that `04_infer.py --model DIR` loads as
@@ -58,6 +63,15 @@ MAX_LENGTH = 512  # tokens per sequence; the prompt is cut from the left, keepin
 # template multiple-choice prompts of 00 are 300-480 tokens: 256 cut their stems)
 MAX_RESPONSE = 128  # response tokens kept (a cut response has no end-of-turn token)
 END_OF_TURN = "<|im_end|>"  # ChatML end of an assistant turn (checked against the chat template in the tests)
+MC_END_OF_TURN = False  # a multiple-choice answer is the digit alone: its one position is what 04_infer.py reads
+# (the end-of-turn after it would be a second, trivial position)
+SHARE_CONTEXT = True  # one student forward for a pair whose two answers share their context (an MC pair: teacher
+# and student digits follow the same prompt, so the digit position reads the same tokens; exact, tests)
+MC_TARGET = "options"  # what of the teacher's answer-position distribution a recorded MC pair is trained on:
+# "options" = the option digits 1-5 and one bucket for all other tokens (the distribution 04 reads; the 1.5B teacher
+# puts much of its mass on a byte of "①", which the top-k would spend its ids on), "topk" = its top TOPK tokens
+TOPK_TARGET = "context"  # the teacher distribution stored for training: "context" = the teacher prompted with the
+# question's source passage (00's teacher_prompt, privileged context), "plain" = the prompt the student sees
 
 LORA_R = 16
 LORA_ALPHA = 32
@@ -65,8 +79,8 @@ LORA_DROPOUT = 0.05
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 LEARNING_RATE = 2e-4
-EPOCHS = dict(cpu=1.35, cuda=2.0)  # passes over the pairs per device: steps = ceil(epochs x pairs / (batch x
-# accumulation x world size)); 1.35 is the 30 steps of the measured CPU runs on 88 pairs
+EPOCHS = dict(cpu=1.0, cuda=2.0)  # passes over the pairs per device: steps = ceil(epochs x pairs / (batch x
+# accumulation x world size)); cpu: one pass, what the 3-hour budget of pairs + 4 trainings allows (reports/distill.md)
 BATCH_PAIRS = dict(cpu=2, cuda=4)  # pairs per device step (each pair is a teacher answer and a student answer
 # sequence); cuda 4: 8 sequences of MAX_LENGTH fit beside a 7B on 24 GB with checkpointing (reports/gpu-plan.md)
 GRAD_ACCUM = dict(cpu=2, cuda=4)  # effective batch: 4 pairs on the CPU, 16 pairs per GPU
@@ -77,8 +91,9 @@ MEASURE_GRADIENT_CHECKPOINTING = True  # --measure: as in reports/distill.md's n
 STUDENT_TRAIN_DTYPE = dict(cpu="bfloat16", cuda="bfloat16")  # base weights; CPU bf16 matmul is 2.4x fp32 here
 # (README); adapters and loss stay fp32
 TEACHER_DTYPE = dict(cpu="bfloat16", cuda="bfloat16")  # on a GPU the precision follows lm.TEACHER_LEVELS
-TEACHER_SOURCE = dict(cpu="model", cuda="topk")  # "model": the teacher runs beside the student in every step;
-# "topk": its top-k stored once (--store-topk), no teacher in training (the 24 GB route, reports/gpu-plan.md)
+TEACHER_SOURCE = dict(cpu="topk", cuda="topk")  # "model": the teacher runs beside the student in every step;
+# "topk": its top-k stored once (--store-topk), no teacher in training (the 24 GB route, reports/gpu-plan.md; on
+# the CPU the multiple-choice pairs carry it from 00's answering prefill, so no teacher is loaded at all)
 TOPK = 64  # stored teacher log-probabilities per answer position, plus one bucket for the remaining mass: the
 # loss is exact when k covers the vocabulary and at most 2% low at 64 on peaked teachers (tests/test_distill.py)
 TOPK_BATCH = dict(cpu=4, cuda=16)  # pairs per teacher forward when storing top-k
@@ -106,6 +121,7 @@ class LossConfig:
     gkd_mix: float = GKD_MIX
     chunk: int = LOSS_CHUNK
     vocab_size: int = 0  # shared vocabulary; 0 = all logits
+    share_context: bool = SHARE_CONTEXT
 
 
 # ----------------------------------------------------------------------------- divergences (per token)
@@ -369,6 +385,29 @@ def stack_sides(batch, sides):
     return {k: torch.cat(v) for k, v in parts.items()}, ranges
 
 
+def shared_context(data, ranges):
+    """True when the two sides of every pair read the same context at the rejected side's response positions: the
+    rejected row's tokens up to and including its last response position equal the chosen row's (a multiple-choice
+    pair: both digits follow the same prompt). Causal attention then gives both rows the same hidden states there,
+    so one forward over the chosen rows serves both sides."""
+    if set(ranges) != {"chosen", "rejected"} or ranges["chosen"][0] != 0:
+        return False
+    (c0, c1), (r0, r1) = ranges["chosen"], ranges["rejected"]
+    if c1 - c0 != r1 - r0 or r0 != c1:
+        return False
+    respond = data["labels"][:, 1:] != -100
+    for i in range(c1 - c0):
+        positions = respond[r0 + i].nonzero().flatten()
+        if not len(positions):
+            continue
+        end = int(positions.max()) + 1
+        mask = data["attention_mask"]
+        if not (torch.equal(data["input_ids"][r0 + i, :end], data["input_ids"][c0 + i, :end])
+                and bool(mask[r0 + i, :end].all()) and bool(mask[c0 + i, :end].all())):
+            return False
+    return True
+
+
 def distill_loss(student, teacher, batch, cfg, step=0, max_steps=1, alpha_state=None):
     """Loss of one batch and a dict of logged parts.
 
@@ -378,7 +417,9 @@ def distill_loss(student, teacher, batch, cfg, step=0, max_steps=1, alpha_state=
     weighted per loss_terms. cfg.chunk = 0 is the naive version: full [B, T, V] logits of both models, masked
     afterwards; otherwise only response positions get logits, cfg.chunk positions at a time. When the batch carries
     the teacher's stored top-k ({side}_topk_<field>, --store-topk) no teacher runs (teacher may be None) and the
-    divergences compare the top-k and the remaining-mass bucket (topk_buckets).
+    divergences compare the top-k and the remaining-mass bucket (topk_buckets). With cfg.share_context, a batch whose
+    sides share their context at every response position (shared_context) runs one forward per model over the
+    chosen rows and reads the rejected side's positions from them.
     """
     beta = scheduled_beta(cfg.beta, step, max_steps, cfg.gradual_beta)
     terms = loss_terms(cfg.loss_type, beta)
@@ -390,11 +431,16 @@ def distill_loss(student, teacher, batch, cfg, step=0, max_steps=1, alpha_state=
     t_head = None if stored is not None else output_head(teacher)
     cfg = replace(cfg, vocab_size=cfg.vocab_size or min(h.weight.shape[0] for h in (s_head, t_head) if h is not None))
     if stored is not None or cfg.chunk:
-        s_h = last_hidden(student, data["input_ids"], data["attention_mask"])[rows, pos]
+        ids, mask, read = data["input_ids"], data["attention_mask"], rows
+        if cfg.share_context and len(sides) == 2 and shared_context(data, ranges):
+            n = ranges["chosen"][1]
+            width = int(mask[:n].sum(1).max())
+            ids, mask, read = ids[:n, :width], mask[:n, :width], torch.where(rows >= n, rows - n, rows)
+        s_h = last_hidden(student, ids, mask)[read, pos]
         if stored is None:
             with torch.no_grad():
-                t_all = teacher_hidden(teacher, data["input_ids"], data["attention_mask"])
-                t_h = t_all[rows.to(t_all.device), pos.to(t_all.device)].to(s_h.device)
+                t_all = teacher_hidden(teacher, ids, mask)
+                t_h = t_all[read.to(t_all.device), pos.to(t_all.device)].to(s_h.device)
     else:
         s_logits = student(input_ids=data["input_ids"], attention_mask=data["attention_mask"], use_cache=False).logits
         with torch.no_grad():
@@ -452,23 +498,31 @@ def clean_response(text, end_of_turn=END_OF_TURN):
     return text
 
 
-def encode_example(tokenizer, messages, prefix, response, max_length=MAX_LENGTH, max_response=MAX_RESPONSE):
+def encode_example(tokenizer, messages, prefix, response, max_length=MAX_LENGTH, max_response=MAX_RESPONSE,
+                   end_of_turn=True):
     """input_ids and labels of prompt + response: prompt tokens masked with -100, response = content tokens +
-    one end-of-turn token; a too-long prompt loses its beginning (the question and the answer prefix stay)."""
+    one end-of-turn token (none with end_of_turn False); a too-long prompt loses its beginning (the question and
+    the answer prefix stay)."""
     eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     prompt_ids = tokenizer(render_prompt(tokenizer, messages, prefix), add_special_tokens=False).input_ids
     resp_ids = tokenizer(clean_response(response), add_special_tokens=False).input_ids
-    resp_ids = resp_ids[:max_response] if len(resp_ids) >= max_response else resp_ids + [eot]
+    resp_ids = resp_ids[:max_response] if len(resp_ids) >= max_response or not end_of_turn else resp_ids + [eot]
     keep = max(max_length - len(resp_ids), 1)
     prompt_ids = prompt_ids[-keep:]
     return dict(input_ids=prompt_ids + resp_ids, labels=[-100] * len(prompt_ids) + resp_ids)
 
 
-def encode_pair(tokenizer, pair, max_length=MAX_LENGTH, max_response=MAX_RESPONSE):
-    """Tokenised chosen (teacher) and rejected (student) sequences of one pair record from 00."""
+def encode_pair(tokenizer, pair, max_length=MAX_LENGTH, max_response=MAX_RESPONSE, prompt_key="prompt"):
+    """Tokenised chosen (teacher) and rejected (student) sequences of one pair record from 00, prompted with the
+    messages under prompt_key (the student's "prompt"; "teacher_prompt", the privileged one, where the teacher's
+    distribution is stored: same answer tokens, so the same answer positions in the same order). A
+    multiple-choice answer has no end-of-turn token unless MC_END_OF_TURN."""
     out = {}
+    messages = pair.get(prompt_key) or pair["prompt"]
+    end_of_turn = MC_END_OF_TURN or pair.get("kind") != "mc"
     for side in ("chosen", "rejected"):
-        enc = encode_example(tokenizer, pair["prompt"], pair.get("prefix", ""), pair[side], max_length, max_response)
+        enc = encode_example(tokenizer, messages, pair.get("prefix", ""), pair[side], max_length, max_response,
+                             end_of_turn)
         out[f"{side}_input_ids"], out[f"{side}_labels"] = enc["input_ids"], enc["labels"]
     return out
 
@@ -510,27 +564,76 @@ def training_tokenizer(model_id):
 
 
 # ----------------------------------------------------------------------------- --store-topk
-def topk_dir(temperature):
-    """Folder of the top-k stored at a temperature: TOPK_DIR at TEMPERATURE, a sibling for the others (the sweep)."""
-    return TOPK_DIR if temperature == TEMPERATURE else TOPK_DIR.with_name(f"{TOPK_DIR.name}-t{temperature}")
+TOPK_TARGETS = ("context", "plain")
+TARGET_PROMPT = dict(context="teacher_prompt", plain="prompt")  # the pair field the teacher is prompted with
 
 
-def topk_inputs(pairs_path, teacher_id, vocab, temperature, k=TOPK):
+def topk_dir(temperature, target=TOPK_TARGET):
+    """Folder of the top-k stored at a temperature for a target: TOPK_DIR at TEMPERATURE and TOPK_TARGET, a sibling
+    for the others (the sweep, the other pair design)."""
+    suffix = ("" if temperature == TEMPERATURE else f"-t{temperature}") + ("" if target == TOPK_TARGET else
+                                                                          f"-{target}")
+    return TOPK_DIR.with_name(TOPK_DIR.name + suffix)
+
+
+def topk_inputs(pairs_path, teacher_id, vocab, temperature, k=TOPK, target=TOPK_TARGET):
     """What a stored top-k depends on (its meta.json "inputs"): training refuses a store of other inputs and
     --store-topk writes it again."""
     fingerprint = hashlib.sha256(lm.model_fingerprint(teacher_id).encode("utf-8")).hexdigest()[:16]
     return dict(pairs_sha256=common.sha256_file(pairs_path), teacher=teacher_id, teacher_fingerprint=fingerprint,
                 vocab=vocab, k=k, temperature=temperature, max_length=MAX_LENGTH, max_response=MAX_RESPONSE,
-                end_of_turn=END_OF_TURN)
+                end_of_turn=END_OF_TURN, mc_end_of_turn=MC_END_OF_TURN, mc_target=MC_TARGET, target=target)
+
+
+def recorded_topk(tokenizer, pairs, target, k, temperature, mc_target=None):
+    """{"<pair index>/<side>/<field>": tensor} of the teacher's distribution as 00 recorded it in the pairs (its
+    answering prefill: pair["teacher_topk"][target], at temperature 1), when every pair carries it and has one
+    answer position per side (a multiple-choice digit); None otherwise (the teacher must run). mc_target (MC_TARGET
+    unless given) "topk": the top k ids (a recorded top-K cut to k moves the cut mass into the rest bucket);
+    "options": the recorded option digits and the rest of the vocabulary as one bucket. The answer digit's own
+    log-probability (for adaptive alpha) is the recorded option digit's."""
+    mc_target = mc_target or MC_TARGET
+    if temperature != 1.0:
+        return None
+    out, digits = {}, {}
+    for i, pair in enumerate(pairs):
+        top = (pair.get("teacher_topk") or {}).get(target)
+        if not top or (mc_target == "topk" and len(top["ids"]) < k):
+            return None
+        encoded = encode_pair(tokenizer, pair)
+        for side in ("chosen", "rejected"):
+            response = [x for x in encoded[f"{side}_labels"][1:] if x != -100]
+            if len(response) != 1:
+                return None
+            n = len(top.get("options") or [])
+            digits.setdefault(n, lm.option_token_ids(tokenizer, n) if n else [])
+            if response[0] not in digits[n]:
+                return None
+            options = torch.tensor(top["options"], dtype=torch.float32)
+            if mc_target == "options":
+                ids, logprobs = torch.tensor(digits[n]), options
+                rest = torch.log((1.0 - options.exp().sum()).clamp(min=1e-12))
+            else:
+                ids, logprobs = torch.tensor(top["ids"][:k]), torch.tensor(top["logprobs"], dtype=torch.float32)
+                rest = torch.logsumexp(torch.cat([logprobs[k:], torch.tensor([top["rest"]])]), 0)
+                logprobs = logprobs[:k]
+            target_lp = options[digits[n].index(response[0])]
+            values = dict(ids=ids.to(torch.int32)[None], logprobs=logprobs[None], rest=rest.reshape(1),
+                          target=target_lp.reshape(1))
+            out.update({f"{i}/{side}/{f}": values[f].clone() for f in TOPK_FIELDS})  # own storage (safetensors)
+    return out
 
 
 @torch.no_grad()
-def pairs_topk(teacher, tokenizer, pairs, first, vocab, temperature, k, batch_pairs, chunk=LOSS_CHUNK):
+def pairs_topk(teacher, tokenizer, pairs, first, vocab, temperature, k, batch_pairs, chunk=LOSS_CHUNK,
+               prompt_key="prompt"):
     """{"<pair index>/<side>/<field>": tensor} of the teacher's top-k (teacher_topk) at every response position of
-    the chosen and rejected sequences of pairs (indices from first), encoded exactly as training encodes them."""
+    the chosen and rejected sequences of pairs (indices from first), encoded as training encodes them but prompted
+    with the messages under prompt_key (the answer positions are the same, in the same order)."""
     head, out = output_head(teacher), {}
     for start in range(0, len(pairs), batch_pairs):
-        batch = collate([encode_pair(tokenizer, p) for p in pairs[start:start + batch_pairs]], tokenizer.pad_token_id)
+        batch = collate([encode_pair(tokenizer, p, prompt_key=prompt_key) for p in pairs[start:start + batch_pairs]],
+                        tokenizer.pad_token_id)
         n = batch["chosen_input_ids"].shape[0]
         for side in ("chosen", "rejected"):
             rows, pos, targets = response_positions(batch[f"{side}_labels"])
@@ -556,15 +659,16 @@ def store_reserve_gib(teacher_id, kind, k=TOPK):
     return (peak - gpu_memory.weight_bytes(config)) / gpu_memory.GIB
 
 
-def store_topk(pairs_path, out_dir, teacher_id, student_id, temperature=TEMPERATURE, k=TOPK):
+def store_topk(pairs_path, out_dir, teacher_id, student_id, temperature=TEMPERATURE, k=TOPK, target=TOPK_TARGET):
     """Store the teacher's top-k at every answer position of every pair in out_dir: shard-NNNNN.safetensors (TOPK_SHARD
-    pairs each), meta.json, DONE. A store of the same inputs is kept (and resumed shard by shard); one of other
-    inputs is replaced. Returns meta."""
+    pairs each), meta.json, DONE; for target "context" the teacher reads each pair's teacher_prompt (the question
+    with its source passage). When the pairs carry it from 00 (recorded_topk) no teacher is loaded. A store of the
+    same inputs is kept (and resumed shard by shard); one of other inputs is replaced. Returns meta."""
     t0 = time.time()
     tokenizer = training_tokenizer(student_id)
     vocab = lm.shared_vocab_size(tokenizer, lm.load_tokenizer(teacher_id))
-    pairs, inputs, out_dir = read_pairs(pairs_path), topk_inputs(pairs_path, teacher_id, vocab, temperature, k), \
-        Path(out_dir)
+    pairs, inputs, out_dir = read_pairs(pairs_path), topk_inputs(pairs_path, teacher_id, vocab, temperature, k,
+                                                                 target), Path(out_dir)
     if (out_dir / "DONE").exists() and json.loads((out_dir / "meta.json").read_text(encoding="utf-8")).get(
             "inputs") == inputs:
         (out_dir / "DONE").touch()  # newer than the script, so make does not ask again
@@ -572,23 +676,32 @@ def store_topk(pairs_path, out_dir, teacher_id, student_id, temperature=TEMPERAT
         return json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
     fresh_or_resumable(out_dir, inputs, pattern="shard-*")
     (out_dir / "DONE").unlink(missing_ok=True)
-    device = lm.pick_device()
-    kind = lm.device_kind(device)
-    teacher = lm.load_teacher(teacher_id, device, store_reserve_gib(teacher_id, kind, k),
-                              getattr(torch, TEACHER_DTYPE[kind]))
+    recorded = recorded_topk(tokenizer, pairs, target, k, temperature)
+    teacher = kind = None
+    if recorded is None:
+        device = lm.pick_device()
+        kind = lm.device_kind(device)
+        teacher = lm.load_teacher(teacher_id, device, store_reserve_gib(teacher_id, kind, k),
+                                  getattr(torch, TEACHER_DTYPE[kind]))
     for shard, first in enumerate(tqdm(range(0, len(pairs), TOPK_SHARD), desc="01 top-k", unit="shard")):
         path = out_dir / f"shard-{shard:05d}.safetensors"
         if not path.exists():
-            tensors = pairs_topk(teacher, tokenizer, pairs[first:first + TOPK_SHARD], first, vocab, temperature, k,
-                                 TOPK_BATCH[kind])
+            if recorded is not None:
+                tensors = {key: v for key, v in recorded.items()
+                           if first <= int(key.split("/")[0]) < first + TOPK_SHARD}
+            else:
+                tensors = pairs_topk(teacher, tokenizer, pairs[first:first + TOPK_SHARD], first, vocab, temperature,
+                                     k, TOPK_BATCH[kind], prompt_key=TARGET_PROMPT[target])
             save_file(tensors, path.with_name(path.name + ".tmp"))
             os.replace(path.with_name(path.name + ".tmp"), path)
     meta = dict(inputs=inputs, n_pairs=len(pairs), shards=len(list(out_dir.glob("shard-*.safetensors"))),
+                source="00's answering prefill (pairs.jsonl)" if recorded is not None else "teacher forward",
                 seconds=round(time.time() - t0, 1), peak_rss_gib=round(lm.peak_rss_gib(), 2),
                 peak_gpu_gib=lm.peak_gpu_gib())
     common.write_meta(out_dir / "meta.json", settings=settings_dict(), **meta)
     (out_dir / "DONE").touch()
-    print(f"01: stored the teacher's top-{k} of {len(pairs)} pairs in {meta['seconds']} s -> {out_dir}")
+    print(f"01: stored the teacher's top-{k} ({target}) of {len(pairs)} pairs from the {meta['source']} in "
+          f"{meta['seconds']} s -> {out_dir}")
     return meta
 
 
@@ -608,6 +721,7 @@ def load_topk(out_dir, inputs):
     meta = json.loads((out_dir / "meta.json").read_text(encoding="utf-8")) if (out_dir / "DONE").exists() else {}
     if meta.get("inputs") != inputs:
         option = "" if inputs["temperature"] == TEMPERATURE else f" --temperature {inputs['temperature']}"
+        option += "" if inputs.get("target", TOPK_TARGET) == TOPK_TARGET else f" --target {inputs['target']}"
         raise SystemExit(f"{out_dir} holds no top-k of these pairs, teacher and settings: run `make topk` "
                          f"(01_train_distillm.py --store-topk{option}).")
     stored = {}
@@ -747,11 +861,11 @@ def rank_summary(trainer):
     return ranks
 
 
-def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id, source="model"):
+def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id, source="model", target=TOPK_TARGET):
     """Train LoRA adapters with the DistiLLMTrainer on this process's share of the pairs; save them with meta.json on
     the main process after a barrier. source "model": the teacher is loaded after the Trainer has set this rank's
-    device and put the student there; "topk": the stored top-k (topk_dir(cfg.temperature)), no teacher. max_steps
-    None: train_steps. Returns (meta, whether this is the main process)."""
+    device and put the student there; "topk": the stored top-k of the target (topk_dir(cfg.temperature, target)), no
+    teacher. max_steps None: train_steps. Returns (meta, whether this is the main process)."""
     from accelerate import PartialState
 
     t0 = time.time()
@@ -761,8 +875,8 @@ def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id, 
     pairs = read_pairs(pairs_path)
     encoded = [encode_pair(tokenizer, p) for p in pairs]
     if source == "topk":
-        inputs = topk_inputs(pairs_path, teacher_id, vocab, cfg.temperature)
-        encoded = with_topk(encoded, load_topk(topk_dir(cfg.temperature), inputs))
+        inputs = topk_inputs(pairs_path, teacher_id, vocab, cfg.temperature, target=target)
+        encoded = with_topk(encoded, load_topk(topk_dir(cfg.temperature, target), inputs))
     kind = lm.device_kind(lm.pick_device())
     world = world_size()
     if world > 1 and source == "model" and lm.TEACHER_DEVICE != "same":
@@ -780,7 +894,8 @@ def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id, 
         trainer.teacher = lm.load_teacher(teacher_id, args.device, step_reserve_gib(student_id, teacher_id, kind),
                                           getattr(torch, TEACHER_DTYPE[kind]))
     config = dict(loss_config=asdict(cfg), settings=settings_dict(), max_steps=steps, world_size=world,
-                  source=source, pairs_sha256=common.sha256_file(pairs_path), student=student_id)
+                  source=source, target=target if source == "topk" else None,
+                  pairs_sha256=common.sha256_file(pairs_path), student=student_id)
     if state.is_main_process:
         fresh_or_resumable(run_dir, config)
     state.wait_for_everyone()
@@ -790,6 +905,7 @@ def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id, 
     train_seconds = time.time() - t_train
     ranks = rank_summary(trainer)
     meta = dict(loss_config=asdict(cfg), student=student_id, teacher=teacher_id, teacher_source=source,
+                topk_target=target if source == "topk" else None,
                 pairs=str(pairs_path), pairs_sha256=common.sha256_file(pairs_path), n_pairs=len(pairs),
                 max_steps=steps, world_size=world, ranks=ranks, resumed=resume, train_loss=result.training_loss,
                 history=trainer.history, seconds=dict(total=round(time.time() - t0, 1), train=round(train_seconds, 1),
@@ -944,8 +1060,10 @@ def parse_args():
     p.add_argument("--chunk", type=int, default=LOSS_CHUNK, help="0 = naive full-logit loss")
     p.add_argument("--max-steps", type=int, default=None, help="default: EPOCHS over the pairs (train_steps)")
     p.add_argument("--teacher-source", choices=("model", "topk"), default=None, help="default: TEACHER_SOURCE")
-    p.add_argument("--store-topk", action="store_true", help="store the teacher's top-k (at --temperature), no "
-                   "training; on a device whose TEACHER_SOURCE is 'model' only the stamp")
+    p.add_argument("--store-topk", action="store_true", help="store the teacher's top-k (at --temperature, of "
+                   "--target), no training; on a device whose TEACHER_SOURCE is 'model' only the stamp")
+    p.add_argument("--target", choices=TOPK_TARGETS, default=TOPK_TARGET, help="the stored teacher distribution: "
+                   "'context' (prompted with the source passage) or 'plain' (the student's prompt)")
     p.add_argument("--merge", type=Path, default=None, help="also write a merged full model directory here")
     p.add_argument("--measure", type=Path, default=None, help="time MEASURE_STEPS steps, write JSON here, no training")
     p.add_argument("--measure-steps", type=int, default=MEASURE_STEPS)
@@ -970,20 +1088,21 @@ def main():
     source = args.teacher_source or TEACHER_SOURCE[kind]
     if args.store_topk:
         if source == "model":
-            skip_topk(topk_dir(cfg.temperature), kind)
+            skip_topk(topk_dir(cfg.temperature, args.target), kind)
         else:
-            store_topk(args.pairs, topk_dir(cfg.temperature), common.TEACHER_MODEL, common.STUDENT_MODEL,
-                       cfg.temperature)
+            store_topk(args.pairs, topk_dir(cfg.temperature, args.target), common.TEACHER_MODEL,
+                       common.STUDENT_MODEL, cfg.temperature, target=args.target)
         return
     run_dir = args.run_dir or common.OUTPUTS / "01_train" / args.out.name
     meta, main_process = train(args.pairs, args.out, run_dir, cfg, args.max_steps, common.STUDENT_MODEL,
-                               common.TEACHER_MODEL, source)
+                               common.TEACHER_MODEL, source, args.target)
     if not main_process:
         return
     if args.merge:
         merge_adapter(args.out, common.STUDENT_MODEL, args.merge)
+    teacher = f"{source} {args.target}" if source == "topk" else source
     print(f"01: trained {meta['max_steps']} steps on {meta['n_pairs']} pairs ({meta['world_size']} process(es), "
-          f"teacher from {source}) in {meta['seconds']['train']:.1f} s (loss {meta['train_loss']:.4f}) -> {args.out}"
+          f"teacher from {teacher}) in {meta['seconds']['train']:.1f} s (loss {meta['train_loss']:.4f}) -> {args.out}"
           + (f", merged -> {args.merge}" if args.merge else ""))
 
 

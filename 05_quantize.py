@@ -10,8 +10,8 @@ fatal), checkpointed in outputs/05_select/<point>/, so a rerun measures only wha
      calibration (none, content_free, batch, auto, permute k, pride share) is scored from the same records;
   2. every other level the device runs (LEVELS), for the candidates the stage-1 best does not beat beyond the noise,
      scored under the best stage-1 calibration; a level whose first PROBE_QUESTIONS project beyond the budget stops;
-  3. PASSAGES for the best point so far, under its calibration (first-stage passages of an index embedded by that
-     candidate).
+  3. PASSAGES for the best point so far (first-stage passages of an index embedded by that candidate), under its
+     calibration on a GPU and under the one-prompt calibrations on the CPU (PASSAGE_SHIFTS).
 Projected time of the 515-question test = load + 500 x MC prompts per question x s per prompt + 15 x descriptive s
 (+ reranking when passages are on), all measured on this machine. Choice: the highest score within the budget;
 a point the best does not beat by more than max(SCORE_TOLERANCE, NOISE_Z x paired SE) is tied with it, and the
@@ -39,9 +39,13 @@ LEVELS = dict(cpu=["float", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-int8", "torcha
 PERMUTE_K = [2, 3, 4, 5]  # permute calibrations scored (k cyclic shifts per question, at most its option count)
 PRIDE_SHARES = [0.1, 0.2, 0.4]  # pride calibrations scored (share of questions estimating the position prior)
 PASSAGES = [3]  # stage 3: passage counts tried for the best point (0 is the stage 1-2 baseline)
+PASSAGE_SHIFTS = dict(cpu=False, cuda=True)  # stage 3 scores the best calibration's option shifts too; on the CPU
+# one prompt per question (the identity calibrations: none, batch, auto): passages already triple the prompt length
 BUDGET_HOURS = dict(cpu=0.75, cuda=4.5)  # the whole 515-question test; cpu: what a user waits for (issue 16)
 SAFETY_MARGIN = dict(cpu=1.0, cuda=0.8)  # choose only among points projected within this share of the budget
-PROBE_QUESTIONS = 24  # stage 2: questions answered before a level's projected time decides whether to go on
+PROBE_QUESTIONS = 24  # every point is first timed on this many MC questions (+ one descriptive batch) in a run of
+# its own: a long scoring run that shared the CPU does not set the projected time, and a stage-2 level whose probe
+# projects beyond the budget stops there
 SCORE_TOLERANCE = 0.005  # scores this close count as a tie: the faster point wins
 NOISE_Z = 1.0  # ... and so do scores within this many standard errors of their paired difference
 TEST_MC, TEST_DESC, TEST_FIVE = 500, 15, 253  # the competition test: questions, and MC items with five options
@@ -84,11 +88,13 @@ def run_point(config, folder, limit=0, index_dir=None):
 
 
 def child_point(config_json, folder, limit, index_dir):
-    """(child) answering.run over the development set into folder; DONE when the whole set was answered."""
+    """(child) answering.run over the development set (a timing probe with limit) into folder; DONE when the whole
+    set was answered."""
     config = answering.Config(**json.loads(config_json))
     questions, _ = dev_set()
-    if limit:
-        questions = [q for q in questions if q.kind == "mc"][:limit]
+    if limit:  # a timing probe: the first `limit` multiple-choice questions and one batch of descriptive ones
+        questions = ([q for q in questions if q.kind == "mc"][:limit]
+                     + [q for q in questions if q.kind == "desc"][:answering.DESC_BATCH])
     answering.run(questions, folder, config, index_dir=index_dir)
     if not limit:
         (folder / "DONE").touch()
@@ -103,11 +109,25 @@ def build_index(candidate, folder):
 
 
 def load_point(folder):
-    """(records by id, meta) of a finished point, None when it has not finished."""
+    """(records by id, meta) of a finished point, None when it has not finished. meta's timing, load and load
+    average are its probe's (folder/probe) when there is one."""
     if not (folder / "DONE").exists():
         return None
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    probe = folder / "probe" / "meta.json"
+    if probe.exists():
+        timed = json.loads(probe.read_text(encoding="utf-8"))
+        meta = dict(meta, timing=timed["timing"], load_average=timed["load_average"],
+                    seconds=dict(meta["seconds"], load=timed["seconds"]["load"]))
     return lm.read_records(folder / meta["predictions"]), meta
+
+
+def probe_point(config, folder, index_dir=None):
+    """Time a point on PROBE_QUESTIONS questions in folder/probe; its meta (None when the probe failed)."""
+    probe = folder / "probe"
+    if not run_point(config, probe, PROBE_QUESTIONS, index_dir) or not (probe / "meta.json").exists():
+        return None
+    return json.loads((probe / "meta.json").read_text(encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------- calibrations scored offline
@@ -305,17 +325,21 @@ def report(rows, chosen, tied, warning, labels, budget_s, stopped, skipped, comm
 
 
 # ----------------------------------------------------------------------------- stages
-def measure(questions, labels, device, budget_s, desc_cache):
-    """Run the three stages; return (rows, stopped, skipped)."""
+def measure(questions, labels, device, budget_s, desc_cache, stages=3):
+    """Run the first `stages` of the three stages; return (rows, stopped, skipped)."""
     n_max = max(len(q.options) for q in questions if q.kind == "mc")
     rows, stopped, skipped = [], [], []
     present = {name: model for name, model in common.candidates().items()
                if Path(common.resolve_model(model)).exists()}
     print(f"05: candidates {sorted(present)} on {device}, budget {budget_s / 60:.0f} min")
 
-    def finished(config, name, limit=0, index_dir=None):
+    def finished(config, name, index_dir=None, timed=None):
+        """The point probed (unless timed already) and run on the whole set: (records, meta), or None."""
         folder = OUT / name
-        if not run_point(config, folder, limit, index_dir):
+        if timed is None and probe_point(config, folder, index_dir) is None:
+            skipped.append((name, "its timing probe failed: see the log above"))
+            return None
+        if not run_point(config, folder, 0, index_dir):
             skipped.append((name, "the run failed: see its log above"))
             return None
         return load_point(folder)
@@ -327,8 +351,13 @@ def measure(questions, labels, device, budget_s, desc_cache):
         if done:
             stage1[candidate] = score_point(name, *done, questions, labels, desc_cache)
             rows += stage1[candidate]
+    if not rows:
+        raise SystemExit("05: no candidate could be measured: run `make models`, then see the messages above.")
     best = max(rows, key=lambda r: r["score"])
     best_config = as_config(best["config"])
+    if stages < 2:
+        skipped.append(("stages 2 and 3", f"not run (`05_quantize.py --stages {stages}`)"))
+        return rows, stopped, skipped
     for candidate, cand_rows in stage1.items():  # stage 2: the other levels, for candidates tied with the best
         top = max(cand_rows, key=lambda r: r["score"])
         if top is not best and beats(best, top, labels):
@@ -344,26 +373,30 @@ def measure(questions, labels, device, budget_s, desc_cache):
                 skipped.append((name, f"cannot run here: {reason}"))
                 continue
             config = point_config(candidate, level, 0, n_max, like=best_config)
-            probe = run_point(config, OUT / name, PROBE_QUESTIONS)
-            meta_path = OUT / name / "meta.json"
-            if not probe or not meta_path.exists():
-                skipped.append((name, "the probe failed: see its log above"))
+            timed = probe_point(config, OUT / name)
+            if timed is None:
+                skipped.append((name, "its timing probe failed: see the log above"))
                 continue
-            projected = projected_seconds(json.loads(meta_path.read_text(encoding="utf-8")),
-                                          dataclasses.asdict(config))
+            projected = projected_seconds(timed, dataclasses.asdict(config))
             if projected > budget_s:
                 stopped.append((name, f"projected {projected / 60:.0f} min after {PROBE_QUESTIONS} questions, over "
                                 f"the {budget_s / 60:.0f} min budget"))
                 continue
-            done = finished(config, name)
+            done = finished(config, name, timed=timed)
             if done:
                 rows += score_point(name, *done, questions, labels, desc_cache)
     best = max(rows, key=lambda r: r["score"])
+    if stages < 3:
+        skipped.append(("stage 3 (passages)", f"not run (`05_quantize.py --stages {stages}`)"))
+        return rows, stopped, skipped
     for passages in PASSAGES:  # stage 3: passages for the best point
         candidate, level = best["config"]["candidate"], best["config"]["level"]
         name = point_name(candidate, level, passages)
         index_dir = build_index(candidate, OUT / f"index-{candidate}")
-        config = point_config(candidate, level, passages, n_max, like=as_config(best["config"]))
+        like = as_config(best["config"])
+        if not PASSAGE_SHIFTS[lm.device_kind(device)]:
+            like = dataclasses.replace(like, calibration="batch", permutations=1, pride_share=0.0)
+        config = point_config(candidate, level, passages, n_max, like=like)
         done = finished(config, name, index_dir=index_dir)
         if done:
             rows += score_point(name, *done, questions, labels, desc_cache)
@@ -376,6 +409,7 @@ def main():
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--limit", type=int, default=0)
     parser.add_argument("--index", type=Path, default=None)
+    parser.add_argument("--stages", type=int, default=3, choices=[1, 2, 3], help="run only the first stages")
     parser.add_argument("--command", default="make select")
     args = parser.parse_args()
     if args.point:
@@ -386,7 +420,7 @@ def main():
     budget_s = BUDGET_HOURS[kind] * 3600 * SAFETY_MARGIN[kind]
     questions, labels = dev_set()
     t0 = time.time()
-    rows, stopped, skipped = measure(questions, labels, device, budget_s, {})
+    rows, stopped, skipped = measure(questions, labels, device, budget_s, {}, args.stages)
     chosen, tied, warning = select(rows, labels, budget_s)
     if warning:
         print(f"05: WARNING: {warning}")

@@ -17,7 +17,8 @@ Subcommands, each a make target:
   temporary folder, builds a fresh venv there and runs `make setup <answering model> data submission` with the hub
   offline (the shared data and the model wheel cache of this checkout passed in), compares the answers with this
   checkout's on the same questions and checks the clone. Writes outputs/06_verify/ (logs, meta.json, verify.md)
-  and, for the full profile only, reports/verify.md.
+  and, for the full profile only, reports/baseline.md (the time from `git clone` to submission.csv, set-up vs
+  answering; `make baseline-report`).
 Every problem found is listed, then the exit code is 1.
 """
 import argparse
@@ -60,18 +61,17 @@ VERIFY_OUT = common.OUTPUTS / "06_verify"
 VERIFY_REPORT = common.REPORTS / "baseline.md"  # full profile only: clone-to-submission times on this machine
 LOG_TAIL = 25  # lines of a failed step's log printed
 STAGES = {  # stage reports in pipeline order, with their line in REPORT.md; any other reports/*.md gets its title
-    "baseline.md": "student and teacher without retrieval: option calibration, CPU dtype, setup times",
-    "distill.md": "00-01: DistiLLM-2 against a baseline loss, on pairs generated from the corpus",
+    "distill.md": "00-01: DistiLLM-2 against baseline losses, on pairs generated from the corpus",
     "distill-notes.md": "00-01: what the distillation runs show and what a GPU run changes",
     "sweep.md": "01: distillation sweep over alpha, beta, tau and the loss",
     "retrieval.md": "02: recall and MRR of BM25, dense and fused first-stage retrieval",
     "rerank.md": "03: reranking by the answering LLM, pointwise and listwise, with its cost",
-    "rag.md": "04: development score with and without retrieved passages",
+    "desc.md": "04: descriptive answers: instruction, length, repetition, against the echo baseline",
     "gate.md": "04: passages only where retrieval looks sure (relevance gate)",
-    "quantize.md": "05: quantization levels of the student (before selection.json)",
-    "select.md": "05: every candidate x level x calibration x passages; the choice in selection.json",
+    "select.md": "05: every candidate x level x calibration x passages on the development set; the choice",
     "eval.md": "the submission scored on the development set",
-    "verify.md": "06: fresh clone and venv reproduce the submission",
+    "baseline.md": "06: from `git clone` to submission.csv on this machine: set-up and answering times, same answers",
+    "gpu-plan.md": "memory per stage for 7B/14B/32B models on 24 and 80 GB cards (computed)",
 }
 PROVENANCE = """\
 # Data, model and code licences
@@ -469,7 +469,7 @@ def reproduce(limit, workdir, shared, wheels):
     seconds["total"] = round(time.time() - t_start, 1)
     selection = json.loads(common.SELECTION.read_text(encoding="utf-8")) if common.SELECTION.exists() else {}
     projected = (selection.get("figures") or {}).get("per_question_s")
-    machine_file = fresh / common.MACHINE.relative_to(common.ROOT)
+    machine_file = fresh / common.OUTPUTS.name / common.MACHINE.name
     cpu_dtype = json.loads(machine_file.read_text(encoding="utf-8")).get("cpu_dtype") if machine_file.exists() \
         else None
     meta = dict(commit=commit, limit=limit, questions=len(questions), counts=counts, seconds=seconds,

@@ -87,13 +87,19 @@ pairs: $(PAIRS) ## training questions from the corpus, teacher + student answers
 $(PAIRS): 00_generate_pairs.py $(ANSWER_LIBS) $(DATA) $(STUDENT) $(TEACHER)
 	$(PY) $<
 
-# The teacher's top-k at every answer position, stored once: on a GPU (01's TEACHER_SOURCE cuda = topk) training then
-# loads no teacher. Where training loads the teacher (cpu) the rule only writes the stamp.
+# The teacher's top-k at every answer position, stored once (01's TOPK_TARGET: the teacher prompted with the
+# question's source passage), so training loads no teacher; the multiple-choice pairs carry it from 00's answering
+# prefill (no teacher loaded here either). outputs/01_topk-plain: the teacher as the student sees the question (the
+# other pair design, reports/distill.md).
 TOPK := outputs/01_topk/DONE
+TOPK_PLAIN := outputs/01_topk-plain/DONE
 topk: $(TOPK) ## the teacher's top-k log-probabilities at every answer position -> outputs/01_topk
 
 $(TOPK): 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER)
 	$(PY) $< --store-topk
+
+$(TOPK_PLAIN): 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER)
+	$(PY) $< --store-topk --target plain
 
 distill: $(ADAPTER) ## DistiLLM-2 LoRA adapter (models/student-distilled) merged into models/student-distilled-merged
 
@@ -163,33 +169,42 @@ gate-report: reports/gate.md ## relevance gate from the chosen candidate's selec
 reports/gate.md: eval_gate.py eval_retrieval.py evaluate.py $(SCORE_LIBS) $(SELECTION) $(DATA)
 	$(PY) $< --out $@ --command "make gate-report"
 
-# The distillation report's runs: base student, teacher and the distilled students (distillm_v2 = `make distill`,
-# and the kd baseline) on the development set and on 00's held-out template questions, all answered alike
-# (sweep_distill.EVAL_FLAGS), and the naive vs chunked loss-step measurement.
+# The distillation report's runs: base student, teacher and the distilled students on the development set (every
+# question under the identity order and 3 cyclic shifts: batch and permute-4 from one run, sweep_distill.DEV_FLAGS)
+# and on 00's held-out template questions (raw option scores, sweep_distill.EVAL_FLAGS), and the naive vs chunked
+# loss-step measurement. distillm_v2 = `make distill`; kd and gkd = the same pairs, target and steps with their
+# losses; distillm_v2-plain = the other pair design (the teacher as the student sees the question).
 DISTILL := outputs/distill
-DISTILL_BASELINE := kd
+DISTILL_BASELINES := kd gkd
 HELDOUT_Q := outputs/00_pairs/heldout.csv
+DEV_04 = $(PY) 04_infer.py --passages 0 --level float --calibration permute --permutations 4
 EVAL_04 = $(PY) 04_infer.py --passages 0 --level float --calibration none
 INFER_DEPS := 04_infer.py $(ANSWER_LIBS) $(DATA)
-BASELINE_ADAPTER := $(DISTILL)/adapter-$(DISTILL_BASELINE)/DONE
-DEV_RUNS := $(foreach run,student teacher distillm_v2 $(DISTILL_BASELINE),$(DISTILL)/$(run)/DONE)
-HELDOUT_RUNS := $(foreach run,student teacher distillm_v2 $(DISTILL_BASELINE),$(DISTILL)/heldout-$(run)/DONE)
+DISTILLED_RUNS := distillm_v2 $(DISTILL_BASELINES) distillm_v2-plain
+OTHER_ADAPTERS := $(foreach run,$(DISTILL_BASELINES) distillm_v2-plain,$(DISTILL)/adapter-$(run)/DONE)
+DEV_RUNS := $(foreach run,student teacher $(DISTILLED_RUNS),$(DISTILL)/$(run)/DONE)
+HELDOUT_RUNS := $(foreach run,student teacher $(DISTILLED_RUNS),$(DISTILL)/heldout-$(run)/DONE)
 
-$(BASELINE_ADAPTER): 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK)
-	$(PY) $< --loss-type $(DISTILL_BASELINE) --out $(@D) --merge $(DISTILL)/merged-$(DISTILL_BASELINE)
+$(foreach loss,$(DISTILL_BASELINES),$(DISTILL)/adapter-$(loss)/DONE): $(DISTILL)/adapter-%/DONE: \
+		01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK)
+	$(PY) $< --loss-type $* --out $(@D) --merge $(DISTILL)/merged-$*
+
+$(DISTILL)/adapter-distillm_v2-plain/DONE: 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK_PLAIN)
+	$(PY) $< --target plain --out $(@D) --merge $(DISTILL)/merged-distillm_v2-plain
 
 $(DISTILL)/student/DONE $(DISTILL)/heldout-student/DONE: MODEL := student
 $(DISTILL)/teacher/DONE $(DISTILL)/heldout-teacher/DONE: MODEL := teacher
 $(DISTILL)/distillm_v2/DONE $(DISTILL)/heldout-distillm_v2/DONE: MODEL := $(DISTILLED_DIR)
-$(DISTILL)/$(DISTILL_BASELINE)/DONE $(DISTILL)/heldout-$(DISTILL_BASELINE)/DONE: \
-	MODEL := $(DISTILL)/merged-$(DISTILL_BASELINE)
 $(DISTILL)/student/DONE $(DISTILL)/heldout-student/DONE: $(STUDENT)
 $(DISTILL)/teacher/DONE $(DISTILL)/heldout-teacher/DONE: $(TEACHER)
 $(DISTILL)/distillm_v2/DONE $(DISTILL)/heldout-distillm_v2/DONE: $(ADAPTER)
-$(DISTILL)/$(DISTILL_BASELINE)/DONE $(DISTILL)/heldout-$(DISTILL_BASELINE)/DONE: $(BASELINE_ADAPTER)
+$(foreach run,$(DISTILL_BASELINES) distillm_v2-plain,$(eval \
+$(DISTILL)/$(run)/DONE $(DISTILL)/heldout-$(run)/DONE: MODEL := $(DISTILL)/merged-$(run)))
+$(foreach run,$(DISTILL_BASELINES) distillm_v2-plain,$(eval \
+$(DISTILL)/$(run)/DONE $(DISTILL)/heldout-$(run)/DONE: $(DISTILL)/adapter-$(run)/DONE))
 
 $(DEV_RUNS): $(INFER_DEPS)
-	$(EVAL_04) --model $(MODEL) --out $(@D)
+	$(DEV_04) --model $(MODEL) --out $(@D)
 
 $(HELDOUT_RUNS): $(INFER_DEPS) $(PAIRS)
 	$(EVAL_04) --model $(MODEL) --questions $(HELDOUT_Q) --out $(@D)
@@ -202,7 +217,7 @@ $(DISTILL)/measure-naive.json: 01_train_distillm.py $(LIBS) $(STUDENT) $(TEACHER
 $(DISTILL)/measure-chunked.json: 01_train_distillm.py $(LIBS) $(STUDENT) $(TEACHER)
 	$(PY) $< --measure $@
 
-distill-report: reports/distill.md ## dev + held-out: student, distilled, teacher; pairs -> reports/distill.md
+distill-report: reports/distill.md ## dev + held-out: student, teacher, distillm_v2, kd, gkd, 2 designs -> reports/distill.md
 
 reports/distill.md: sweep_distill.py $(SCORE_LIBS) reports/distill-notes.md $(PAIRS) $(ADAPTER) $(DEV_RUNS) \
 		$(HELDOUT_RUNS) $(DISTILL)/measure-naive.json $(DISTILL)/measure-chunked.json

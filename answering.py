@@ -25,8 +25,11 @@ import retrieval
 MC_BATCH = 8  # prompts per forward pass; also the checkpoint unit (a batch takes seconds, never minutes)
 DESC_BATCH = 8  # generation batch (decode is ~8x faster per token at batch 8 than 1 on CPU)
 DESC_MAX_NEW_TOKENS = 128  # the reference answers are one or two sentences
-DESC_GENERATION = dict()  # further generate() options for descriptive answers (reports/desc.md)
+DESC_GENERATION = dict()  # further generate() options; no_repeat_ngram_size also blocks the question's own words
+# (it counts the prompt): keyword recall fell from 0.86 to 0.59 with the teacher (reports/desc.md)
 DESC_MAX_SENTENCES = 3
+DESC_RESTATE = True  # lead with the question's subject ("<subject>: <answer>"): teacher 0.887 vs 0.877 on dev, as
+# the subject holds most keywords (reports/desc.md)
 AUTO_SKEW = 0.5  # auto: batch calibration when one option wins more than this share of the raw answers, else none
 CONTENT_FREE_STEMS = ["N/A", "[빈칸]", ""]  # content-free prompts for content_free calibration (Zhao et al. 2021)
 BATCH_MIN = 50  # fewer questions of one option count than this: batch calibration uses the content-free prior
@@ -254,16 +257,26 @@ def shifts_for(questions, config):
 
 
 # ----------------------------------------------------------------------------- descriptive answers
-def clean_description(text, question, max_sentences=None):
-    """Plain Korean prose: no markdown, at most max_sentences (DESC_MAX_SENTENCES) sentences, never empty."""
+REQUEST_RE = re.compile(r"\s*(?:을|를)?\s*(?:설명|서술|기술|제시|논술)\s*하(?:세요|시오|십시오)\.?$"
+                        r"|\s*(?:은|는)?\s*무엇(?:인가요|입니까|인가|인지)\s*[?？]?$")
+
+
+def subject(question):
+    """The question without its closing request ("…을 설명하세요", "…은 무엇인가요?"): what the answer is about."""
+    return REQUEST_RE.sub("", question.strip()).strip() or question.strip()
+
+
+def clean_description(text, question, max_sentences=None, restate=None):
+    """Plain Korean prose: no markdown, at most max_sentences (DESC_MAX_SENTENCES) sentences, never empty; with
+    restate (DESC_RESTATE), led by the question's subject."""
     text = re.sub(r"[*#`>|]+", "", text)
     text = re.sub(r"^\s*(?:[-•]|\d+[.)])\s*", "", text, flags=re.M)
     text = re.sub(r"\s+", " ", text).strip()
     sentences = re.split(r"(?<=[.!?다요])\s+", text)
     text = " ".join(sentences[:max_sentences or DESC_MAX_SENTENCES]).strip()
     if not text:  # an empty answer scores 0: restate the question's content instead
-        text = re.sub(r"(을|를)?\s*(설명|서술|기술)하(세요|시오)\.?$", "", question.strip()).strip() or question
-    return text
+        return subject(question)
+    return f"{subject(question)}: {text}" if (DESC_RESTATE if restate is None else restate) else text
 
 
 # ----------------------------------------------------------------------------- one run over a question set
@@ -475,12 +488,14 @@ def run(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None
                 peak_rss_gib=round(lm.peak_rss_gib(), 2), peak_gpu_gib=lm.peak_gpu_gib(),
                 load_average=round(os.getloadavg()[0], 2), predictions=checkpoint.name)
     previous = out_dir / "meta.json"
-    if not todo and previous.exists():  # all from the checkpoint: keep the measurements of the run that did the work
-        old = json.loads(previous.read_text(encoding="utf-8"))
-        if old.get("key") == key:
+    old = json.loads(previous.read_text(encoding="utf-8")) if previous.exists() else {}
+    if old.get("key") == key:  # keep the measurements of the runs that did the work this one took from the checkpoint
+        if not todo:
             for name in MEASURED:
                 meta[name] = old.get(name)
             meta["seconds"]["answering"] = old["seconds"]["answering"]
+        meta["timing"] = {k: v if v is not None else (old.get("timing") or {}).get(k)
+                          for k, v in meta["timing"].items()}
     common.write_meta(previous, settings=common.settings_of(sys.modules[__name__]), **meta)
     return records, meta
 

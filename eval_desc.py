@@ -3,8 +3,9 @@
 Reads the 54 descriptive development questions and their references (scoring.dev_question_set; never used in a
 prompt) and the answering model of selection.json (or --model). Each VARIANTS entry generates one answer per
 question (checkpointed in outputs/eval_desc/<model>-<variant>.jsonl); each is then cut to 1, 2 and 3 sentences
-(answering.clean_description) and scored with scoring.py beside two baselines: the question itself as the answer
-(the echo) and the reference. Also counts answers that repeat a sentence. Writes reports/desc.md. Run by
+(answering.clean_description), with and without the question's subject in front (DESC_RESTATE), and scored
+with scoring.py beside two baselines: the question itself as the answer (the echo) and the reference. Also counts
+answers that repeat a sentence. Writes reports/desc.md. Run by
 `make desc-report`; copy the winner into answering.py's DESC_* settings and common.DESC_INSTRUCTION.
 """
 import argparse
@@ -25,8 +26,6 @@ VARIANTS = {  # name -> instruction (None: common.DESC_INSTRUCTION) and generati
     "plain": dict(instruction=None, options=dict()),
     "no-repeat": dict(instruction=None, options=dict(no_repeat_ngram_size=4, repetition_penalty=1.1)),
     "terms-first": dict(instruction=TERMS_FIRST, options=dict()),
-    "terms-first-no-repeat": dict(instruction=TERMS_FIRST, options=dict(no_repeat_ngram_size=4,
-                                                                        repetition_penalty=1.1)),
 }
 SENTENCES = [1, 2, 3]  # answers cut to this many sentences (answering.DESC_MAX_SENTENCES is the default cut)
 OUT = common.OUTPUTS / "eval_desc"
@@ -98,10 +97,13 @@ def main():
         raw = generate_variant(model, tokenizer, questions, variant, OUT / f"{tag}-{variant}.jsonl")
         print(f"eval_desc: {variant} in {time.time() - t0:.0f} s")
         for n in SENTENCES:
-            answers = {q.id: answering.clean_description(raw[q.id], q.text, max_sentences=n) for q in questions}
-            lines.append(row(f"{variant}, {n} sentence{'s' if n > 1 else ''}", answers, labels)[0])
+            for restate in (False, True):
+                answers = {q.id: answering.clean_description(raw[q.id], q.text, n, restate) for q in questions}
+                name = f"{variant}, {n} sentence{'s' if n > 1 else ''}" + (", subject first" if restate else "")
+                lines.append(row(name, answers, labels)[0])
     lines += ["", "Instructions: plain = `common.DESC_INSTRUCTION`; terms-first = "
-              f"\"{TERMS_FIRST}\". no-repeat = `no_repeat_ngram_size=4, repetition_penalty=1.1`.", ""]
+              f"\"{TERMS_FIRST}\". no-repeat = `no_repeat_ngram_size=4, repetition_penalty=1.1`. Subject first = "
+              "\"<the question without its closing request>: <answer>\" (answering.DESC_RESTATE).", ""]
     common.write_text(args.out, "\n".join(lines))
     print(f"eval_desc: wrote {args.out}")
 

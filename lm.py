@@ -20,7 +20,7 @@ import gpu_memory
 
 # ----------------------------------------------------------------------------- settings
 DTYPE_BENCH_SHAPE = (64, 896, 4864)  # (tokens, hidden, intermediate): a student MLP matmul, the bulk of prefill
-DTYPE_BENCH_REPEATS = 5
+DTYPE_BENCH_REPEATS = 10
 LEVELS = {  # quantization level -> weights dtype ("float": the device's fast float dtype, see float_dtype) and how
     # it is quantized: config = a transformers quantization config applied while loading; after_load = quantized
     # after every load (no serialised form); devices = where it runs at all
@@ -79,7 +79,8 @@ def cpu_float_dtype(cache=None):
 
     Decided on the machine that runs, by a sub-second matmul benchmark, never from a committed report: on an AVX2-only
     CPU bf16 is ~10x slower than fp32, on an avx512_bf16 one ~2x faster. The result is cached per machine (CPU model,
-    flags, torch version) in outputs/machine.json; FSKU_CPU_DTYPE overrides it.
+    flags, torch version) in outputs/machine.json, with the load average it was taken at: a measurement taken while
+    other jobs shared the cores is taken again once they are gone. FSKU_CPU_DTYPE overrides it.
     """
     if os.environ.get("FSKU_CPU_DTYPE"):
         return os.environ["FSKU_CPU_DTYPE"]
@@ -87,15 +88,18 @@ def cpu_float_dtype(cache=None):
     machine = common.machine()
     key = hashlib.sha256(json.dumps([machine["cpu"], machine["flags"], torch.__version__]).encode()).hexdigest()[:16]
     known = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
-    if known.get("key") != key:
+    load, cores = os.getloadavg()[0], machine["cores"] or 1
+    busy_then = known.get("load_average", 0.0) >= cores
+    if known.get("key") != key or (busy_then and load < cores):
         fp32, bf16 = _matmul_gflops(torch.float32), _matmul_gflops(torch.bfloat16)
         known = dict(key=key, cpu=machine["cpu"], flags=machine["flags"], torch=torch.__version__,
                      gflops=dict(float32=round(fp32, 1), bfloat16=round(bf16, 1)),
                      cpu_dtype="bfloat16" if bf16 > 1.2 * fp32 else "float32",
-                     shape=list(DTYPE_BENCH_SHAPE))
+                     shape=list(DTYPE_BENCH_SHAPE), load_average=round(load, 2))
         cache.parent.mkdir(parents=True, exist_ok=True)
         common.write_json(cache, known)
-        print(f"lm: CPU float dtype {known['cpu_dtype']} (matmul fp32 {fp32:.0f}, bf16 {bf16:.0f} GFLOP/s) -> {cache}")
+        print(f"lm: CPU float dtype {known['cpu_dtype']} (matmul fp32 {fp32:.0f}, bf16 {bf16:.0f} GFLOP/s at load "
+              f"{load:.1f}) -> {cache}")
     return known["cpu_dtype"]
 
 

@@ -27,7 +27,8 @@ def test_two_processes_train_in_step_and_rank_0_merges_once(tmp_path):
     done = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no",
                            str(common.ROOT / "01_train_distillm.py"), "--pairs", str(pairs), "--out", str(out),
-                           "--run-dir", str(tmp_path / "run"), "--merge", str(merged), "--max-steps", "2"],
+                           "--run-dir", str(tmp_path / "run"), "--merge", str(merged), "--max-steps", "2",
+                           "--teacher-source", "model"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))

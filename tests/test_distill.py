@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import competition
 import lm
 from conftest import build_tiny_model
 
@@ -189,6 +190,16 @@ def test_collate_pads_right_and_masks_padding(tok):
         assert (labels[att == 0] == -100).all() and (ids[att == 0] == tok.pad_token_id).all()
 
 
+def test_a_multiple_choice_answer_is_its_digit_alone(tok):
+    enc = d.encode_pair(tok, dict(MC, kind="mc"))
+    for side, digit in (("chosen", "3"), ("rejected", "1")):
+        response = [x for x in enc[f"{side}_labels"] if x != -100]
+        assert response == tok(digit, add_special_tokens=False).input_ids  # one position, no end-of-turn
+    assert enc["chosen_input_ids"][:-1] == enc["rejected_input_ids"][:-1]  # the same prompt before the digits
+    desc = d.encode_pair(tok, dict(DESC, kind="desc"))
+    assert [x for x in desc["chosen_labels"] if x != -100][-1] == tok.convert_tokens_to_ids(d.END_OF_TURN)
+
+
 def test_response_positions_shift_by_one():
     labels = torch.tensor([[-100, -100, 7, 8], [-100, 5, -100, -100]])
     rows, pos, targets = d.response_positions(labels)
@@ -225,6 +236,39 @@ def test_chunked_loss_and_gradient_equal_the_naive_version(models, batch, tok, l
         results.append((loss.item(), student.model.layers[0].self_attn.q_proj.weight.grad.clone()))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
+MC_PAIRS = [dict(MC, kind="mc"), dict(MC, kind="mc", prompt=common.mc_messages("전자서명법 목적으로 옳은 것은?",
+                                                                               ["가", "나", "다", "라", "마"]),
+                                          chosen="5", rejected="2")]
+
+
+@pytest.mark.parametrize("loss_type", d.LOSS_TYPES)
+@pytest.mark.parametrize("stored", [False, True])
+def test_one_forward_for_pairs_that_share_their_context(models, tok, loss_type, stored):
+    student, teacher, _ = models
+    vocab = len(tok.get_vocab())
+    batch = d.collate([d.encode_pair(tok, p) for p in MC_PAIRS], tok.pad_token_id)
+    data, ranges = d.stack_sides(batch, ["chosen", "rejected"])
+    assert d.shared_context(data, ranges)
+    if stored:
+        batch = with_stored_topk(batch, teacher, vocab, vocab)
+    calls, results = [], []
+    hook = student.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]
+                                                                         if args else None))
+    for share in (False, True):
+        student.zero_grad()
+        cfg = d.LossConfig(loss_type=loss_type, chunk=3, vocab_size=vocab, share_context=share)
+        loss, _ = d.distill_loss(student, None if stored else teacher, batch, cfg)
+        loss.backward()
+        results.append((loss.item(), student.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    hook.remove()
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+    assert len(calls) == 2  # one student forward per call either way (the sides are stacked)
+    mixed = d.collate([d.encode_pair(tok, dict(DESC, kind="desc")), d.encode_pair(tok, MC_PAIRS[0])],
+                      tok.pad_token_id)
+    assert not d.shared_context(*d.stack_sides(mixed, ["chosen", "rejected"]))  # other answers, other contexts
 
 
 def test_adaptive_alpha_takes_effect(models, batch):
@@ -382,6 +426,63 @@ def test_store_topk_is_resumable_and_training_reads_it(tiny_model_dir, models, t
             pairs, str(teacher_dir), vocab, d.TEMPERATURE)))
 
 
+def test_the_top_k_recorded_by_00_is_what_the_teacher_gives_and_needs_no_teacher(tiny_model_dir, models, tmp_path,
+                                                                                 monkeypatch):
+    """00 answers each question once and keeps the top-k of the answer position (00_generate_pairs.answer_position);
+    --store-topk turns that into the store without loading the teacher, equal to what the teacher's forward over
+    the training encoding gives. The privileged target reads teacher_prompt, the student trains on prompt."""
+    _, teacher, teacher_dir = models
+    pairs_step = importlib.import_module("00_generate_pairs")
+    tok = lm.load_tokenizer(teacher_dir)
+    passage = common.mc_messages("다음 중 전자금융거래법 정의로 옳은 것은?", ["금융", "보안", "정보", "답"], context="제2조 정의 금융")
+    pairs = [dict(p, teacher_prompt=passage if i == 0 else common.mc_messages("전자서명법 목적으로 옳은 것은?", [
+        "가", "나", "다", "라", "마"], context="전자서명 보안")) for i, p in enumerate(MC_PAIRS)]
+    k = d.TOPK
+    for pair in pairs:
+        pair["teacher_topk"] = {}
+        for target, key in d.TARGET_PROMPT.items():
+            rendered = lm.render(tok, pair[key], pair["prefix"])
+            n = len(competition.split_options(pair["prompt"][-1]["content"])[1])  # 00 records digits 1-5 at least
+            pair["teacher_topk"][target] = pairs_step.answer_position(teacher, tok, [rendered],
+                                                                      lm.option_token_ids(tok, max(n, 5)), k + 4)[0][1]
+    path = write_pairs(tmp_path / "pairs.jsonl", pairs)
+    vocab = len(tok.get_vocab())
+    train_tok = d.training_tokenizer(str(tiny_model_dir))
+    for target in d.TOPK_TARGETS:
+        recorded = d.recorded_topk(train_tok, pairs, target, k, 1.0, mc_target="topk")
+        forward = d.pairs_topk(teacher, train_tok, pairs, 0, vocab, 1.0, k, 2, prompt_key=d.TARGET_PROMPT[target])
+        assert set(recorded) == set(forward)
+        for key in forward:
+            if key.endswith("ids"):
+                assert recorded[key].tolist() == forward[key].tolist()
+            else:
+                assert torch.allclose(recorded[key], forward[key], atol=1e-4), key
+        # "options": the digits 1-5 and one bucket, the whole distribution coarse-grained
+        options = d.recorded_topk(train_tok, pairs, target, k, 1.0, mc_target="options")
+        full = d.pairs_topk(teacher, train_tok, pairs, 0, vocab, 1.0, vocab, 2, prompt_key=d.TARGET_PROMPT[target])
+        digits = lm.option_token_ids(tok, 5)
+        for i in range(len(pairs)):
+            assert options[f"{i}/chosen/ids"].tolist() == [digits]
+            probs = torch.zeros(vocab).scatter(0, full[f"{i}/chosen/ids"][0].long(),
+                                               full[f"{i}/chosen/logprobs"][0].exp())
+            assert torch.allclose(options[f"{i}/chosen/logprobs"][0].exp(), probs[digits], atol=1e-5)
+            assert options[f"{i}/chosen/rest"].exp().item() == pytest.approx(1 - probs[digits].sum().item(), abs=1e-5)
+    monkeypatch.setattr(d, "TOPK_DIR", tmp_path / "01_topk")
+    monkeypatch.setattr(lm, "load_teacher", lambda *a, **kw: pytest.fail("the teacher was loaded"))
+    meta = d.store_topk(path, d.topk_dir(1.0, "context"), str(teacher_dir), str(tiny_model_dir), k=k,
+                        target="context")
+    assert meta["source"].startswith("00's") and meta["inputs"]["target"] == "context"
+    plain = d.topk_dir(1.0, "plain")
+    assert plain.name == "01_topk-plain" and d.topk_dir(1.0, "context").name == "01_topk"
+    trained, _ = d.train(path, tmp_path / "adapter", tmp_path / "run", d.LossConfig(chunk=4), 1, str(tiny_model_dir),
+                         str(teacher_dir), source="topk", target="context")
+    assert trained["topk_target"] == "context"
+    with pytest.raises(SystemExit, match="--target plain"):  # the other design's store is not there yet
+        d.train(path, tmp_path / "adapter2", tmp_path / "run2", d.LossConfig(chunk=4), 1, str(tiny_model_dir),
+                str(teacher_dir), source="topk", target="plain")
+    assert d.recorded_topk(d.training_tokenizer(str(tiny_model_dir)), [MC], "context", k, 1.0) is None  # no record
+
+
 def tok_of(path):
     return d.training_tokenizer(str(path))
 
@@ -393,7 +494,7 @@ def test_store_topk_is_a_stamp_where_training_loads_the_teacher(tmp_path):
 
 
 def test_steps_come_from_epochs_pairs_batch_accumulation_and_world_size():
-    assert d.train_steps(d.EPOCHS["cpu"], 88, d.BATCH_PAIRS["cpu"], d.GRAD_ACCUM["cpu"], 1) == 30  # the CPU runs
+    assert d.train_steps(1.35, 88, 2, 2, 1) == 30  # the first CPU runs: 30 steps of 4 pairs
     assert d.train_steps(2.0, 5000, 4, 4, 8) == 79  # 10,000 pair passes / 128 pairs per step
     assert d.train_steps(2.0, 5000, 4, 4, 1) == 625 and d.train_steps(1.0, 3, 4, 4, 2) == 1
 

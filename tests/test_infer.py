@@ -71,7 +71,8 @@ def test_unknown_calibration_is_a_clear_error():
     ("### 제목\n1. 내용", "제목 내용"),
 ])
 def test_clean_description(raw, expected):
-    assert answering.clean_description(raw, "질문") == expected
+    assert answering.clean_description(raw, "질문", restate=False) == expected
+    assert answering.clean_description(raw, "질문을 설명하세요.", restate=True) == "질문: " + expected
 
 
 def test_clean_description_is_never_empty():
@@ -316,3 +317,13 @@ def test_changed_descriptive_settings_answer_only_the_descriptive_questions_agai
     monkeypatch.setattr(answering, "DESC_GENERATION", dict(no_repeat_ngram_size=2))
     _, again = answering.run(questions, tmp_path / "out", cfg(tiny_model_dir), "float32")
     assert again["key"] == meta["key"] and again["answered_now"] == 2  # the multiple-choice records stay valid
+
+
+def test_timing_of_a_kind_answered_earlier_is_kept(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
+    questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=3, n_desc=2))
+    _, first = answering.run(questions, tmp_path / "out", cfg(tiny_model_dir), "float32")
+    monkeypatch.setattr(answering, "DESC_GENERATION", dict(no_repeat_ngram_size=2))  # only the descriptive redone
+    _, again = answering.run(questions, tmp_path / "out", cfg(tiny_model_dir), "float32")
+    assert again["answered_now"] == 2
+    assert again["timing"]["mc_s_per_prompt"] == first["timing"]["mc_s_per_prompt"] > 0

@@ -5,6 +5,7 @@ import inspect
 import json
 import math
 import random
+import re
 
 import pytest
 
@@ -14,6 +15,7 @@ import lm
 import scoring
 
 g = importlib.import_module("00_generate_pairs")
+g.sweep_kind = importlib.import_module("sweep_distill").template_kind  # the report's reading of a stem's kind
 
 GOOD_MC = """문제: 전자금융거래법상 전자금융거래의 정의로 옳은 것은?
 1 금융회사가 전자적 장치로 금융상품을 제공하는 거래
@@ -91,6 +93,11 @@ def test_chunks_come_from_the_retrievers_chunker(tiny_model_dir, tmp_path):
     (tmp_path / "empty" / "laws").mkdir(parents=True)
     with pytest.raises(SystemExit, match="make data"):
         g.load_chunks(tok, tmp_path / "empty", ["laws"])
+
+
+def test_settings_are_plain_json():
+    settings = json.loads(json.dumps(g.settings(), ensure_ascii=False))
+    assert settings["TEMPLATE_KINDS"] and "BUILDERS" not in settings and "TEMPLATE_STEMS" in settings
 
 
 def test_chunk_ids_are_content_hashes():
@@ -203,32 +210,186 @@ def test_sentences_are_clean_and_standalone():
     assert g.sentences(law_chunks()[0]) == ["이 법은 전자금융거래의 안전성과 신뢰성을 확보함을 목적으로 한다."]
 
 
+def law_sentences(chunks):
+    return {x for c in chunks for x in g.sentences(c)}
+
+
 @pytest.mark.parametrize("n", [4, 5])
 def test_template_questions_parse_and_their_key_is_right(n):
     chunks = law_chunks()
     pool = g.template_pool(chunks)
-    own = g.sentences(chunks[1])
+    own, every = g.sentences(chunks[1]), law_sentences(chunks)
     seen_kinds = set()
-    for seed in range(30):
+    for seed in range(40):
         job = dict(id="x-mc", chunk=chunks[1], kind="mc", n_options=n)
         raw = g.template_questions([job], pool, seed)["x-mc"]
         (stem, options, key), reason = g.parse_mc(raw, n)
-        assert reason is None and stem.startswith("다음 중 「가상법」 제2조(제목제2조)")
+        assert reason is None and len(set(options)) == n and g.sweep_kind(stem) == job["template"]
         inside = [o in own for o in options]
-        if "아닌 것은" in stem:
+        if job["template"] == "not_in":
+            assert stem.startswith("다음 중 「가상법」 제2조(제목제2조)") and stem.endswith("해당하지 않는 것은?")
             assert not inside[key - 1] and sum(inside) == n - 1
-            seen_kinds.add("not_in")
+        elif job["template"] == "in":
+            assert stem.endswith("옳은 것은?") and inside[key - 1] and sum(inside) == 1
+        else:  # false: one own sentence falsified, every other option a true sentence of the law
+            assert job["template"] == "false" and stem.endswith("옳지 않은 것은?")
+            assert options[key - 1] not in every and all(o in every for i, o in enumerate(options) if i != key - 1)
+            assert any(options[key - 1] == g.falsified(x, random.Random(s)) for x in own for s in range(20))
+            assert stem.startswith("다음 중 「가상법」에 관한")  # 3 own sentences < n: topped up from the law
+        assert job["evidence"] and all(e in chunks[1]["text"] or e in every for e in job["evidence"])
+        seen_kinds.add(job["template"])
+    assert seen_kinds == ({"in", "not_in", "false"} if n == 4 else {"in", "false"})  # "not in" needs n - 1 own
+
+
+def test_falsified_changes_one_fact():
+    rng = random.Random(0)
+    assert g.falsified("금융회사는 보안대책을 마련하여야 한다.", rng) == "금융회사는 보안대책을 마련하지 아니할 수 있다."
+    assert g.falsified("금융위원회는 자료의 제출을 요구할 수 있다.", rng) == "금융위원회는 자료의 제출을 요구할 수 없다."
+    assert g.falsified("이용자는 접근매체를 양도하여서는 아니 된다.", rng) == "이용자는 접근매체를 양도할 수 있다."
+    assert g.falsified("금융회사는 사고를 안 날부터 30일 이내에 신고한다.", rng) == \
+        "금융회사는 사고를 안 날부터 60일 이내에 신고한다."
+    assert g.falsified("과태료는 100만원 이하로 한다.", rng) == "과태료는 100만원 이상로 한다."
+    assert g.falsified("제3조에 따른 신고는 서면으로 한다.", rng) is None  # an article number is no fact to change
+
+
+def item_chunk(article, lines):
+    return dict(id=g.chunk_id(article + "".join(lines)), source=LAW, law="가상법", kind="법률", article=article,
+                title=f"제목{article}", text="\n".join([f"가상법 [법률] {article} (제목{article})"] + lines))
+
+
+def test_items_of_a_list_on_lines_and_run_together():
+    lines = ["금융회사는 다음 각 호의 사항을 포함하여야 한다.", "  1\\. 접근매체의 발급과 관리", "  2\\. 이용자 보호 절차",
+             "    가\\. 세부 목", "  3\\. 그 밖에 금융위원회가 정하는 사항", "  4\\. 전자적 침해행위 대응 계획"]
+    assert g.items(item_chunk("제5조", lines)) == ["접근매체의 발급과 관리", "이용자 보호 절차", "전자적 침해행위 대응 계획"]
+    inline = ["다음 각 호의 서류를 제출하여야 한다.1. 별지 제1호서식의 지정 신청서2. 직원 보유현황 증명서류3. 업무수행 계획서"]
+    assert g.items(item_chunk("제6조", inline)) == ["별지 제1호서식의 지정 신청서", "직원 보유현황 증명서류", "업무수행 계획서"]
+    assert g.items(item_chunk("제7조", ["ISMS 1.1.1 경영진의 참여 2.5 기준"])) == []  # codes and decimals are no items
+
+
+def test_definitions_are_self_contained():
+    lines = ['  1\\. "전자금융거래"라 함은 금융회사가 전자적 장치를 통하여 금융상품을 제공하는 거래를 말한다.',
+             '  2\\. "접근매체"란 전자금융거래에서 거래지시를 하기 위한 수단을 말한다.',
+             '  3\\. "이용자"라 함은 이용자번호를 부여받은 이용자를 말한다.',  # the term in its own definition
+             '  4\\. "대통령령으로 정하는 기관"이란 한국은행을 말한다.',  # a reference, no term
+             '  5\\. "정보보호" 또는 "정보보안"이라 함은 정보의 유출을 방지하는 일체의 행위를 말한다.']
+    assert g.definitions(item_chunk("제2조", lines)) == [
+        ("전자금융거래", "금융회사가 전자적 장치를 통하여 금융상품을 제공하는 거래"),
+        ("접근매체", "전자금융거래에서 거래지시를 하기 위한 수단"), ("정보보안", "정보의 유출을 방지하는 일체의 행위")]
+
+
+def definition_chunks():
+    terms = [("전자금융거래", "금융회사가 전자적 장치를 통하여 금융상품을 제공하는 거래"),
+             ("접근매체", "전자금융거래에서 거래지시를 하기 위한 수단"), ("전자서명", "서명자의 신원을 나타내는 전자적 정보"),
+             ("오류", "이용자의 과실 없이 거래가 이행되지 아니한 경우"), ("가맹점", "재화를 제공하는 자로서 계약을 맺은 자"),
+             ("전자화폐", "금전적 가치가 전자적 방법으로 저장된 증표")]
+    return [item_chunk("제2조", [f'  {i}\\. "{t}"란 {b}을 말한다.' for i, (t, b) in enumerate(terms[:3], 1)]),
+            item_chunk("제2조의2", [f'  {i}\\. "{t}"란 {b}을 말한다.' for i, (t, b) in enumerate(terms[3:], 1)])]
+
+
+@pytest.mark.parametrize("kind", ["definition", "term"])
+def test_definition_and_term_questions(kind):
+    chunks = definition_chunks()
+    pool = g.template_pool(chunks)
+    own = dict(g.definitions(chunks[0]))
+    for seed in range(5):
+        subject, right, wrong, evidence = g.BUILDERS[kind](chunks[0], pool, 4, random.Random(seed))
+        stem = g.template_stem(kind, subject)
+        assert g.sweep_kind(stem) == kind and len({right, *wrong}) == 4
+        if kind == "definition":
+            assert own[subject[1]] == right and stem == f"다음 중 「가상법」상 '{subject[1]}'의 정의로 가장 적절한 것은?"
         else:
-            assert inside[key - 1] and sum(inside) == 1
-            seen_kinds.add("in")
-    assert seen_kinds == ({"in", "not_in"} if n == 4 else {"in"})  # 3 own sentences: "not in" needs n - 1
+            assert own[right] == subject[1] and right not in stem and subject[1] in stem
+        assert evidence == [own[subject[1]] if kind == "definition" else subject[1]]
 
 
-def test_template_title_question_and_descriptive_and_too_small_pool():
+ISMS_TABLE = """## [별표 0007] 인증기준(제23조 관련)
+[별표 7] <전문개정>
+가. 관리체계 수립 및 운영
+┏━━━┯━━━┓
+┃분야                │항목                        │상세 내용                                               ┃
+┠───┬──────┼───┬──────────┼────────────────────────────┨
+┃1.1.  │ 관리체계   │1.1.1 │경영진의 참여       │최고경영자는 관리체계의 수립과 운영활동 전반에 경영진의 참여가 이루어질  ┃
+┃      │기반 마련   │      │                    │수 있도록 보고 체계를 수립하여야 한다.               ┃
+┃      │            ├───┼──────────┼────────────────────────────┨
+┃　    │　          │1.1.2 │최고책임자의 지정   │최고경영자는 정보보호 최고책임자를 임원급으로 지정하여야 한다.  ┃
+┃      │            ├───┼──────────┼────────────────────────────┨
+┃　    │　          │1.1.3 │조직 구성           │최고경영자는 실무조직과 위원회를 구성하여 운영하여야 한다.  ┃
+┠───┼──────┼───┼──────────┼────────────────────────────┨
+┃1.2.  │위험 관리   │1.2.1 │정보자산 식별       │정보자산 분류기준을 수립하여 모든 정보자산을 식별ㆍ분류하여야   ┃
+┃      │            │      │                    │한다.                                                   ┃
+┃      │            ├───┼──────────┼────────────────────────────┨
+┃　    │　          │1.2.2 │현황 및 흐름분석    │개인정보 처리 현황을 분석하고 업무 흐름을 문서화하여야 한다.  ┃
+┃      │            ├───┼──────────┼────────────────────────────┨
+┃　    │　          │1.2.3 │위험 평가           │연 1회 이상 위험을 평가하고 경영진의 승인을 받아야 한다.   ┃
+┗━━━┷━━━┛
+## [별표 0008] 인증의 표시
+┃1.1.  │ 다른 표   │9.9.9 │다른 항목           │다른 표의 내용이다.                                     ┃
+"""
+
+
+def isms_chunks(tmp_path):
+    """The ISMS-P notice's table as a corpus file and as the chunker shows it (box characters as spaces)."""
+    source = f"guidelines/{g.ISMS_SOURCE}등에관한고시__test.md"
+    (tmp_path / "guidelines").mkdir(exist_ok=True)
+    (tmp_path / source).write_text(ISMS_TABLE, encoding="utf-8")
+    flat = re.sub(r"[┃│┏┓┗┛┯┷┠┨┬┼├─━]", " ", ISMS_TABLE)
+    header = "정보보호 및 개인정보보호 관리체계 인증 등에 관한 고시 [행정규칙] 별표 ([별표 0007] 인증기준(제23조 관련))"
+    return [dict(id=g.chunk_id(part), source=source, law="정보보호 및 개인정보보호 관리체계 인증 등에 관한 고시",
+                 kind="행정규칙", article="별표", title="[별표 0007] 인증기준(제23조 관련)", text=header + "\n" + part)
+            for part in flat.split("1.2.  ")]
+
+
+def test_isms_criteria_are_read_from_the_box_table(tmp_path):
+    rows = g.isms_criteria(ISMS_TABLE)
+    assert [r["code"] for r in rows] == ["1.1.1", "1.1.2", "1.1.3", "1.2.1", "1.2.2", "1.2.3"]
+    pool = g.isms_pool(isms_chunks(tmp_path), tmp_path)
+    first = pool[0]
+    assert first["name"] == "경영진의 참여" and first["field"] == "관리체계 기반 마련" and first["area"] == "관리체계 수립 및 운영"
+    assert first["desc"] == "최고경영자는 관리체계의 수립과 운영활동 전반에 경영진의 참여가 이루어질 수 있도록 보고 체계를 수립하여야 한다."
+    assert pool[3]["desc"].endswith("식별ㆍ분류하여야 한다.")  # a wrapped cell joined where a word was split
+    chunks = isms_chunks(tmp_path)
+    assert [len(r["chunk_ids"]) for r in pool] == [1] * 6 and pool[0]["chunk_ids"] == [chunks[0]["id"]]
+    assert g.join_wrapped(["보고 체계를", "수립한다."], set()) == "보고 체계를 수립한다."
+    assert g.join_wrapped(["정보보호 최고책", "임자를 지정한다."], {"최고책임자"}) == "정보보호 최고책임자를 지정한다."
+
+
+@pytest.mark.parametrize("kind", ["isms_desc", "isms_item", "isms_not"])
+def test_isms_questions(tmp_path, kind):
+    chunks = isms_chunks(tmp_path)
+    pool = g.template_pool(chunks, tmp_path)
+    by_name = {r["name"]: r for r in pool["isms"]}
+    for seed in range(5):
+        subject, right, wrong, evidence = g.BUILDERS[kind](chunks[0], pool, 4, random.Random(seed))
+        stem = g.template_stem(kind, subject)
+        assert g.sweep_kind(stem) == kind and len({right, *wrong}) == 4 and "ISMS-P 인증기준" in stem
+        if kind == "isms_desc":
+            assert by_name[subject]["desc"] == right and by_name[subject]["chunk_ids"] == [chunks[0]["id"]]
+        elif kind == "isms_item":
+            assert by_name[right]["desc"] == subject
+        else:  # three items of the field, the key from another field of the area
+            assert {by_name[w]["field"] for w in wrong} == {subject} and by_name[right]["field"] != subject
+        assert all(e.split(":")[0].split(" ", 1)[1] in by_name for e in evidence)
+
+
+def test_evidence_context_holds_the_evidence_within_the_budget(tiny):
+    tok, _ = tiny
+    chunk = law_chunks()[1]
+    key = g.sentences(chunk)[1]
+    text = g.evidence_context(tok, chunk, [key], 10_000)
+    assert text.split("\n")[0] == chunk["text"].split("\n")[0] and key in text and "<개정" not in text
+    short = g.evidence_context(tok, chunk, [key], len(tok(chunk["text"].split("\n")[0] + key).input_ids) + 8)
+    assert key in short and g.sentences(chunk)[0] not in short  # the evidence first, other lines while they fit
+    assert g.evidence_context(tok, chunk, ["1.1.1 경영진의 참여: 보고 체계"], 10_000).endswith("보고 체계")
+
+
+def test_template_title_question_and_descriptive_and_too_small_pool(monkeypatch):
     chunks = law_chunks()
     pool = g.template_pool(chunks)
     title_only = dict(chunks[0], text="가상법 [법률] 제1조 (제목제1조)\n삭제 <2020.1.1>")
-    raw = g.template_questions([dict(id="t", chunk=title_only, kind="mc", n_options=4)], pool, 0)["t"]
+    job = dict(id="t", chunk=title_only, kind="mc", n_options=4)
+    assert g.template_questions([job], pool, 0)["t"] == ""  # no content kind, no title fallback
+    monkeypatch.setattr(g, "TITLE_FALLBACK", True)
+    raw = g.template_questions([job], pool, 0)["t"]
     (stem, options, key), _ = g.parse_mc(raw, 4)
     assert "제목으로 옳은 것은" in stem and options[key - 1] == "제목제1조" and len(set(options)) == 4
     assert stem == "다음 중 「가상법」 제1조의 제목으로 옳은 것은?"  # no title in the stem: it is the answer
@@ -315,6 +476,7 @@ def test_per_device_settings_have_a_cpu_and_a_cuda_value(module):
 
 def test_template_run_keeps_only_mc_the_teacher_gets_right(tiny, tmp_path, monkeypatch):
     tok, model = tiny
+    monkeypatch.setattr(g, "KEEP_TEACHER_WRONG", False)
     monkeypatch.setattr(g, "ANSWER_MAX_NEW_TOKENS", 4)
     monkeypatch.setattr(g, "MIN_CHUNK_CHARS", 5)
     monkeypatch.setattr(g, "OPTION_COUNTS", (4,))
@@ -324,8 +486,8 @@ def test_template_run_keeps_only_mc_the_teacher_gets_right(tiny, tmp_path, monke
     mc = [p for p in pairs if p["kind"] == "mc"]
     wrong = [a for a in attempts if a["reason"] == "the teacher's most likely option is not the key"]
     assert len(mc) + len(wrong) == 4 and all(p["writer"] == "template" for p in pairs)
-    for p in mc:
-        assert p["teacher_probs"].index(max(p["teacher_probs"])) + 1 == p["key"]
+    for p in mc:  # the target teacher: with the passage
+        assert p["teacher_context_probs"].index(max(p["teacher_context_probs"])) + 1 == p["key"]
     assert sum(p["kind"] == "desc" for p in pairs) == 4
     meta = g.summary(tmp_path, {}, 1.0)
     assert meta["mc_answered"] == 4 and meta["teacher_top1_on_key"] == len(mc) / 4  # dropped ones count too
@@ -361,9 +523,11 @@ def test_heldout_set_is_disjoint_from_the_pairs_and_keyed_right(tiny, tmp_path, 
         k = keys[q.id]
         assert q.kind == "mc" and len(q.options) == 4 and k["kind"] == "mc" and k["domain"] == "가상법"
         key_in_article = q.options[int(k["Answer"]) - 1] in g.sentences(by_id[k["chunk_id"]])
-        assert key_in_article != ("아닌 것은" in q.stem)  # "in": the article's sentence; "not in": another's
+        assert k["template"] in ("in", "not_in", "false") and g.sweep_kind(q.stem) == k["template"]
+        assert key_in_article == (k["template"] == "in")  # "not in": another article's; "false": none
     assert scoring.score({i: k["Answer"] for i, k in keys.items()}, keys)["mc_acc"] == 1.0
-    assert g.heldout_set(chunks, used, {g.norm_key(q.stem) for q in questions}, 10) == ([], [])  # asked stems
+    asked = {g.mc_key(q.stem, q.options) for q in questions}
+    assert g.heldout_set(chunks, used, asked, 10) == ([], [])  # questions already asked are not held out again
     window = dict(chunks[0], id="w2", text=chunks[0]["text"] + "\n이용자는 비밀번호를 타인에게 알려서는 아니 된다.")
     keys = g.heldout_set(chunks + [window], {chunks[0]["id"]}, set(), 10)[1]
     assert {k["chunk_id"] for k in keys} == {c["id"] for c in chunks[1:]}  # not another window of an asked article
@@ -377,7 +541,10 @@ def test_distill_report_pairs_section_for_template_pairs(tiny, tmp_path, monkeyp
     meta = g.summary(tmp_path, stats, 1.0)
     text = "\n".join(importlib.import_module("sweep_distill").pairs_lines(meta))
     assert "Questions written by: template" in text and "questions from templates (no generation)" in text
-    assert f"teacher **{meta['teacher_top1_on_key']:.3f}**" in text and "None" not in text
+    acc = meta["key_accuracy"]
+    assert f"| all | 4 | {acc['teacher']:.3f} | {acc['teacher_context']:.3f} | {acc['student']:.3f} |" in text
+    assert "None" not in text and set(meta["key_accuracy_per_template"]) == set(meta["templates"])
+    assert sum(meta["templates"].values()) == 4 and meta["with_teacher_context"] == 4
     assert meta["desc_pairs"] == 0 and meta["timed_batches"]["mc_answers"] == 4
 
 
@@ -469,12 +636,62 @@ def test_heldout_table_compares_students_and_teacher_on_the_keys(tmp_path, monke
     text = "\n".join(sweep.heldout_lines())
     overall, per_kind = text.split("Per template")
     rows = {line.split(" | ")[0]: line for line in overall.splitlines() if line.startswith("| ")}
-    assert len(rows) == 5  # header + 3 runs + kd not run
+    assert len(rows) == 7  # header + 3 runs + kd, gkd and the plain design not run
     assert rows["| teacher"] == "| teacher | 0.800 | 1.00 | +0.600 ± 0.163 | 0.800 | 2 (80%) |"
     # 5 of 10 against 2: half of the teacher's lead of 6 questions; differences three 1s, seven 0s
     assert rows["| student + distillm_v2"] == ("| student + distillm_v2 | 0.500 | 0.50 | +0.300 ± 0.153 | 0.500 | "
                                               "2 (50%) |")
     assert rows["| student + kd"] == "| student + kd | not run (heldout-kd) | | | | |"
-    assert "| teacher | 1.000 (6) | 0.500 (4) |" in per_kind  # in: h0-h5, not_in: h6-h9
+    assert "| teacher | 1.000 (6) | 0.500 (4) |" in per_kind  # in: h0-h5, not_in: h6-h9 (read from the stems)
     assert "| student + distillm_v2 | 0.833 (6) | 0.000 (4) |" in per_kind
     assert sweep.template_kind("다음 중 무엇인가?") == "other"
+
+
+def test_answer_position_reads_the_digits_and_the_top_k_of_one_prefill(tiny):
+    tok, model = tiny
+    prompts = [lm.render(tok, common.mc_messages(f"질문 {i} 금융보안", ["가", "나", "다", "라"]), common.MC_ANSWER_PREFIX)
+               for i in range(3)] + [lm.render(tok, common.mc_messages("짧은 질문", ["가", "나", "다", "라"]))]
+    ids = lm.option_token_ids(tok, 4)
+    got = g.answer_position(model, tok, prompts, ids, k=8, batch_size=3)  # mixed lengths: left padding
+    reference = lm.next_token_logprobs(model, tok, prompts, ids)  # 04's reading (over every logit row)
+    import torch
+    vocab = len(tok.get_vocab())
+    for (digits, top), ref, prompt in zip(got, reference, prompts):
+        assert torch.softmax(torch.tensor(digits), -1).tolist() == pytest.approx(
+            torch.softmax(torch.tensor(ref), -1).tolist(), abs=1e-4)  # the same option distribution
+        with torch.no_grad():  # alone, unpadded, over the shared vocabulary as 01 reads it
+            logits = model(**tok(prompt, return_tensors="pt")).logits[0, -1, :vocab].float()
+            full = torch.log_softmax(logits, -1)
+        assert digits == pytest.approx(full[ids].tolist(), abs=1e-4)
+        assert top["ids"] == full.topk(8).indices.tolist()
+        assert top["logprobs"] == pytest.approx(full.topk(8).values.tolist(), abs=1e-4)
+        assert math.exp(top["rest"]) + sum(math.exp(x) for x in top["logprobs"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_teacher_answers_with_the_passage_and_the_student_without(tiny, tmp_path, monkeypatch):
+    tok, model = tiny
+    monkeypatch.setattr(g, "MIN_CHUNK_CHARS", 5)
+    monkeypatch.setattr(g, "OPTION_COUNTS", (4,))
+    monkeypatch.setattr(g, "TOPK_STORED", 5)
+    chunks = law_chunks()
+    g.run(chunks, model, model, tok, tmp_path, n_chunks=4, writer="template", kinds=("mc",))
+    pairs = lm.read_jsonl(tmp_path / "pairs.jsonl")
+    assert len(pairs) == 4  # KEEP_TEACHER_WRONG: every question is a pair
+    by_id = {c["id"]: c for c in chunks}
+    for p in pairs:
+        q = competition.parse_question(p["id"], p["question"])
+        assert p["prompt"] == common.mc_messages(q.stem, q.options)  # the student's prompt is 04's
+        assert p["teacher_prompt"] == g.teacher_messages(q, p["evidence"])
+        content = p["teacher_prompt"][-1]["content"]
+        assert p["evidence"] in content and content.endswith("\n".join(f"{i} {o}" for i, o in enumerate(q.options, 1)))
+        assert g.teacher_messages(q, p["evidence"], "retrieval") == common.mc_messages(q.stem, q.options,
+                                                                                      context=p["evidence"])
+        assert p["evidence"].split("\n")[0] == by_id[p["chunk_id"]]["text"].split("\n")[0]
+        if p["template"] == "in":  # the key sentence is in the teacher's passage
+            assert q.options[p["key"] - 1] in p["evidence"]
+        assert set(p["teacher_topk"]) == {"plain", "context"}
+        assert all(len(t["ids"]) == 5 for t in p["teacher_topk"].values())
+        assert p["teacher_topk"]["plain"] != p["teacher_topk"]["context"]  # another prompt, another distribution
+        assert len(p["teacher_probs"]) == len(p["teacher_context_probs"]) == len(p["student_probs"]) == 4
+    timing = lm.read_jsonl(tmp_path / "timings.jsonl")[0]
+    assert timing["context_answers"] == 4 and timing["teacher_context_answer_seconds"] > 0

@@ -70,6 +70,7 @@ def test_after_load_method_refuses_a_gpu():
 
 def test_cpu_dtype_is_measured_once_per_machine(tmp_path, monkeypatch):
     monkeypatch.delenv("FSKU_CPU_DTYPE", raising=False)
+    monkeypatch.setattr(lm.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     cache = tmp_path / "machine.json"
     calls = []
     monkeypatch.setattr(lm, "_matmul_gflops", lambda dtype, *a: calls.append(dtype) or
@@ -81,6 +82,12 @@ def test_cpu_dtype_is_measured_once_per_machine(tmp_path, monkeypatch):
     cache.write_text(json.dumps(known), encoding="utf-8")
     monkeypatch.setattr(lm, "_matmul_gflops", lambda dtype, *a: 60.0 if dtype == torch.float32 else 7.0)
     assert lm.cpu_float_dtype(cache) == "float32"  # an AVX2 machine: bf16 is slower, fp32 is chosen
+    known = json.loads(cache.read_text(encoding="utf-8"))
+    cache.write_text(json.dumps(dict(known, load_average=3.0)), encoding="utf-8")  # taken while the cores were busy
+    calls.clear()
+    monkeypatch.setattr(lm, "_matmul_gflops", lambda dtype, *a: calls.append(dtype) or 60.0)
+    lm.cpu_float_dtype(cache)
+    assert len(calls) == 2 and json.loads(cache.read_text(encoding="utf-8"))["load_average"] == 0.5  # taken again
     monkeypatch.setenv("FSKU_CPU_DTYPE", "bfloat16")
     assert lm.cpu_float_dtype(cache) == "bfloat16"
 
@@ -254,9 +261,10 @@ def test_select_measures_every_stage_and_writes_the_choice(select_run, monkeypat
     monkeypatch.setattr(quantize, "beats", lambda a, b, labels, **kw: False)  # everything ties: stage 2 for both
     monkeypatch.setitem(quantize.BUDGET_HOURS, "cpu", 10.0)
     quantize.main()
-    stage1 = [c for c, limit in runs if c["level"] == "float" and c["passages"] == 0]
+    stage1 = [c for c, limit in runs if c["level"] == "float" and c["passages"] == 0 and limit == 0]
     assert sorted(c["candidate"] for c in stage1) == ["student", "teacher"]  # the distilled one is absent
     assert all(c["calibration"] == "permute" and c["permutations"] == 5 for c in stage1)  # every shift: 5 options
+    assert all(any(limit == 2 and c == full for c, limit in runs) for full in stage1)  # every point is probed
     assert any(limit == 2 and c["level"] == "fp32" for c, limit in runs)  # a probe before each stage-2 level
     assert any(c["passages"] == 2 for c, _ in runs)  # stage 3
     selection = json.loads(common.SELECTION.read_text(encoding="utf-8"))

@@ -345,8 +345,8 @@ def test_report_links_the_stage_reports_that_exist(tmp_path):
     text = verify.report_text(tmp_path, tmp_path / "selection.json")
     assert text == verify.report_text(tmp_path, tmp_path / "selection.json")  # deterministic
     links = [line for line in text.splitlines() if line.startswith("- [")]
-    assert [line.split("]")[0][3:] for line in links] == ["baseline.md", "eval.md", "extra.md"]  # pipeline order
-    assert links[0] == f"- [baseline.md](baseline.md): {verify.STAGES['baseline.md']}"
+    assert [line.split("]")[0][3:] for line in links] == ["eval.md", "baseline.md", "extra.md"]  # pipeline order
+    assert links[1] == f"- [baseline.md](baseline.md): {verify.STAGES['baseline.md']}"
     assert links[2].endswith(": An extra study")  # a report the list does not know: its title
     assert "score 0.404 (multiple choice 0.402, descriptive 0.407)" in text and "35 min" in text
     assert "level `bnb-nf4`" in text and "`models/student-base`" in text and len(text.splitlines()) < 30
