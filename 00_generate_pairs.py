@@ -44,8 +44,9 @@ import lm
 import retrieval
 
 # ----------------------------------------------------------------------------- settings
-N_CHUNKS = dict(cpu=400, cuda=2500)  # corpus chunks to write questions from, per device (one question per kind);
-# cpu: what fits the 3-hour budget of `make pairs` + `make distill` with its baselines (reports/distill.md)
+N_CHUNKS = dict(cpu=176, cuda=2500)  # corpus chunks to write questions from, per device (one question per kind);
+# cpu: 11 batches, about 50 min (~270 s a batch: the teacher answers each question twice, with and without its
+# passage), leaving the 3-hour budget of `make pairs` + `make distill` room for the four trainings (reports/distill.md)
 WRITER = dict(cpu="template", cuda="teacher")  # "teacher" | "template" (the 1.5B teacher kept 1 of 8 MC: notes)
 KEEP_TEACHER_WRONG = True  # keep MC pairs whose key is not the teacher's most likely option: the soft target is
 # the teacher's whole option distribution (keeping only its hits kept 88 of 276 lucky guesses, reports/distill.md)

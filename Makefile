@@ -35,8 +35,15 @@ selected = $(shell $(PYTHON) -c "import json;print(json.load(open('$(SELECTION)'
 	2>/dev/null || echo $(2))
 CANDIDATE := $(call selected,candidate,student)
 PASSAGES := $(call selected,passages,0)
+LEVEL := $(call selected,level,float)
 ANSWER_MODEL := $(if $(filter teacher,$(CANDIDATE)),$(TEACHER),$(if $(filter distilled,$(CANDIDATE)),$(ADAPTER),\
 	$(STUDENT)))
+
+# Answers `make select` already computed for a point without passages (outputs/05_select/<candidate>-<level>-p0) seed
+# a 04 run of the same model and level: 04 keeps a checkpointed record only under the same config key (model, dtype,
+# level, prompts) and question digest, and answers everything else, so a seed can save time and never change a result.
+reuse_select = @mkdir -p $(2) && for f in outputs/05_select/$(1)-p0/predictions-*.jsonl; do \
+	if [ -e "$$f" ]; then cp -n "$$f" $(2)/; fi; done
 
 # ---------------------------------------------------------------------------- artifacts
 DATA := data/prepared/DONE
@@ -120,6 +127,7 @@ $(RERANK): 03_rerank.py $(ANSWER_LIBS) $(SELECTION) $(DATA) $(ANSWER_MODEL) $(IN
 submission: submission.csv ## answer the question set as selection.json says -> submission.csv
 
 submission.csv: 04_infer.py $(ANSWER_LIBS) $(SELECTION) $(DATA) $(ANSWER_MODEL) $(RETRIEVED)
+	$(if $(filter 0,$(PASSAGES)),$(call reuse_select,$(CANDIDATE)-$(LEVEL),$(INFER:/DONE=)))
 	$(PY) $<
 
 # ---------------------------------------------------------------------------- 05: choose the configuration
@@ -171,9 +179,11 @@ reports/gate.md: eval_gate.py eval_retrieval.py evaluate.py $(SCORE_LIBS) $(SELE
 
 # The distillation report's runs: base student, teacher and the distilled students on the development set (every
 # question under the identity order and 3 cyclic shifts: batch and permute-4 from one run, sweep_distill.DEV_FLAGS)
-# and on 00's held-out template questions (raw option scores, sweep_distill.EVAL_FLAGS), and the naive vs chunked
-# loss-step measurement. distillm_v2 = `make distill`; kd and gkd = the same pairs, target and steps with their
-# losses; distillm_v2-plain = the other pair design (the teacher as the student sees the question).
+# and on 00's held-out template questions (raw option scores, sweep_distill.EVAL_FLAGS). The base student's and the
+# teacher's development runs are seeded from `make select`'s stage 1 (same flags). distillm_v2 = `make distill`; kd
+# and gkd = the same pairs, target and steps with their losses; distillm_v2-plain = the other pair design (the
+# teacher as the student sees the question). The naive vs chunked loss-step measurement (`make distill-measure`,
+# ~10 min with the teacher loaded) is in the report when it has been run.
 DISTILL := outputs/distill
 DISTILL_BASELINES := kd gkd
 HELDOUT_Q := outputs/00_pairs/heldout.csv
@@ -204,6 +214,7 @@ $(foreach run,$(DISTILL_BASELINES) distillm_v2-plain,$(eval \
 $(DISTILL)/$(run)/DONE $(DISTILL)/heldout-$(run)/DONE: $(DISTILL)/adapter-$(run)/DONE))
 
 $(DEV_RUNS): $(INFER_DEPS)
+	$(call reuse_select,$(MODEL)-float,$(@D))
 	$(DEV_04) --model $(MODEL) --out $(@D)
 
 $(HELDOUT_RUNS): $(INFER_DEPS) $(PAIRS)
@@ -220,7 +231,7 @@ $(DISTILL)/measure-chunked.json: 01_train_distillm.py $(LIBS) $(STUDENT) $(TEACH
 distill-report: reports/distill.md ## dev + held-out: student, teacher, distillm_v2, kd, gkd, 2 designs -> reports/distill.md
 
 reports/distill.md: sweep_distill.py $(SCORE_LIBS) reports/distill-notes.md $(PAIRS) $(ADAPTER) $(DEV_RUNS) \
-		$(HELDOUT_RUNS) $(DISTILL)/measure-naive.json $(DISTILL)/measure-chunked.json
+		$(HELDOUT_RUNS)
 	$(PY) $< --report --notes reports/distill-notes.md --out $@ --command "make distill-report"
 
 sweep: reports/sweep.md ## grid over alpha, beta, tau, loss type (top of sweep_distill.py) -> reports/sweep.md

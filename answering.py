@@ -344,6 +344,14 @@ def stale_records(done, shifts):
                     and not set(map(str, shifts.get(i, []))) <= set(r.get("shifts", {}))]
 
 
+def only_shifts(record, shifts):
+    """The record with only the option shifts the configuration scores: a checkpoint written under a calibration
+    with more shifts (`make select` scores them all) gives the answers a run of this configuration alone gives."""
+    if record["kind"] != "mc":
+        return record
+    return dict(record, shifts={s: lp for s, lp in record.get("shifts", {}).items() if int(s) in shifts})
+
+
 def retrieve(index, tokenizer, questions, passages, ranked=None):
     """(context text, cited chunk keys) per question: the reranked chunks of 03_rerank.py where the question has
     them, else the first-stage retriever's; ("", []) for no hit."""
@@ -469,7 +477,7 @@ def run(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None
                 stats[f"{kind}_questions"] = stats.get(f"{kind}_questions", 0) + len(chunk)
                 bar.update(len(chunk))
     answer_seconds = time.time() - t_answer
-    records = [done[q.id] for q in questions]
+    records = [only_shifts(done[q.id], shifts.get(q.id, [])) for q in questions]
     meta = dict(model=config.model, config=asdict(config), key=key, device=device, dtype=dtype_name, rag=rag,
                 no_copy=RAG_NO_COPY_TOKENS if rag else None, content_free=content_free,
                 questions=len(questions), answered_now=len(todo),

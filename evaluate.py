@@ -89,11 +89,14 @@ def run_section(name, answers, meta, records, labels, echo):
     """Markdown lines of one run (its score beside the echo baseline's, per domain, per calibration) and its score."""
     s, e = scoring.score(answers, labels), scoring.score(echo, labels)
     config, fmt = meta["config"], scoring.fmt
+    reused = (" (every answer came from a checkpoint, e.g. `make select`'s: the time is that of the run that computed "
+              "it, with the shifts and the load of that run)") if meta.get("answered_now") == 0 else ""
+    shared = ": above 2, other jobs shared the 2 cores" if (meta.get("load_average") or 0) > 2 else ""
     lines = [f"### {name}", "",
              f"`{meta['model']}` (candidate `{config['candidate']}`, level `{config['level']}`) on {meta['device']} "
              f"({meta['dtype']}), calibration `{config['calibration']}`, {config['passages']} passages; "
-             f"{fmt(meta['seconds']['per_question'], 2)} s per question, peak RSS {fmt(meta['peak_rss_gib'], 2)} GiB "
-             f"(load average {fmt(meta.get('load_average'), 1)} at the end: above 2, other jobs shared the 2 cores).",
+             f"{fmt(meta['seconds']['per_question'], 2)} s per question{reused}, peak RSS "
+             f"{fmt(meta['peak_rss_gib'], 2)} GiB (load average {fmt(meta.get('load_average'), 1)} at the end{shared}).",
              "", "| metric | this run | echo baseline (the question as the answer) |", "|---|---|---|",
              f"| **competition score** (0.5 MC + 0.5 descriptive) | **{fmt(s.get('score'))}** | – |",
              f"| multiple-choice accuracy ({s['n_mc']} questions) | {fmt(s['mc_acc'])} | – |",

@@ -327,3 +327,20 @@ def test_timing_of_a_kind_answered_earlier_is_kept(tiny_model_dir, tmp_path, mon
     _, again = answering.run(questions, tmp_path / "out", cfg(tiny_model_dir), "float32")
     assert again["answered_now"] == 2
     assert again["timing"]["mc_s_per_prompt"] == first["timing"]["mc_s_per_prompt"] > 0
+
+
+def test_a_checkpoint_with_more_shifts_gives_the_answers_of_a_run_of_its_own(tiny_model_dir, tmp_path, monkeypatch):
+    # `make select` scores every shift; `make submission` seeded from it must answer as a run with pride's shifts alone.
+    monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(answering, "BATCH_MIN", 5)  # one question per option count estimates the prior
+    questions = competition.read_questions(write_questions(tmp_path / "q.csv"))
+    pride = cfg(tiny_model_dir, calibration="pride", permutations=4, pride_share=0.2)
+    alone, meta = answering.run(questions, tmp_path / "alone", pride, "float32")
+    every, _ = answering.run(questions, tmp_path / "seeded", cfg(tiny_model_dir, calibration="permute",
+                                                                   permutations=5), "float32")
+    assert any(len(r["shifts"]) > len(a["shifts"]) for r, a in zip(every, alone) if r["kind"] == "mc")
+    seeded, meta2 = answering.run(questions, tmp_path / "seeded", pride, "float32")
+    assert meta2["answered_now"] == 0
+    assert [sorted(r.get("shifts", {})) for r in seeded] == [sorted(r.get("shifts", {})) for r in alone]
+    assert answering.submission_rows(questions, seeded, "pride", meta["content_free"]) == \
+        answering.submission_rows(questions, alone, "pride", meta["content_free"])
