@@ -131,12 +131,6 @@ def probe_point(config, folder, index_dir=None):
 
 
 # ----------------------------------------------------------------------------- calibrations scored offline
-def restricted(records, keep):
-    """Records with only the shifts keep(record) names."""
-    return [dict(r, shifts={s: lp for s, lp in r.get("shifts", {}).items() if int(s) in keep(r)})
-            if r["kind"] == "mc" else r for r in records]
-
-
 def calibration_variants(records, questions):
     """{name: (Config fields of the calibration, records as that calibration would have them)} for every
     calibration the records allow: identity-based ones always; permute k and pride share when shifts are there."""
@@ -151,13 +145,13 @@ def calibration_variants(records, questions):
     for k in PERMUTE_K:
         if 2 <= k <= n_max and scored(k):
             out[f"permute-{k}"] = (dict(calibration="permute", permutations=k, pride_share=0.0),
-                                   restricted(records, lambda r, k=k: range(1, k)))
+                                   [answering.only_shifts(r, range(1, k)) for r in records])
     if scored(n_max):
         for share in PRIDE_SHARES:
             estimate = answering.pride_questions(questions, share)
             out[f"pride-{share}"] = (dict(calibration="pride", permutations=n_max, pride_share=share),
-                                     restricted(records, lambda r, e=estimate: range(1, 99) if r["id"] in e
-                                                else ()))
+                                     [answering.only_shifts(r, range(1, 99) if r["id"] in estimate else ())
+                                      for r in records])
     return out
 
 
