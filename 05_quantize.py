@@ -5,15 +5,17 @@ Reads the development questions and labels straight from the shared eval folder 
 place changes nothing), the candidate models that exist (common.candidates(): the student, the teacher, and the
 DistiLLM-2 student once `make distill` has merged it) and builds its own index per passage candidate. Every point is
 a 04-style run (answering.run) in a child process of its own (clean peak memory; a failing level is listed, not
-fatal), checkpointed in outputs/05_select/<point>/, so a rerun measures only what is missing. Three stages:
+fatal), checkpointed in outputs/05_select/<point>/, so a rerun measures only what is missing. Three stages
+(`--stages 1,3`, `make select SELECT_STAGES=1,3`: a subset; stage 1 always runs):
   1. every candidate at the "float" level, multiple choice scored under all n cyclic option shifts, so each
      calibration (none, content_free, batch, auto, permute k, pride share) is scored from the same records;
   2. every other level the device runs (LEVELS), for the candidates the stage-1 best does not beat beyond the noise,
      scored under the best stage-1 calibration; a level whose first PROBE_QUESTIONS project beyond the budget stops;
   3. PASSAGES for the best point so far (first-stage passages of an index embedded by that candidate), under its
-     calibration on a GPU and under the one-prompt calibrations on the CPU (PASSAGE_SHIFTS).
+     calibration on a GPU and under the one-prompt calibrations on the CPU (PASSAGE_SHIFTS); the probe also times
+     03's LLM reranking (RERANK_PROBE questions), and a point projected beyond the budget stops there, as in stage 2.
 Projected time of the 515-question test = load + 500 x MC prompts per question x s per prompt + 15 x descriptive s
-(+ reranking when passages are on), all measured on this machine. Choice: the highest score within the budget;
+(+ 515 x reranking s when passages are on), all measured on this machine. Choice: the highest score within the budget;
 a point the best does not beat by more than max(SCORE_TOLERANCE, NOISE_Z x paired SE) is tied with it, and the
 fastest tied point wins. Writes selection.json (the configuration, its figures, the date and the machine: committed,
 so `make submission` reproduces it without measuring) and reports/select.md. Run by `make select`.
@@ -30,6 +32,7 @@ import answering
 import common
 import competition
 import lm
+import retrieval
 import scoring
 
 # ----------------------------------------------------------------------------- settings
@@ -39,6 +42,8 @@ LEVELS = dict(cpu=["float", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-int8", "torcha
 PERMUTE_K = [2, 3, 4, 5]  # permute calibrations scored (k cyclic shifts per question, at most its option count)
 PRIDE_SHARES = [0.1, 0.2, 0.4]  # pride calibrations scored (share of questions estimating the position prior)
 PASSAGES = [3]  # stage 3: passage counts tried for the best point (0 is the stage 1-2 baseline)
+RERANK_PROBE = 6  # stage 3: the probe also times 03's LLM reranking on this many questions (make submission reranks
+# before it answers with passages, so the projected time counts it)
 PASSAGE_SHIFTS = dict(cpu=False, cuda=True)  # stage 3 scores the best calibration's option shifts too; on the CPU
 # one prompt per question (the identity calibrations: none, batch, auto): passages already triple the prompt length
 BUDGET_HOURS = dict(cpu=0.75, cuda=4.5)  # the whole 515-question test; cpu: what a user waits for (issue 16)
@@ -49,6 +54,7 @@ PROBE_QUESTIONS = 24  # every point is first timed on this many MC questions (+ 
 SCORE_TOLERANCE = 0.005  # scores this close count as a tie: the faster point wins
 NOISE_Z = 1.0  # ... and so do scores within this many standard errors of their paired difference
 TEST_MC, TEST_DESC, TEST_FIVE = 500, 15, 253  # the competition test: questions, and MC items with five options
+TEST_MC_DESC = TEST_MC + TEST_DESC
 OUT = common.OUTPUTS / "05_select"
 # -----------------------------------------------------------------------------
 
@@ -96,8 +102,31 @@ def child_point(config_json, folder, limit, index_dir):
         questions = ([q for q in questions if q.kind == "mc"][:limit]
                      + [q for q in questions if q.kind == "desc"][:answering.DESC_BATCH])
     answering.run(questions, folder, config, index_dir=index_dir)
+    if limit and index_dir and config.passages:
+        time_reranking(config, questions[:RERANK_PROBE], index_dir, folder)
     if not limit:
         (folder / "DONE").touch()
+
+
+def time_reranking(config, questions, index_dir, folder):
+    """(child) Seconds per question of the LLM reranking `make submission` runs before answering with passages
+    (03_rerank.py's retrieval.rerank_question over RERANK_CANDIDATES first-stage hits) -> folder/rerank.json, once."""
+    if (folder / "rerank.json").exists():
+        return
+    device = lm.pick_device()
+    tokenizer = lm.load_tokenizer(config.model)
+    model = lm.load_model(config.model, device, lm.pick_dtype(device, level=config.level), level=config.level)
+    index = answering.open_index(model, tokenizer, config.model, index_dir)
+    tokens, t0 = 0, time.time()
+    for q in questions:
+        stats = {}
+        retrieval.rerank_question(model, tokenizer, q.text, index.search(q.text, k=retrieval.RERANK_CANDIDATES),
+                                  stats=stats)
+        tokens += stats.get("tokens", 0)
+    seconds = time.time() - t0
+    common.write_text(folder / "rerank.json", json.dumps(dict(
+        questions=len(questions), mode=retrieval.RERANK_MODE, candidates=retrieval.RERANK_CANDIDATES,
+        s_per_question=round(seconds / len(questions), 3), tokens_per_question=round(tokens / len(questions), 1))))
 
 
 def build_index(candidate, folder):
@@ -119,7 +148,13 @@ def load_point(folder):
         timed = json.loads(probe.read_text(encoding="utf-8"))
         meta = dict(meta, timing=timed["timing"], load_average=timed["load_average"],
                     seconds=dict(meta["seconds"], load=timed["seconds"]["load"]))
-    return lm.read_records(folder / meta["predictions"]), meta
+    return lm.read_records(folder / meta["predictions"]), dict(meta, rerank_s=rerank_seconds(folder / "probe"))
+
+
+def rerank_seconds(probe):
+    """The reranking seconds per question a probe timed (0.0 without passages)."""
+    path = probe / "rerank.json"
+    return json.loads(path.read_text(encoding="utf-8"))["s_per_question"] if path.exists() else 0.0
 
 
 def probe_point(config, folder, index_dir=None):
@@ -127,7 +162,7 @@ def probe_point(config, folder, index_dir=None):
     probe = folder / "probe"
     if not run_point(config, probe, PROBE_QUESTIONS, index_dir) or not (probe / "meta.json").exists():
         return None
-    return json.loads((probe / "meta.json").read_text(encoding="utf-8"))
+    return dict(json.loads((probe / "meta.json").read_text(encoding="utf-8")), rerank_s=rerank_seconds(probe))
 
 
 # ----------------------------------------------------------------------------- calibrations scored offline
@@ -198,7 +233,8 @@ def score_point(name, records, meta, questions, labels, desc_cache):
                          keyword_recall=sum(k for _, k in parts.values()) / len(parts) if parts else None,
                          score=scoring.W_MC * sum(mc) / len(mc) + scoring.W_DESC * (sum(desc) / len(desc)
                                                                                     if desc else 0.0),
-                         projected_s=projected_seconds(meta, fields), load_s=meta["seconds"]["load"],
+                         projected_s=projected_seconds(meta, fields, meta.get("rerank_s", 0.0)),
+                         load_s=meta["seconds"]["load"],
                          dtype=meta["dtype"], device=meta["device"],
                          peak_gib=meta.get("peak_gpu_gib") or meta.get("peak_rss_gib"),
                          load_average=meta.get("load_average"), timing=meta.get("timing")))
@@ -274,6 +310,25 @@ def write_selection(chosen, tied, rows, labels, budget_s, device, command):
 
 
 # ----------------------------------------------------------------------------- the report
+def candidate_lines(rows, labels):
+    """Each candidate's best point within any time, and its gap to the best one (the student-teacher gap)."""
+    best = {}
+    for r in rows:
+        name = r["config"]["candidate"]
+        if name not in best or r["score"] > best[name]["score"]:
+            best[name] = r
+    top = max(best.values(), key=lambda r: r["score"])
+    lines = ["Each candidate at its best point (any time); gap = the best candidate's minus its own, ± paired SE:", "",
+             "| candidate | best point | calibration | score | MC acc | desc | gap: score | gap: MC |",
+             "|" + "---|" * 8]
+    for name, r in sorted(best.items(), key=lambda kv: -kv[1]["score"]):
+        diff, se = scoring.score_difference(top["each"], r["each"], labels)
+        mc_diff, mc_se = scoring.mc_difference(top["answers"], r["answers"], labels)
+        lines.append(f"| {name} | {r['point']} | {r['calibration']} | {r['score']:.3f} | {r['mc_acc']:.3f} | "
+                     f"{scoring.fmt(r['desc_score'])} | {diff:+.3f} ± {se:.3f} | {mc_diff:+.3f} ± {mc_se:.3f} |")
+    return lines + [""]
+
+
 def report(rows, chosen, tied, warning, labels, budget_s, stopped, skipped, command):
     """reports/select.md: every point x calibration with its score, paired SE against the choice and time."""
     n_mc = sum(1 for i in chosen["each"] if labels[i]["kind"] == "mc")
@@ -295,6 +350,7 @@ def report(rows, chosen, tied, warning, labels, budget_s, stopped, skipped, comm
         lines += [f"Echo baseline (each descriptive question answered with its own text): descriptive "
                   f"{echo['desc_score']:.3f} (cosine {echo['cosine']:.3f}, keyword recall {echo['keyword_recall']:.3f})."
                   " The descriptive columns below read against it.", ""]
+    lines += candidate_lines(rows, labels)
     lines += ["| point | calibration | score | Δ vs chosen ± SE | MC acc | desc | cosine | keyword recall | dtype | "
               "s/prompt | desc s/q | projected min | peak GiB | load |", "|" + "---|" * 14]
     for r in sorted(rows, key=lambda r: -r["score"]):
@@ -319,17 +375,36 @@ def report(rows, chosen, tied, warning, labels, budget_s, stopped, skipped, comm
 
 
 # ----------------------------------------------------------------------------- stages
-def measure(questions, labels, device, budget_s, desc_cache, stages=3):
-    """Run the first `stages` of the three stages; return (rows, stopped, skipped)."""
+def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3)):
+    """Run the given stages (stage 1 always: the others start from its best point); return (rows, stopped,
+    skipped)."""
     n_max = max(len(q.options) for q in questions if q.kind == "mc")
     rows, stopped, skipped = [], [], []
     present = {name: model for name, model in common.candidates().items()
                if Path(common.resolve_model(model)).exists()}
     print(f"05: candidates {sorted(present)} on {device}, budget {budget_s / 60:.0f} min")
 
+    def within_budget(config, name, index_dir=None):
+        """The point's probe meta when its projected time fits the budget; False (listed) when not."""
+        timed = probe_point(config, OUT / name, index_dir)
+        if timed is None:
+            skipped.append((name, "its timing probe failed: see the log above"))
+            return False
+        projected = projected_seconds(timed, dataclasses.asdict(config), timed["rerank_s"])
+        if projected > budget_s:
+            rerank = (f", of which LLM reranking {TEST_MC_DESC * timed['rerank_s'] / 60:.0f} min"
+                      if timed["rerank_s"] else "")
+            stopped.append((name, f"projected {projected / 60:.0f} min{rerank} after {PROBE_QUESTIONS} questions, "
+                            f"over the {budget_s / 60:.0f} min budget"))
+            return False
+        return timed
+
     def finished(config, name, index_dir=None, timed=None):
-        """The point probed (unless timed already) and run on the whole set: (records, meta), or None."""
+        """The point probed (unless timed already; False: not to run) and run on the whole set: (records, meta), or
+        None."""
         folder = OUT / name
+        if timed is False:
+            return None
         if timed is None and probe_point(config, folder, index_dir) is None:
             skipped.append((name, "its timing probe failed: see the log above"))
             return None
@@ -349,10 +424,11 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=3):
         raise SystemExit("05: no candidate could be measured: run `make models`, then see the messages above.")
     best = max(rows, key=lambda r: r["score"])
     best_config = as_config(best["config"])
-    if stages < 2:
-        skipped.append(("stages 2 and 3", f"not run (`05_quantize.py --stages {stages}`)"))
-        return rows, stopped, skipped
+    flag = ",".join(map(str, sorted(set(stages) | {1})))
     for candidate, cand_rows in stage1.items():  # stage 2: the other levels, for candidates tied with the best
+        if 2 not in stages:
+            skipped.append(("stage 2 (levels)", f"not run (`05_quantize.py --stages {flag}`)"))
+            break
         top = max(cand_rows, key=lambda r: r["score"])
         if top is not best and beats(best, top, labels):
             skipped.append((f"{candidate} at other levels", f"its best float score {top['score']:.3f} is below "
@@ -367,21 +443,12 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=3):
                 skipped.append((name, f"cannot run here: {reason}"))
                 continue
             config = point_config(candidate, level, 0, n_max, like=best_config)
-            timed = probe_point(config, OUT / name)
-            if timed is None:
-                skipped.append((name, "its timing probe failed: see the log above"))
-                continue
-            projected = projected_seconds(timed, dataclasses.asdict(config))
-            if projected > budget_s:
-                stopped.append((name, f"projected {projected / 60:.0f} min after {PROBE_QUESTIONS} questions, over "
-                                f"the {budget_s / 60:.0f} min budget"))
-                continue
-            done = finished(config, name, timed=timed)
+            done = finished(config, name, timed=within_budget(config, name))
             if done:
                 rows += score_point(name, *done, questions, labels, desc_cache)
     best = max(rows, key=lambda r: r["score"])
-    if stages < 3:
-        skipped.append(("stage 3 (passages)", f"not run (`05_quantize.py --stages {stages}`)"))
+    if 3 not in stages:
+        skipped.append(("stage 3 (passages)", f"not run (`05_quantize.py --stages {flag}`)"))
         return rows, stopped, skipped
     for passages in PASSAGES:  # stage 3: passages for the best point
         candidate, level = best["config"]["candidate"], best["config"]["level"]
@@ -391,10 +458,18 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=3):
         if not PASSAGE_SHIFTS[lm.device_kind(device)]:
             like = dataclasses.replace(like, calibration="batch", permutations=1, pride_share=0.0)
         config = point_config(candidate, level, passages, n_max, like=like)
-        done = finished(config, name, index_dir=index_dir)
+        done = finished(config, name, index_dir=index_dir, timed=within_budget(config, name, index_dir))
         if done:
             rows += score_point(name, *done, questions, labels, desc_cache)
     return rows, stopped, skipped
+
+
+def stage_list(text):
+    """The stages of a --stages value ("1,3")."""
+    stages = tuple(sorted({int(s) for s in text.split(",") if s.strip()})) if text.replace(",", "").isdigit() else ()
+    if not stages or not set(stages) <= {1, 2, 3}:
+        raise argparse.ArgumentTypeError(f"{text!r}: give stage numbers 1-3 separated by commas, e.g. 1,3")
+    return stages
 
 
 def main():
@@ -403,7 +478,8 @@ def main():
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--limit", type=int, default=0)
     parser.add_argument("--index", type=Path, default=None)
-    parser.add_argument("--stages", type=int, default=3, choices=[1, 2, 3], help="run only the first stages")
+    parser.add_argument("--stages", type=stage_list, default=(1, 2, 3),
+                        help="the stages to run, comma-separated (default 1,2,3; stage 1 always runs)")
     parser.add_argument("--command", default="make select")
     args = parser.parse_args()
     if args.point:

@@ -95,19 +95,19 @@ pairs: $(PAIRS) ## training questions from the corpus, teacher + student answers
 $(PAIRS): 00_generate_pairs.py $(ANSWER_LIBS) $(DATA) $(STUDENT) $(TEACHER)
 	$(PY) $<
 
-# The teacher's top-k at every answer position, stored once (01's TOPK_TARGET: the teacher prompted with the
-# question's source passage), so training loads no teacher; the multiple-choice pairs carry it from 00's answering
-# prefill (no teacher loaded here either). outputs/01_topk-plain: the teacher as the student sees the question (the
-# other pair design, reports/distill.md).
+# The teacher's top-k at every answer position, stored once (01's TOPK_TARGET: the teacher as the student sees the
+# question), so training loads no teacher; the multiple-choice pairs carry it from 00's answering prefill (no teacher
+# loaded here either). outputs/01_topk-context: the teacher prompted with the question's source passage (the other
+# pair design, reports/distill.md).
 TOPK := outputs/01_topk/DONE
-TOPK_PLAIN := outputs/01_topk-plain/DONE
+TOPK_CONTEXT := outputs/01_topk-context/DONE
 topk: $(TOPK) ## the teacher's top-k log-probabilities at every answer position -> outputs/01_topk
 
 $(TOPK): 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER)
 	$(PY) $< --store-topk
 
-$(TOPK_PLAIN): 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER)
-	$(PY) $< --store-topk --target plain
+$(TOPK_CONTEXT): 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER)
+	$(PY) $< --store-topk --target context
 
 distill: $(ADAPTER) ## DistiLLM-2 LoRA adapter (models/student-distilled) merged into models/student-distilled-merged
 
@@ -133,8 +133,11 @@ submission.csv: 04_infer.py $(ANSWER_LIBS) $(SELECTION) $(DATA) $(ANSWER_MODEL) 
 # ---------------------------------------------------------------------------- 05: choose the configuration
 # Phony: it measures the candidates that exist and rewrites the committed selection.json; `make submission` never
 # runs it. `make models` (and `make distill` for the distilled candidate) first.
+ALL_STAGES := 1,2,3
+# e.g. `make select SELECT_STAGES=1,3`: skip stage 2 (levels)
+SELECT_STAGES ?= $(ALL_STAGES)
 select: $(SETUP) $(STUDENT) $(TEACHER) ## measure candidates x levels x calibrations x passages on dev -> selection.json, reports/select.md
-	$(PY) 05_quantize.py
+	$(PY) 05_quantize.py --stages $(SELECT_STAGES) --command "make select$(if $(filter $(ALL_STAGES),$(SELECT_STAGES)),, SELECT_STAGES=$(SELECT_STAGES))"
 
 # ---------------------------------------------------------------------------- 06: package and verify
 # Phony. report never starts a stage's runs (REPORT.md links the reports that exist). check and package first build
@@ -180,9 +183,10 @@ reports/gate.md: eval_gate.py eval_retrieval.py evaluate.py $(SCORE_LIBS) $(SELE
 # The distillation report's runs: base student, teacher and the distilled students on the development set (every
 # question under the identity order and 3 cyclic shifts: batch and permute-4 from one run, sweep_distill.DEV_FLAGS)
 # and on 00's held-out template questions (raw option scores, sweep_distill.EVAL_FLAGS). The base student's and the
-# teacher's development runs are seeded from `make select`'s stage 1 (same flags). distillm_v2 = `make distill`; kd
-# and gkd = the same pairs, target and steps with their losses; distillm_v2-plain = the other pair design (the
-# teacher as the student sees the question). The naive vs chunked loss-step measurement (`make distill-measure`,
+# teacher's development runs are seeded from `make select`'s stage 1 (same flags). distillm_v2 = `make distill`
+# (the plain teacher); kd and gkd = the same pairs and steps with their losses on the privileged target (the design
+# they were measured on); distillm_v2-context = the other pair design (the
+# privileged teacher, 01's --target context). The naive vs chunked loss-step measurement (`make distill-measure`,
 # ~10 min with the teacher loaded) is in the report when it has been run.
 DISTILL := outputs/distill
 DISTILL_BASELINES := kd gkd
@@ -190,17 +194,17 @@ HELDOUT_Q := outputs/00_pairs/heldout.csv
 DEV_04 = $(PY) 04_infer.py --passages 0 --level float --calibration permute --permutations 4
 EVAL_04 = $(PY) 04_infer.py --passages 0 --level float --calibration none
 INFER_DEPS := 04_infer.py $(ANSWER_LIBS) $(DATA)
-DISTILLED_RUNS := distillm_v2 $(DISTILL_BASELINES) distillm_v2-plain
-OTHER_ADAPTERS := $(foreach run,$(DISTILL_BASELINES) distillm_v2-plain,$(DISTILL)/adapter-$(run)/DONE)
+DISTILLED_RUNS := distillm_v2 $(DISTILL_BASELINES) distillm_v2-context
+OTHER_ADAPTERS := $(foreach run,$(DISTILL_BASELINES) distillm_v2-context,$(DISTILL)/adapter-$(run)/DONE)
 DEV_RUNS := $(foreach run,student teacher $(DISTILLED_RUNS),$(DISTILL)/$(run)/DONE)
 HELDOUT_RUNS := $(foreach run,student teacher $(DISTILLED_RUNS),$(DISTILL)/heldout-$(run)/DONE)
 
 $(foreach loss,$(DISTILL_BASELINES),$(DISTILL)/adapter-$(loss)/DONE): $(DISTILL)/adapter-%/DONE: \
-		01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK)
-	$(PY) $< --loss-type $* --out $(@D) --merge $(DISTILL)/merged-$*
+		01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK_CONTEXT)
+	$(PY) $< --loss-type $* --target context --out $(@D) --merge $(DISTILL)/merged-$*
 
-$(DISTILL)/adapter-distillm_v2-plain/DONE: 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK_PLAIN)
-	$(PY) $< --target plain --out $(@D) --merge $(DISTILL)/merged-distillm_v2-plain
+$(DISTILL)/adapter-distillm_v2-context/DONE: 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK_CONTEXT)
+	$(PY) $< --target context --out $(@D) --merge $(DISTILL)/merged-distillm_v2-context
 
 $(DISTILL)/student/DONE $(DISTILL)/heldout-student/DONE: MODEL := student
 $(DISTILL)/teacher/DONE $(DISTILL)/heldout-teacher/DONE: MODEL := teacher
@@ -208,9 +212,9 @@ $(DISTILL)/distillm_v2/DONE $(DISTILL)/heldout-distillm_v2/DONE: MODEL := $(DIST
 $(DISTILL)/student/DONE $(DISTILL)/heldout-student/DONE: $(STUDENT)
 $(DISTILL)/teacher/DONE $(DISTILL)/heldout-teacher/DONE: $(TEACHER)
 $(DISTILL)/distillm_v2/DONE $(DISTILL)/heldout-distillm_v2/DONE: $(ADAPTER)
-$(foreach run,$(DISTILL_BASELINES) distillm_v2-plain,$(eval \
+$(foreach run,$(DISTILL_BASELINES) distillm_v2-context,$(eval \
 $(DISTILL)/$(run)/DONE $(DISTILL)/heldout-$(run)/DONE: MODEL := $(DISTILL)/merged-$(run)))
-$(foreach run,$(DISTILL_BASELINES) distillm_v2-plain,$(eval \
+$(foreach run,$(DISTILL_BASELINES) distillm_v2-context,$(eval \
 $(DISTILL)/$(run)/DONE $(DISTILL)/heldout-$(run)/DONE: $(DISTILL)/adapter-$(run)/DONE))
 
 $(DEV_RUNS): $(INFER_DEPS)

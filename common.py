@@ -53,7 +53,8 @@ MACHINE = OUTPUTS / "machine.json"  # this machine's measured CPU float dtype (l
 SYSTEM_PROMPT = "당신은 한국 금융보안 법령과 IT 보안에 정통한 전문가입니다."
 MC_INSTRUCTION = "다음 객관식 문제의 정답 번호 하나만 답하세요."
 MC_ANSWER_PREFIX = "정답: "
-DESC_INSTRUCTION = "다음 질문에 핵심 용어를 포함해 2~3문장의 한국어로 간결하게 답하세요."
+DESC_INSTRUCTION = ("다음 질문에 한국어로 답하세요. 첫 문장은 질문의 핵심 용어를 주어로 써서 결론을 말하고, 둘째 문장에서 "
+                    "이유나 방법을 구체적으로 덧붙이세요. 같은 말을 반복하지 마세요.")  # "terms-first" of reports/desc.md
 CONTEXT_HEADER = "참고 자료 (그대로 옮기지 말고 판단에만 쓰세요):"
 
 

@@ -20,12 +20,11 @@ import lm
 import scoring
 
 # ----------------------------------------------------------------------------- settings
-TERMS_FIRST = ("다음 질문에 한국어로 답하세요. 첫 문장은 질문의 핵심 용어를 주어로 써서 결론을 말하고, 둘째 문장에서 이유나 "
-               "방법을 구체적으로 덧붙이세요. 같은 말을 반복하지 마세요.")
-VARIANTS = {  # name -> instruction (None: common.DESC_INSTRUCTION) and generation options
-    "plain": dict(instruction=None, options=dict()),
-    "no-repeat": dict(instruction=None, options=dict(no_repeat_ngram_size=4, repetition_penalty=1.1)),
-    "terms-first": dict(instruction=TERMS_FIRST, options=dict()),
+PLAIN = "다음 질문에 핵심 용어를 포함해 2~3문장의 한국어로 간결하게 답하세요."  # the instruction before terms-first
+VARIANTS = {  # name -> instruction (None: common.DESC_INSTRUCTION, "terms-first") and generation options
+    "plain": dict(instruction=PLAIN, options=dict()),
+    "no-repeat": dict(instruction=PLAIN, options=dict(no_repeat_ngram_size=4, repetition_penalty=1.1)),
+    "terms-first": dict(instruction=None, options=dict()),
 }
 SENTENCES = [1, 2, 3]  # answers cut to this many sentences (answering.DESC_MAX_SENTENCES is the default cut)
 OUT = common.OUTPUTS / "eval_desc"
@@ -101,9 +100,11 @@ def main():
                 answers = {q.id: answering.clean_description(raw[q.id], q.text, n, restate) for q in questions}
                 name = f"{variant}, {n} sentence{'s' if n > 1 else ''}" + (", subject first" if restate else "")
                 lines.append(row(name, answers, labels)[0])
-    lines += ["", "Instructions: plain = `common.DESC_INSTRUCTION`; terms-first = "
-              f"\"{TERMS_FIRST}\". no-repeat = `no_repeat_ngram_size=4, repetition_penalty=1.1`. Subject first = "
-              "\"<the question without its closing request>: <answer>\" (answering.DESC_RESTATE).", ""]
+    lines += ["", f"Instructions: plain = \"{PLAIN}\"; terms-first = `common.DESC_INSTRUCTION` = "
+              f"\"{common.DESC_INSTRUCTION}\". no-repeat = `no_repeat_ngram_size=4, repetition_penalty=1.1`. "
+              "Subject first = \"<the question without its closing request>: <answer>\" (answering.DESC_RESTATE).",
+              f"Default (answering.py): terms-first, {answering.DESC_MAX_SENTENCES} sentence(s)"
+              + (", subject first." if answering.DESC_RESTATE else "."), ""]
     common.write_text(args.out, "\n".join(lines))
     print(f"eval_desc: wrote {args.out}")
 

@@ -473,11 +473,11 @@ def test_the_top_k_recorded_by_00_is_what_the_teacher_gives_and_needs_no_teacher
                         target="context")
     assert meta["source"].startswith("00's") and meta["inputs"]["target"] == "context"
     plain = d.topk_dir(1.0, "plain")
-    assert plain.name == "01_topk-plain" and d.topk_dir(1.0, "context").name == "01_topk"
+    assert plain.name == "01_topk" and d.topk_dir(1.0, "context").name == "01_topk-context"  # plain: the default
     trained, _ = d.train(path, tmp_path / "adapter", tmp_path / "run", d.LossConfig(chunk=4), 1, str(tiny_model_dir),
                          str(teacher_dir), source="topk", target="context")
     assert trained["topk_target"] == "context"
-    with pytest.raises(SystemExit, match="--target plain"):  # the other design's store is not there yet
+    with pytest.raises(SystemExit, match=r"make topk` \(01_train_distillm.py --store-topk\)"):  # not stored yet
         d.train(path, tmp_path / "adapter2", tmp_path / "run2", d.LossConfig(chunk=4), 1, str(tiny_model_dir),
                 str(teacher_dir), source="topk", target="plain")
     assert d.recorded_topk(d.training_tokenizer(str(tiny_model_dir)), [MC], "context", k, 1.0) is None  # no record

@@ -71,8 +71,14 @@ def test_unknown_calibration_is_a_clear_error():
     ("### 제목\n1. 내용", "제목 내용"),
 ])
 def test_clean_description(raw, expected):
-    assert answering.clean_description(raw, "질문", restate=False) == expected
-    assert answering.clean_description(raw, "질문을 설명하세요.", restate=True) == "질문: " + expected
+    assert answering.clean_description(raw, "질문", 3, restate=False) == expected
+    assert answering.clean_description(raw, "질문을 설명하세요.", 3, restate=True) == "질문: " + expected
+
+
+def test_the_default_answer_is_the_first_sentence_alone(monkeypatch):
+    monkeypatch.setattr(answering, "DESC_MAX_SENTENCES", 1)
+    monkeypatch.setattr(answering, "DESC_RESTATE", False)
+    assert answering.clean_description("접근통제는 중요합니다. 둘째 문장입니다.", "접근통제를 설명하세요.") == "접근통제는 중요합니다."
 
 
 def test_clean_description_is_never_empty():

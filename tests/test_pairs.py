@@ -619,6 +619,7 @@ def test_sweep_folder_is_started_again_when_its_pairs_change(tmp_path):
 def test_heldout_table_compares_students_and_teacher_on_the_keys(tmp_path, monkeypatch):
     sweep = importlib.import_module("sweep_distill")
     monkeypatch.setattr(sweep, "DISTILL_DIR", tmp_path)
+    monkeypatch.setattr(common, "DISTILLED", tmp_path / "adapter")  # no adapter meta: designs from DISTILL_RUNS
     monkeypatch.setattr(sweep, "REPORT_CALIBRATION", "none")
     monkeypatch.setattr(common, "HELDOUT", tmp_path / "heldout.csv")
     monkeypatch.setattr(common, "HELDOUT_KEYS", tmp_path / "keys.csv")
@@ -636,14 +637,15 @@ def test_heldout_table_compares_students_and_teacher_on_the_keys(tmp_path, monke
     text = "\n".join(sweep.heldout_lines())
     overall, per_kind = text.split("Per template")
     rows = {line.split(" | ")[0]: line for line in overall.splitlines() if line.startswith("| ")}
-    assert len(rows) == 7  # header + 3 runs + kd, gkd and the plain design not run
+    assert len(rows) == 7  # header + 3 runs + kd, gkd and the privileged design not run
     assert rows["| teacher"] == "| teacher | 0.800 | 1.00 | +0.600 ± 0.163 | 0.800 | 2 (80%) |"
     # 5 of 10 against 2: half of the teacher's lead of 6 questions; differences three 1s, seven 0s
-    assert rows["| student + distillm_v2"] == ("| student + distillm_v2 | 0.500 | 0.50 | +0.300 ± 0.153 | 0.500 | "
-                                              "2 (50%) |")
-    assert rows["| student + kd"] == "| student + kd | not run (heldout-kd) | | | | |"
+    name = "student + distillm_v2 (plain teacher)"
+    assert rows[f"| {name}"] == f"| {name} | 0.500 | 0.50 | +0.300 ± 0.153 | 0.500 | 2 (50%) |"
+    kd = "student + kd (privileged teacher)"
+    assert rows[f"| {kd}"] == f"| {kd} | not run (heldout-kd) | | | | |"
     assert "| teacher | 1.000 (6) | 0.500 (4) |" in per_kind  # in: h0-h5, not_in: h6-h9 (read from the stems)
-    assert "| student + distillm_v2 | 0.833 (6) | 0.000 (4) |" in per_kind
+    assert f"| {name} | 0.833 (6) | 0.000 (4) |" in per_kind
     assert sweep.template_kind("다음 중 무엇인가?") == "other"
 
 

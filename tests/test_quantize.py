@@ -1,5 +1,6 @@
 """Levels (lm.LEVELS) against full precision on a tiny model; 05_quantize.py's calibrations, projection, selection
 rule and the whole three-stage measurement."""
+import argparse
 import dataclasses
 import importlib
 import json
@@ -273,6 +274,8 @@ def test_select_measures_every_stage_and_writes_the_choice(select_run, monkeypat
     assert selection["machine"]["cores"] and selection["date"]
     report = (tmp_path / "reports" / "select.md").read_text(encoding="utf-8")
     assert "**(chosen)**" in report and "pride-0.1" in report and "permute-4" in report and "Echo baseline" in report
+    gaps = [line for line in report.splitlines() if line.startswith(("| student |", "| teacher |"))]
+    assert len(gaps) == 2 and any("| +0.000 ± 0.000 | +0.000 ± 0.000 |" in line for line in gaps)  # best: no gap
     again = len(runs)
     quantize.main()  # everything measured: a rerun answers nothing new (checkpoints), and chooses the same
     assert json.loads(common.SELECTION.read_text(encoding="utf-8"))["config"] == selection["config"]
@@ -288,5 +291,28 @@ def test_a_level_over_budget_stops_after_its_probe(select_run, monkeypatch):
     monkeypatch.setitem(quantize.BUDGET_HOURS, "cpu", 1e-6)  # nothing fits: every probed level stops
     quantize.main()
     assert not any(c["level"] == "fp32" and limit == 0 for c, limit in runs)
+    assert any(c["passages"] == 2 for c, _ in runs) and not any(c["passages"] == 2 and limit == 0 for c, limit in runs)
     report = (tmp_path / "reports" / "select.md").read_text(encoding="utf-8")
     assert "over the" in report and "Warning" in report
+
+
+def test_stages_can_skip_the_levels_and_still_try_passages(select_run, monkeypatch):
+    tmp_path, runs = select_run
+    monkeypatch.setattr(quantize, "beats", lambda a, b, labels, **kw: False)
+    monkeypatch.setitem(quantize.BUDGET_HOURS, "cpu", 10.0)
+    monkeypatch.setattr("sys.argv", ["05_quantize.py", "--stages", "1,3"])
+    quantize.main()
+    assert not any(c["level"] != "float" for c, _ in runs)  # no stage-2 level, not even a probe
+    assert any(c["passages"] == 2 and limit == 0 for c, limit in runs)  # stage 3 ran
+    name = next(p.name for p in (tmp_path / "05").iterdir() if p.name.endswith("-p2"))
+    timed = json.loads((tmp_path / "05" / name / "probe" / "rerank.json").read_text(encoding="utf-8"))
+    assert timed["questions"] >= 1 and timed["s_per_question"] > 0  # its probe timed the LLM reranking
+    report = (tmp_path / "reports" / "select.md").read_text(encoding="utf-8")
+    assert "stage 2 (levels): not run (`05_quantize.py --stages 1,3`)" in report
+
+
+@pytest.mark.parametrize("text", ["", "4", "1;3", "x"])
+def test_bad_stage_lists_say_how_to_write_them(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="e.g. 1,3"):
+        quantize.stage_list(text)
+    assert quantize.stage_list("3,1") == (1, 3)
