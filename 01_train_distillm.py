@@ -7,9 +7,9 @@ shard-NNNNN.safetensors + meta.json + DONE), so that training loads no teacher (
 trains on one 24 GB card, reports/gpu-plan.md). The stored distribution is the teacher's on the student's prompt
 (TOPK_TARGET "plain", the design kept: reports/distill.md) or on the pair's privileged prompt ("context": the question
 with its source passage, 00's teacher_prompt; the student trains on the prompt without it, same answer positions;
---target context -> outputs/01_topk-context). Multiple-choice pairs carry it from 00's answering prefill (recorded_topk: the option digits
-and one bucket for the rest, MC_TARGET), so storing loads no teacher either; a multiple-choice answer is its digit
-alone, and the two sides of such a pair share one forward (SHARE_CONTEXT). Writes the LoRA adapter (adapter_config.json,
+--target context -> outputs/01_topk-context). Multiple-choice pairs carry it from 00's answering prefill
+(recorded_topk: the option digits and one bucket for the rest, MC_TARGET), so storing loads no teacher either; a
+multiple-choice answer is its digit alone, and the two sides of such a pair share one forward (SHARE_CONTEXT). Writes the LoRA adapter (adapter_config.json,
 adapter_model.safetensors), meta.json (settings, data hash, losses, timings, memory, per-rank digests) and DONE into
 models/student-distilled/ (or --out), resumable Trainer checkpoints into outputs/01_train/<name>/, and with --merge a
 full model directory (adapter merged into the base, tokenizer, meta.json) that `04_infer.py --model DIR` loads as

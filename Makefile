@@ -137,7 +137,8 @@ ALL_STAGES := 1,2,3
 # e.g. `make select SELECT_STAGES=1,3`: skip stage 2 (levels)
 SELECT_STAGES ?= $(ALL_STAGES)
 select: $(SETUP) $(STUDENT) $(TEACHER) ## measure candidates x levels x calibrations x passages on dev -> selection.json, reports/select.md
-	$(PY) 05_quantize.py --stages $(SELECT_STAGES) --command "make select$(if $(filter $(ALL_STAGES),$(SELECT_STAGES)),, SELECT_STAGES=$(SELECT_STAGES))"
+	$(PY) 05_quantize.py --stages $(SELECT_STAGES) \
+		--command "make select$(if $(filter $(ALL_STAGES),$(SELECT_STAGES)),, SELECT_STAGES=$(SELECT_STAGES))"
 
 # ---------------------------------------------------------------------------- 06: package and verify
 # Phony. report never starts a stage's runs (REPORT.md links the reports that exist). check and package first build
@@ -185,8 +186,8 @@ reports/gate.md: eval_gate.py eval_retrieval.py evaluate.py $(SCORE_LIBS) $(SELE
 # and on 00's held-out template questions (raw option scores, sweep_distill.EVAL_FLAGS). The base student's and the
 # teacher's development runs are seeded from `make select`'s stage 1 (same flags). distillm_v2 = `make distill`
 # (the plain teacher); kd and gkd = the same pairs and steps with their losses on the privileged target (the design
-# they were measured on); distillm_v2-context = the other pair design (the
-# privileged teacher, 01's --target context). The naive vs chunked loss-step measurement (`make distill-measure`,
+# they were measured on); distillm_v2-context = the other pair design (the privileged teacher, 01's --target
+# context). The naive vs chunked loss-step measurement (`make distill-measure`,
 # ~10 min with the teacher loaded) is in the report when it has been run.
 DISTILL := outputs/distill
 DISTILL_BASELINES := kd gkd

@@ -41,7 +41,7 @@ SWEEP_KEEP_MERGED = False  # merged models are 1 GB each on the student: delete 
 REPORT_CALIBRATION = "batch"  # the option-prior correction of the sweep and the held-out tables
 REPORT_CALIBRATIONS = ["batch", "permute"]  # reports/distill.md's development table: both for every run (permute =
 # the mean over the cyclic shifts 04 stored, DEV_FLAGS: permute-4)
-DISTILL_RUNS = dict(distillm_v2="plain", kd="context", gkd="context", **{"distillm_v2-context": "context"})  # run
+DISTILL_RUNS = {"distillm_v2": "plain", "kd": "context", "gkd": "context", "distillm_v2-context": "context"}  # run
 # (outputs/distill/<name>: 04_infer.py runs of merged distilled students, the Makefile's distill-report rules) ->
 # its pair design (01's --target). The first is `make distill` (01's TOPK_TARGET, "plain": the teacher as the student
 # sees the question); "-context": the other design, the privileged teacher; kd and gkd: the same pairs and steps on
