@@ -9,12 +9,12 @@ trains on one 24 GB card, reports/gpu-plan.md). The stored distribution is the t
 with its source passage, 00's teacher_prompt; the student trains on the prompt without it, same answer positions;
 --target context -> outputs/01_topk-context). Multiple-choice pairs carry it from 00's answering prefill
 (recorded_topk: the option digits and one bucket for the rest, MC_TARGET), so storing loads no teacher either; a
-multiple-choice answer is its digit alone, and the two sides of such a pair share one forward (SHARE_CONTEXT). Writes the LoRA adapter (adapter_config.json,
-adapter_model.safetensors), meta.json (settings, data hash, losses, timings, memory, per-rank digests) and DONE into
-models/student-distilled/ (or --out), resumable Trainer checkpoints into outputs/01_train/<name>/, and with --merge a
-full model directory (adapter merged into the base, tokenizer, meta.json) that `04_infer.py --model DIR` loads as
-is. Run by `make topk` and `make distill`; `make sweep` (sweep_distill.py) calls it per grid point; `--measure` times
-naive vs chunked loss steps (reports/distill.md).
+multiple-choice answer is its digit alone, and the two sides of such a pair share one forward (SHARE_CONTEXT).
+Writes the LoRA adapter (adapter_config.json, adapter_model.safetensors), meta.json (settings, data hash, losses,
+timings, memory, per-rank digests) and DONE into models/student-distilled/ (or --out), resumable Trainer checkpoints
+into outputs/01_train/<name>/, and with --merge a full model directory (adapter merged into the base, tokenizer,
+meta.json) that `04_infer.py --model DIR` loads as is. Run by `make topk` and `make distill`; `make sweep`
+(sweep_distill.py) calls it per grid point; `--measure` times naive vs chunked loss steps (reports/distill.md).
 
 Loss API (pure functions on logits; p = teacher, q = student, both at temperature tau, sliced to the shared
 vocabulary; every divergence returns one value per token position):

@@ -54,7 +54,6 @@ PROBE_QUESTIONS = 24  # every point is first timed on this many MC questions (+ 
 SCORE_TOLERANCE = 0.005  # scores this close count as a tie: the faster point wins
 NOISE_Z = 1.0  # ... and so do scores within this many standard errors of their paired difference
 TEST_MC, TEST_DESC, TEST_FIVE = 500, 15, 253  # the competition test: questions, and MC items with five options
-TEST_MC_DESC = TEST_MC + TEST_DESC
 OUT = common.OUTPUTS / "05_select"
 # -----------------------------------------------------------------------------
 
@@ -385,26 +384,23 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3)):
     print(f"05: candidates {sorted(present)} on {device}, budget {budget_s / 60:.0f} min")
 
     def within_budget(config, name, index_dir=None):
-        """The point's probe meta when its projected time fits the budget; False (listed) when not."""
+        """The point's probe meta when its projected time fits the budget; None (listed) when not."""
         timed = probe_point(config, OUT / name, index_dir)
         if timed is None:
             skipped.append((name, "its timing probe failed: see the log above"))
-            return False
+            return None
         projected = projected_seconds(timed, dataclasses.asdict(config), timed["rerank_s"])
         if projected > budget_s:
-            rerank = (f", of which LLM reranking {TEST_MC_DESC * timed['rerank_s'] / 60:.0f} min"
+            rerank = (f", of which LLM reranking {(TEST_MC + TEST_DESC) * timed['rerank_s'] / 60:.0f} min"
                       if timed["rerank_s"] else "")
             stopped.append((name, f"projected {projected / 60:.0f} min{rerank} after {PROBE_QUESTIONS} questions, "
                             f"over the {budget_s / 60:.0f} min budget"))
-            return False
+            return None
         return timed
 
     def finished(config, name, index_dir=None, timed=None):
-        """The point probed (unless timed already; False: not to run) and run on the whole set: (records, meta), or
-        None."""
+        """The point probed (unless timed already) and run on the whole set: (records, meta), or None."""
         folder = OUT / name
-        if timed is False:
-            return None
         if timed is None and probe_point(config, folder, index_dir) is None:
             skipped.append((name, "its timing probe failed: see the log above"))
             return None
@@ -425,10 +421,10 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3)):
     best = max(rows, key=lambda r: r["score"])
     best_config = as_config(best["config"])
     flag = ",".join(map(str, sorted(set(stages) | {1})))
-    for candidate, cand_rows in stage1.items():  # stage 2: the other levels, for candidates tied with the best
-        if 2 not in stages:
-            skipped.append(("stage 2 (levels)", f"not run (`05_quantize.py --stages {flag}`)"))
-            break
+    if 2 not in stages:
+        skipped.append(("stage 2 (levels)", f"not run (`05_quantize.py --stages {flag}`)"))
+    # stage 2: the other levels, for candidates tied with the best
+    for candidate, cand_rows in stage1.items() if 2 in stages else ():
         top = max(cand_rows, key=lambda r: r["score"])
         if top is not best and beats(best, top, labels):
             skipped.append((f"{candidate} at other levels", f"its best float score {top['score']:.3f} is below "
@@ -443,7 +439,8 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3)):
                 skipped.append((name, f"cannot run here: {reason}"))
                 continue
             config = point_config(candidate, level, 0, n_max, like=best_config)
-            done = finished(config, name, timed=within_budget(config, name))
+            timed = within_budget(config, name)
+            done = timed and finished(config, name, timed=timed)
             if done:
                 rows += score_point(name, *done, questions, labels, desc_cache)
     best = max(rows, key=lambda r: r["score"])
@@ -458,7 +455,8 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3)):
         if not PASSAGE_SHIFTS[lm.device_kind(device)]:
             like = dataclasses.replace(like, calibration="batch", permutations=1, pride_share=0.0)
         config = point_config(candidate, level, passages, n_max, like=like)
-        done = finished(config, name, index_dir=index_dir, timed=within_budget(config, name, index_dir))
+        timed = within_budget(config, name, index_dir)
+        done = timed and finished(config, name, index_dir=index_dir, timed=timed)
         if done:
             rows += score_point(name, *done, questions, labels, desc_cache)
     return rows, stopped, skipped
