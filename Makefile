@@ -185,9 +185,9 @@ reports/gate.md: eval_gate.py eval_retrieval.py evaluate.py $(SCORE_LIBS) $(SELE
 # question under the identity order and 3 cyclic shifts: batch and permute-4 from one run, sweep_distill.DEV_FLAGS)
 # and on 00's held-out template questions (raw option scores, sweep_distill.EVAL_FLAGS). The base student's and the
 # teacher's development runs are seeded from `make select`'s stage 1 (same flags). distillm_v2 = `make distill`
-# (the plain teacher); kd and gkd = the same pairs and steps with their losses on the privileged target (the design
-# they were measured on); distillm_v2-context = the other pair design (the privileged teacher, 01's --target
-# context). The naive vs chunked loss-step measurement (`make distill-measure`,
+# (the plain teacher); kd and gkd = the same pairs, target and steps with their losses; <loss>-context = the three
+# losses on the other pair design (the privileged teacher, 01's --target context). The naive vs chunked loss-step
+# measurement (`make distill-measure`,
 # ~10 min with the teacher loaded) is in the report when it has been run.
 DISTILL := outputs/distill
 DISTILL_BASELINES := kd gkd
@@ -195,17 +195,18 @@ HELDOUT_Q := outputs/00_pairs/heldout.csv
 DEV_04 = $(PY) 04_infer.py --passages 0 --level float --calibration permute --permutations 4
 EVAL_04 = $(PY) 04_infer.py --passages 0 --level float --calibration none
 INFER_DEPS := 04_infer.py $(ANSWER_LIBS) $(DATA)
-DISTILLED_RUNS := distillm_v2 $(DISTILL_BASELINES) distillm_v2-context
-OTHER_ADAPTERS := $(foreach run,$(DISTILL_BASELINES) distillm_v2-context,$(DISTILL)/adapter-$(run)/DONE)
+CONTEXT_RUNS := $(foreach loss,distillm_v2 $(DISTILL_BASELINES),$(loss)-context)
+DISTILLED_RUNS := distillm_v2 $(DISTILL_BASELINES) $(CONTEXT_RUNS)
 DEV_RUNS := $(foreach run,student teacher $(DISTILLED_RUNS),$(DISTILL)/$(run)/DONE)
 HELDOUT_RUNS := $(foreach run,student teacher $(DISTILLED_RUNS),$(DISTILL)/heldout-$(run)/DONE)
 
 $(foreach loss,$(DISTILL_BASELINES),$(DISTILL)/adapter-$(loss)/DONE): $(DISTILL)/adapter-%/DONE: \
-		01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK_CONTEXT)
-	$(PY) $< --loss-type $* --target context --out $(@D) --merge $(DISTILL)/merged-$*
+		01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK)
+	$(PY) $< --loss-type $* --out $(@D) --merge $(DISTILL)/merged-$*
 
-$(DISTILL)/adapter-distillm_v2-context/DONE: 01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK_CONTEXT)
-	$(PY) $< --target context --out $(@D) --merge $(DISTILL)/merged-distillm_v2-context
+$(foreach run,$(CONTEXT_RUNS),$(DISTILL)/adapter-$(run)/DONE): $(DISTILL)/adapter-%-context/DONE: \
+		01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK_CONTEXT)
+	$(PY) $< --loss-type $* --target context --out $(@D) --merge $(DISTILL)/merged-$*-context
 
 $(DISTILL)/student/DONE $(DISTILL)/heldout-student/DONE: MODEL := student
 $(DISTILL)/teacher/DONE $(DISTILL)/heldout-teacher/DONE: MODEL := teacher
@@ -213,9 +214,9 @@ $(DISTILL)/distillm_v2/DONE $(DISTILL)/heldout-distillm_v2/DONE: MODEL := $(DIST
 $(DISTILL)/student/DONE $(DISTILL)/heldout-student/DONE: $(STUDENT)
 $(DISTILL)/teacher/DONE $(DISTILL)/heldout-teacher/DONE: $(TEACHER)
 $(DISTILL)/distillm_v2/DONE $(DISTILL)/heldout-distillm_v2/DONE: $(ADAPTER)
-$(foreach run,$(DISTILL_BASELINES) distillm_v2-context,$(eval \
+$(foreach run,$(DISTILL_BASELINES) $(CONTEXT_RUNS),$(eval \
 $(DISTILL)/$(run)/DONE $(DISTILL)/heldout-$(run)/DONE: MODEL := $(DISTILL)/merged-$(run)))
-$(foreach run,$(DISTILL_BASELINES) distillm_v2-context,$(eval \
+$(foreach run,$(DISTILL_BASELINES) $(CONTEXT_RUNS),$(eval \
 $(DISTILL)/$(run)/DONE $(DISTILL)/heldout-$(run)/DONE: $(DISTILL)/adapter-$(run)/DONE))
 
 $(DEV_RUNS): $(INFER_DEPS)

@@ -637,16 +637,41 @@ def test_heldout_table_compares_students_and_teacher_on_the_keys(tmp_path, monke
     text = "\n".join(sweep.heldout_lines())
     overall, per_kind = text.split("Per template")
     rows = {line.split(" | ")[0]: line for line in overall.splitlines() if line.startswith("| ")}
-    assert len(rows) == 7  # header + 3 runs + kd, gkd and the privileged design not run
+    assert len(rows) == 9  # header, base student, teacher, the 6 distilled runs (distillm_v2 answered)
     assert rows["| teacher"] == "| teacher | 0.800 | 1.00 | +0.600 ± 0.163 | 0.800 | 2 (80%) |"
     # 5 of 10 against 2: half of the teacher's lead of 6 questions; differences three 1s, seven 0s
     name = "student + distillm_v2 (plain teacher)"
     assert rows[f"| {name}"] == f"| {name} | 0.500 | 0.50 | +0.300 ± 0.153 | 0.500 | 2 (50%) |"
-    kd = "student + kd (privileged teacher)"
+    kd = "student + kd (plain teacher)"
     assert rows[f"| {kd}"] == f"| {kd} | not run (heldout-kd) | | | | |"
+    kd = "student + kd (privileged teacher)"
+    assert rows[f"| {kd}"] == f"| {kd} | not run (heldout-kd-context) | | | | |"
     assert "| teacher | 1.000 (6) | 0.500 (4) |" in per_kind  # in: h0-h5, not_in: h6-h9 (read from the stems)
     assert f"| {name} | 0.833 (6) | 0.000 (4) |" in per_kind
     assert sweep.template_kind("다음 중 무엇인가?") == "other"
+
+
+def test_distilled_runs_are_checked_against_the_base_and_distillm_v2_against_the_other_losses(tmp_path, monkeypatch):
+    sweep = importlib.import_module("sweep_distill")
+    monkeypatch.setattr(sweep, "DISTILL_DIR", tmp_path)
+    monkeypatch.setattr(common, "DISTILLED", tmp_path / "adapter")  # no adapter meta: designs from DISTILL_RUNS
+    monkeypatch.setattr(sweep, "REPORT_CALIBRATIONS", ["none"])
+    n = 100
+    labels = {f"q{i}": dict(kind="mc", Answer="2", domain="법률") for i in range(n)}
+    wrong, right = [0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]
+    right_on = dict(student=range(0, 30), distillm_v2=range(0, 32), kd=range(10, 60))
+    done = [(sweep.run_label(name) if name in sweep.DISTILL_RUNS else "base student",
+             fake_run(tmp_path / name, {f"q{i}": right if i in hits else wrong for i in range(n)}))
+            for name, hits in right_on.items()]
+    lines = sweep.dev_lines(sweep.compare(done, labels), sweep.DEV_FLAGS)
+    checks = {line.split(":")[0]: line for line in lines if line.startswith("- ")}
+    assert set(checks) == {"- student + distillm_v2 (plain teacher)", "- student + kd (plain teacher)"}
+    assert checks["- student + kd (plain teacher)"].endswith("**met**")  # +0.20 ± 0.060: 30 gained, 10 lost
+    assert "**not met** (none: +0.020 ± 0.014 (needs >= +0.030" in checks["- student + distillm_v2 (plain teacher)"]
+    table = sweep.loss_lines(done, labels)
+    # distillm_v2 - kd: +1 on q0-q9, -1 on q32-q59: mean -0.18, SE sqrt((0.38 - 0.18 ** 2) / 99)
+    assert table[-2] == "| plain teacher | kd | -0.180 ± 0.059 |"
+    assert not any("gkd" in line for line in table)  # gkd not run: no row
 
 
 def test_answer_position_reads_the_digits_and_the_top_k_of_one_prefill(tiny):
