@@ -9,8 +9,9 @@ fatal), checkpointed in outputs/05_select/<point>/, so a rerun measures only wha
 (`--stages 1,3`, `make select SELECT_STAGES=1,3`: a subset; stage 1 always runs):
   1. every candidate at the "float" level, multiple choice scored under all n cyclic option shifts, so each
      calibration (none, content_free, batch, auto, permute k, pride share) is scored from the same records;
-  2. every other level the device runs (LEVELS), for the candidates the stage-1 best does not beat beyond the noise,
-     scored under the best stage-1 calibration; a level whose first PROBE_QUESTIONS project beyond the budget stops;
+  2. every other level the device runs (LEVELS, or those of `--levels`, `make select SELECT_LEVELS=fp32,bnb-nf4`),
+     for the candidates the stage-1 best does not beat beyond the noise, scored under the best stage-1 calibration;
+     a level whose first PROBE_QUESTIONS project beyond the budget stops;
   3. PASSAGES for the best point so far (first-stage passages of an index embedded by that candidate), under its
      calibration on a GPU and under the one-prompt calibrations on the CPU (PASSAGE_SHIFTS); the probe also times
      03's LLM reranking (RERANK_PROBE questions), and a point projected beyond the budget stops there, as in stage 2.
@@ -374,9 +375,9 @@ def report(rows, chosen, tied, warning, labels, budget_s, stopped, skipped, comm
 
 
 # ----------------------------------------------------------------------------- stages
-def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3)):
-    """Run the given stages (stage 1 always: the others start from its best point); return (rows, stopped,
-    skipped)."""
+def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), levels=None):
+    """Run the given stages (stage 1 always: the others start from its best point), stage 2 over the given levels
+    (default: LEVELS of the device); return (rows, stopped, skipped)."""
     n_max = max(len(q.options) for q in questions if q.kind == "mc")
     rows, stopped, skipped = [], [], []
     present = {name: model for name, model in common.candidates().items()
@@ -431,10 +432,13 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3)):
                             f"{best['point']} {best['calibration']} ({best['score']:.3f}) beyond the noise"))
             continue
         for level in LEVELS[lm.device_kind(device)]:
+            name = point_name(candidate, level, 0)
             if level == "float":
                 continue
+            if levels is not None and level not in levels:
+                skipped.append((name, f"not run (`05_quantize.py --levels {','.join(levels)}`)"))
+                continue
             reason = lm.level_runnable(level, device)
-            name = point_name(candidate, level, 0)
             if reason:
                 skipped.append((name, f"cannot run here: {reason}"))
                 continue
@@ -462,6 +466,15 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3)):
     return rows, stopped, skipped
 
 
+def level_list(text):
+    """The quantization levels of a --levels value ("fp32,bnb-nf4"): names of lm.LEVELS."""
+    levels = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [level for level in levels if level not in lm.LEVELS]
+    if not levels or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: give levels of {', '.join(lm.LEVELS)} separated by commas")
+    return levels
+
+
 def stage_list(text):
     """The stages of a --stages value ("1,3")."""
     stages = tuple(sorted({int(s) for s in text.split(",") if s.strip()})) if text.replace(",", "").isdigit() else ()
@@ -478,6 +491,9 @@ def main():
     parser.add_argument("--index", type=Path, default=None)
     parser.add_argument("--stages", type=stage_list, default=(1, 2, 3),
                         help="the stages to run, comma-separated (default 1,2,3; stage 1 always runs)")
+    parser.add_argument("--levels", type=level_list, default=None,
+                        help="stage 2: only these levels, comma-separated (default: every level of LEVELS the device "
+                             "runs)")
     parser.add_argument("--command", default="make select")
     args = parser.parse_args()
     if args.point:
@@ -488,7 +504,7 @@ def main():
     budget_s = BUDGET_HOURS[kind] * 3600 * SAFETY_MARGIN[kind]
     questions, labels = dev_set()
     t0 = time.time()
-    rows, stopped, skipped = measure(questions, labels, device, budget_s, {}, args.stages)
+    rows, stopped, skipped = measure(questions, labels, device, budget_s, {}, args.stages, args.levels)
     chosen, tied, warning = select(rows, labels, budget_s)
     if warning:
         print(f"05: WARNING: {warning}")

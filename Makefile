@@ -134,11 +134,14 @@ submission.csv: 04_infer.py $(ANSWER_LIBS) $(SELECTION) $(DATA) $(ANSWER_MODEL) 
 # Phony: it measures the candidates that exist and rewrites the committed selection.json; `make submission` never
 # runs it. `make models` (and `make distill` for the distilled candidate) first.
 ALL_STAGES := 1,2,3
-# e.g. `make select SELECT_STAGES=1,3`: skip stage 2 (levels)
+# e.g. `make select SELECT_STAGES=1,3`: skip stage 2 (levels); `make select SELECT_LEVELS=fp32,bnb-nf4`: stage 2
+# tries only these levels (default: every level of 05's LEVELS the device runs)
 SELECT_STAGES ?= $(ALL_STAGES)
+SELECT_LEVELS ?=
 select: $(SETUP) $(STUDENT) $(TEACHER) ## measure candidates x levels x calibrations x passages on dev -> selection.json, reports/select.md
-	$(PY) 05_quantize.py --stages $(SELECT_STAGES) \
-		--command "make select$(if $(filter $(ALL_STAGES),$(SELECT_STAGES)),, SELECT_STAGES=$(SELECT_STAGES))"
+	$(PY) 05_quantize.py --stages $(SELECT_STAGES) $(if $(SELECT_LEVELS),--levels $(SELECT_LEVELS)) \
+		--command "make select$(if $(filter $(ALL_STAGES),$(SELECT_STAGES)),, SELECT_STAGES=$(SELECT_STAGES))$(if \
+		$(SELECT_LEVELS), SELECT_LEVELS=$(SELECT_LEVELS))"
 
 # ---------------------------------------------------------------------------- 06: package and verify
 # Phony. report never starts a stage's runs (REPORT.md links the reports that exist). check and package first build

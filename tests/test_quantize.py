@@ -311,6 +311,20 @@ def test_stages_can_skip_the_levels_and_still_try_passages(select_run, monkeypat
     assert "stage 2 (levels): not run (`05_quantize.py --stages 1,3`)" in report
 
 
+def test_levels_restrict_stage_two_and_the_report_lists_the_others(select_run, monkeypatch):
+    tmp_path, runs = select_run
+    monkeypatch.setattr(quantize, "beats", lambda a, b, labels, **kw: False)
+    monkeypatch.setitem(quantize.BUDGET_HOURS, "cpu", 10.0)
+    monkeypatch.setattr("sys.argv", ["05_quantize.py", "--stages", "1,2", "--levels", "fp32"])
+    quantize.main()
+    assert {c["level"] for c, _ in runs} == {"float", "fp32"}  # fp16 neither probed nor run
+    report = (tmp_path / "reports" / "select.md").read_text(encoding="utf-8")
+    assert "-fp16-p0: not run (`05_quantize.py --levels fp32`)" in report
+    with pytest.raises(argparse.ArgumentTypeError, match="separated by commas"):
+        quantize.level_list("fp32,int3")
+    assert quantize.level_list("bnb-nf4, fp32,bnb-nf4") == ("bnb-nf4", "fp32")
+
+
 @pytest.mark.parametrize("text", ["", "4", "1;3", "x"])
 def test_bad_stage_lists_say_how_to_write_them(text):
     with pytest.raises(argparse.ArgumentTypeError, match="e.g. 1,3"):
