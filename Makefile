@@ -190,8 +190,7 @@ reports/gate.md: eval_gate.py eval_retrieval.py evaluate.py $(SCORE_LIBS) $(SELE
 # teacher's development runs are seeded from `make select`'s stage 1 (same flags). distillm_v2 = `make distill`
 # (the plain teacher); kd and gkd = the same pairs, target and steps with their losses; <loss>-context = the three
 # losses on the other pair design (the privileged teacher, 01's --target context). The naive vs chunked loss-step
-# measurement (`make distill-measure`,
-# ~10 min with the teacher loaded) is in the report when it has been run.
+# measurement (`make distill-measure`, ~10 min with the teacher loaded) is in the report when it has been run.
 DISTILL := outputs/distill
 DISTILL_BASELINES := kd gkd
 HELDOUT_Q := outputs/00_pairs/heldout.csv

@@ -47,6 +47,7 @@ DISTILL_RUNS = {"distillm_v2": "plain", "kd": "plain", "gkd": "plain", "distillm
 # `make distill` (01's TOPK_TARGET, "plain": the teacher as the student sees the question); kd and gkd: the same
 # pairs, target and steps; "-context": the other design, the privileged teacher
 DESIGNS = dict(plain="plain teacher", context="privileged teacher")  # report names of 01's TOPK_TARGETS
+CALIBRATION_NAMES = dict(permute="permute-4")  # report names of REPORT_CALIBRATIONS (others: their own name)
 TARGET_GAIN, TARGET_Z = 0.03, 2.0  # issue 17: MC gain over the base student, in accuracy and in paired SEs
 EVAL_FLAGS = ["--passages", "0", "--level", "float", "--calibration", "none"]  # every 04 run of the sweep and of the
 # held-out questions alike: no passages, the device's float dtype, raw option scores (calibrated in the reports)
@@ -381,7 +382,7 @@ def dev_lines(scores, command_flags):
     student, the descriptive score with its change, the score and the raw MC."""
     any_s = next(iter(scores.values()))
     cal = REPORT_CALIBRATIONS
-    names = {"batch": "batch", "permute": "permute-4"}
+    names = CALIBRATION_NAMES
     lines = ["## Development score", "",
              f"All runs scored on the same {any_s[cal[0]]['n_mc']} multiple-choice and "
              f"{any_s[cal[0]].get('n_desc', 0)} descriptive development questions, 04_infer.py with "
@@ -389,7 +390,7 @@ def dev_lines(scores, command_flags):
              "calibration is scored from the same records). MC under " + " and ".join(
                  f"`{names.get(c, c)}`" for c in cal) + "; change = MC accuracy minus the base student's ± the "
              "paired standard error over the same questions. Descriptive = 0.6 × e5 cosine + 0.4 × keyword recall "
-             f"({any_s[cal[0]].get('encoder', '?')}), change ± its paired SE. Score = 0.5 MC ({names.get(cal[0])}) "
+             f"({any_s[cal[0]].get('encoder', '?')}), change ± its paired SE. Score = 0.5 MC ({names.get(cal[0], cal[0])}) "
              "+ 0.5 descriptive. Raw MC = no calibration.", "",
              "| model | " + " | ".join(f"MC {names.get(c, c)} | change" for c in cal) + " | descriptive | change | "
              "score | raw MC |", "|---" * (2 * len(cal) + 5) + "|"]
@@ -398,7 +399,7 @@ def dev_lines(scores, command_flags):
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {scoring.fmt(s[cal[0]].get('desc_score'))} | "
                      f"{change_text(s.get('desc_change'))} | {scoring.fmt(s[cal[0]].get('score'))} | "
                      f"{scoring.fmt(s['raw']['mc_acc'])} |")
-    checked = [run_label(n) for n in DISTILL_RUNS if run_label(n) in scores and "base student" in scores]
+    checked = [label for label in map(run_label, DISTILL_RUNS) if label in scores and "base student" in scores]
     if checked:
         lines += ["", f"**Target (issue 17)**: beat the base student by >= {TARGET_GAIN:.2f} MC and >= {TARGET_Z:g} "
                   "paired SE under " + " and ".join(names.get(c, c) for c in cal) + ", descriptive not lower (not "
@@ -413,25 +414,28 @@ def loss_lines(done, labels):
     """distillm_v2 against each other loss of the same pair design (DISTILL_RUNS): the paired MC difference under
     each REPORT_CALIBRATIONS, over the questions both answered."""
     folders = dict(done)
+    v2_of = {design: name for name, design in DISTILL_RUNS.items() if name.partition("-")[0] == "distillm_v2"}
+    loaded = {}
+
+    def run(name):  # the 04 run of a distilled run, loaded once; None when it has not run
+        folder = folders.get(run_label(name))
+        if folder is not None and name not in loaded:
+            loaded[name] = scoring.load_run(folder)
+        return loaded.get(name)
+
     rows = []
     for name, design in DISTILL_RUNS.items():
-        loss, _, suffix = name.partition("-")
-        v2 = "distillm_v2" + ("-" + suffix if suffix else "")
-        if loss == "distillm_v2" or v2 not in DISTILL_RUNS or DISTILL_RUNS[v2] != design:
+        v2 = v2_of.get(design)
+        if v2 is None or name == v2 or run(v2) is None or run(name) is None:
             continue
-        a, b = folders.get(run_label(v2)), folders.get(run_label(name))
-        if a is None or b is None:
-            continue
-        runs = scoring.load_run(a), scoring.load_run(b)
-        ids = set(runs[0][0]) & set(runs[1][0])
-        cells = [change_text(scoring.mc_difference(calibrated(runs[0], ids, c), calibrated(runs[1], ids, c), labels))
+        ids = set(run(v2)[0]) & set(run(name)[0])
+        cells = [change_text(scoring.mc_difference(calibrated(run(v2), ids, c), calibrated(run(name), ids, c), labels))
                  for c in REPORT_CALIBRATIONS]
-        rows.append(f"| {DESIGNS.get(design, design)} | {loss} | " + " | ".join(cells) + " |")
+        rows.append(f"| {DESIGNS.get(design, design)} | {name.partition('-')[0]} | " + " | ".join(cells) + " |")
     if not rows:
         return []
-    names = {"batch": "batch", "permute": "permute-4"}
     return ["distillm_v2 minus each other loss on the same pairs, target and steps (MC accuracy ± paired SE):", "",
-            "| design | other loss | " + " | ".join(names.get(c, c) for c in REPORT_CALIBRATIONS) + " |",
+            "| design | other loss | " + " | ".join(CALIBRATION_NAMES.get(c, c) for c in REPORT_CALIBRATIONS) + " |",
             "|---" * (2 + len(REPORT_CALIBRATIONS)) + "|", *rows, ""]
 
 
