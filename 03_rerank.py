@@ -28,20 +28,20 @@ CHECKPOINT_EVERY = 4  # questions per checkpoint append (a question costs ~10 s 
 # -----------------------------------------------------------------------------
 
 
-def config_key(model_id, level, mode):
+def config_key(model_id, level, mode, index_dir=None):
     """Changes when anything that changes the rankings changes: model, level, index, reranker settings, prompts."""
     settings = {k: v for k, v in common.settings_of(retrieval).items() if k.startswith("RERANK_")}
-    parts = [common.resolve_model(model_id), lm.model_fingerprint(model_id), level, retrieval.index_fingerprint(),
-             mode, json.dumps(settings, sort_keys=True), common.SYSTEM_PROMPT]
+    parts = [common.resolve_model(model_id), lm.model_fingerprint(model_id), level,
+             retrieval.index_fingerprint(index_dir), mode, json.dumps(settings, sort_keys=True), common.SYSTEM_PROMPT]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
 
 
-def run(questions, out_dir, config, mode=retrieval.RERANK_MODE, dtype_name=None):
-    """Rerank every question's candidates with the config's model, checkpointing into out_dir; return (records in
-    question order, meta)."""
+def run(questions, out_dir, config, mode=retrieval.RERANK_MODE, dtype_name=None, index_dir=None):
+    """Rerank every question's candidates with the config's model and the index at index_dir (default
+    common.INDEX), checkpointing into out_dir; return (records in question order, meta)."""
     device = lm.pick_device()
     dtype = lm.pick_dtype(device, dtype_name, config.level)
-    key = config_key(config.model, config.level, mode)
+    key = config_key(config.model, config.level, mode, index_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / f"ranked-{key}.jsonl"
     lm.drop_torn_tail(checkpoint)  # else the first record appended after a kill would join the torn line
@@ -50,7 +50,7 @@ def run(questions, out_dir, config, mode=retrieval.RERANK_MODE, dtype_name=None)
     print(f"03: {len(questions)} questions, {len(done)} from checkpoint, {mode} with {config.model} ({config.level})")
     tokenizer = lm.load_tokenizer(config.model)
     model = lm.load_model(config.model, device, dtype, level=config.level)
-    index = retrieval.load_index().attach_encoder(model, tokenizer)
+    index = retrieval.load_index(index_dir).attach_encoder(model, tokenizer)
     failures, t0 = 0, time.time()
     for start in tqdm(range(0, len(todo), CHECKPOINT_EVERY), desc="03 reranking", unit="chunk"):
         chunk = todo[start:start + CHECKPOINT_EVERY]

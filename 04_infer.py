@@ -1,13 +1,13 @@
 """Answer every question with the chosen LLM and write the submission.
 
 Reads data/prepared/questions.csv and sample_submission.csv (`make data`), the answering configuration of
-selection.json (answering.chosen(): candidate model, level, calibration, passages; written by `make select`) and,
-when it uses passages, the index (`make index`) and the reranked chunks (`make rerank`). Multiple choice: the answer
-is read from the next-token logits of the option digits in batched prefills, under the calibration's option shifts
-(answering.py); descriptive: short greedy Korean generation. Writes <out>/predictions-<key>.jsonl (checkpoint after
-every batch, resumed after a kill), <out>/submission.csv, <out>/meta.json and <out>/DONE; with the default --out
-also ./submission.csv (UTF-8 with a BOM, as sample_submission.csv). Run by `make submission` (and the report
-targets with --model/--out).
+selection.json (answering.chosen(): candidate model, level, calibration, passages, rerank; written by `make select`)
+and, when it uses passages, the index (`make index`) and, unless its rerank is false, the reranked chunks (`make
+rerank`). Multiple choice: the answer is read from the next-token logits of the option digits in batched prefills,
+under the calibration's option shifts (answering.py); descriptive: short greedy Korean generation. Writes
+<out>/predictions-<key>.jsonl (checkpoint after every batch, resumed after a kill), <out>/submission.csv,
+<out>/meta.json and <out>/DONE; with the default --out also ./submission.csv (UTF-8 with a BOM, as
+sample_submission.csv). Run by `make submission` (and the report targets with --model/--out).
 """
 import argparse
 import dataclasses
@@ -44,7 +44,7 @@ def main():
         questions = [q for q in questions if q.kind == "mc"]
     if args.limit:
         questions = questions[:args.limit]
-    ranked = None if args.no_rerank or not config.passages else answering.reranked_chunks()
+    ranked = answering.reranked_chunks() if config.passages and config.rerank and not args.no_rerank else None
     records, meta = answering.run(questions, args.out, config, args.dtype, ranked=ranked)
     rows = answering.submission_rows(questions, records, config.calibration, meta["content_free"])
     sample_ids = None

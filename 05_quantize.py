@@ -12,17 +12,21 @@ fatal), checkpointed in outputs/05_select/<point>/, so a rerun measures only wha
   2. every other level the device runs (LEVELS, or those of `--levels`, `make select SELECT_LEVELS=fp32,bnb-nf4`),
      for the candidates the stage-1 best does not beat beyond the noise, scored under the best stage-1 calibration;
      a level whose first PROBE_QUESTIONS project beyond the budget stops;
-  3. PASSAGES for the best point so far (first-stage passages of an index embedded by that candidate), under its
-     calibration on a GPU and under the one-prompt calibrations on the CPU (PASSAGE_SHIFTS); the probe also times
-     03's LLM reranking (RERANK_PROBE questions), and a point projected beyond the budget stops there, as in stage 2.
+  3. PASSAGES for the best point so far, from an index embedded by that candidate, under its calibration on a GPU
+     and under the one-prompt calibrations on the CPU (PASSAGE_SHIFTS): first the first stage's passages (point
+     <candidate>-<level>-p<k>, rerank false), then 03's LLM reranking of them (<...>-p<k>-rerank: the development
+     questions reranked by 03_rerank.run; its probe reranks RERANK_PROBE of them for the timing), each stopping
+     when its probe projects beyond the budget, as in stage 2.
 Projected time of the 515-question test = load + 500 x MC prompts per question x s per prompt + 15 x descriptive s
-(+ 515 x reranking s when passages are on), all measured on this machine. Choice: the highest score within the budget;
-a point the best does not beat by more than max(SCORE_TOLERANCE, NOISE_Z x paired SE) is tied with it, and the
-fastest tied point wins. Writes selection.json (the configuration, its figures, the date and the machine: committed,
-so `make submission` reproduces it without measuring) and reports/select.md. Run by `make select`.
+(+ building the index for a point with passages, + 515 x reranking s for a reranked point), all measured on this
+machine. Choice: the highest score within the budget; a point the best does not beat by more than
+max(SCORE_TOLERANCE, NOISE_Z x paired SE) is tied with it, and the fastest tied point wins. Writes selection.json (the
+configuration, its figures, the date and the machine: committed, so `make submission` reproduces it without
+measuring) and reports/select.md. Run by `make select`.
 """
 import argparse
 import dataclasses
+import importlib
 import json
 import subprocess
 import sys
@@ -42,9 +46,11 @@ LEVELS = dict(cpu=["float", "fp32", "bnb-nf4", "bnb-nf4-dq", "bnb-int8", "torcha
               cuda=["float", "bnb-int8", "bnb-nf4", "bnb-nf4-dq", "torchao-int8wo", "fp16"])  # per device kind
 PERMUTE_K = [2, 3, 4, 5]  # permute calibrations scored (k cyclic shifts per question, at most its option count)
 PRIDE_SHARES = [0.1, 0.2, 0.4]  # pride calibrations scored (share of questions estimating the position prior)
-PASSAGES = [3]  # stage 3: passage counts tried for the best point (0 is the stage 1-2 baseline)
-RERANK_PROBE = 6  # stage 3: the probe also times 03's LLM reranking on this many questions (make submission reranks
-# before it answers with passages, so the projected time counts it)
+PASSAGES = [1, 3]  # stage 3: passage counts tried for the best point (0 is the stage 1-2 baseline), each first with
+# the first stage's passages, then reranked by 03 (on this 2-core CPU the teacher's p1 already projects beyond 45 min
+# with its index: reports/gate.md)
+RERANK_PROBE = 6  # stage 3: a reranked point's probe reranks this many questions to time 03 (the rest of its probe
+# answers with first-stage passages: the same prompt lengths)
 PASSAGE_SHIFTS = dict(cpu=False, cuda=True)  # stage 3 scores the best calibration's option shifts too; on the CPU
 # one prompt per question (the identity calibrations: none, batch, auto): passages already triple the prompt length
 BUDGET_HOURS = dict(cpu=0.75, cuda=4.5)  # the whole 515-question test; cpu: what a user waits for (issue 16)
@@ -57,6 +63,7 @@ NOISE_Z = 1.0  # ... and so do scores within this many standard errors of their 
 TEST_MC, TEST_DESC, TEST_FIVE = 500, 15, 253  # the competition test: questions, and MC items with five options
 OUT = common.OUTPUTS / "05_select"
 # -----------------------------------------------------------------------------
+rerank_step = importlib.import_module("03_rerank")
 
 
 # ----------------------------------------------------------------------------- the development set
@@ -67,8 +74,8 @@ def dev_set():
 
 
 # ----------------------------------------------------------------------------- points: one answering run each
-def point_name(candidate, level, passages):
-    return f"{candidate}-{level}-p{passages}"
+def point_name(candidate, level, passages, rerank=False):
+    return f"{candidate}-{level}-p{passages}" + ("-rerank" if passages and rerank else "")
 
 
 def point_config(candidate, level, passages, n_max, like=None):
@@ -82,7 +89,8 @@ def point_config(candidate, level, passages, n_max, like=None):
 
 def as_config(fields):
     """The answering.Config of a row's config fields."""
-    return answering.Config(**{f.name: fields[f.name] for f in dataclasses.fields(answering.Config)})
+    names = [f.name for f in dataclasses.fields(answering.Config)]
+    return answering.Config(**{name: fields[name] for name in names if name in fields})
 
 
 def run_point(config, folder, limit=0, index_dir=None):
@@ -101,32 +109,22 @@ def child_point(config_json, folder, limit, index_dir):
     if limit:  # a timing probe: the first `limit` multiple-choice questions and one batch of descriptive ones
         questions = ([q for q in questions if q.kind == "mc"][:limit]
                      + [q for q in questions if q.kind == "desc"][:answering.DESC_BATCH])
-    answering.run(questions, folder, config, index_dir=index_dir)
-    if limit and index_dir and config.passages:
-        time_reranking(config, questions[:RERANK_PROBE], index_dir, folder)
+    ranked = None
+    if config.passages and config.rerank:
+        ranked = reranked(config, questions[:RERANK_PROBE] if limit else questions, index_dir, folder)
+    answering.run(questions, folder, config, ranked=ranked, index_dir=index_dir)
     if not limit:
         (folder / "DONE").touch()
 
 
-def time_reranking(config, questions, index_dir, folder):
-    """(child) Seconds per question of the LLM reranking `make submission` runs before answering with passages
-    (03_rerank.py's retrieval.rerank_question over RERANK_CANDIDATES first-stage hits) -> folder/rerank.json, once."""
-    if (folder / "rerank.json").exists():
-        return
-    device = lm.pick_device()
-    tokenizer = lm.load_tokenizer(config.model)
-    model = lm.load_model(config.model, device, lm.pick_dtype(device, level=config.level), level=config.level)
-    index = answering.open_index(model, tokenizer, config.model, index_dir)
-    tokens, t0 = 0, time.time()
-    for q in questions:
-        stats = {}
-        retrieval.rerank_question(model, tokenizer, q.text, index.search(q.text, k=retrieval.RERANK_CANDIDATES),
-                                  stats=stats)
-        tokens += stats.get("tokens", 0)
-    seconds = time.time() - t0
+def reranked(config, questions, index_dir, folder):
+    """(child) 03's LLM reranking of the questions' first-stage candidates (03_rerank.run, checkpointed in
+    folder/rerank) -> {id: kept chunk ids}; its seconds per question -> folder/rerank.json."""
+    records, meta = rerank_step.run(questions, folder / "rerank", config, index_dir=index_dir)
     common.write_text(folder / "rerank.json", json.dumps(dict(
-        questions=len(questions), mode=retrieval.RERANK_MODE, candidates=retrieval.RERANK_CANDIDATES,
-        s_per_question=round(seconds / len(questions), 3), tokens_per_question=round(tokens / len(questions), 1))))
+        questions=len(questions), mode=meta["mode"], candidates=retrieval.RERANK_CANDIDATES,
+        s_per_question=meta["seconds"]["per_question"], tokens_per_question=meta["tokens_per_question"])))
+    return {r["id"]: r["chunks"][:retrieval.RERANK_KEEP] for r in records}
 
 
 def build_index(candidate, folder):
@@ -157,12 +155,22 @@ def rerank_seconds(probe):
     return json.loads(path.read_text(encoding="utf-8"))["s_per_question"] if path.exists() else 0.0
 
 
+def index_seconds(index_dir):
+    """The seconds 02 took to build the index at index_dir (`make submission` builds it first); 0.0 without an index
+    or a recorded time."""
+    if not index_dir:
+        return 0.0
+    meta = json.loads((Path(index_dir) / "meta.json").read_text(encoding="utf-8"))
+    return (meta.get("seconds") or {}).get("total", 0.0)
+
+
 def probe_point(config, folder, index_dir=None):
     """Time a point on PROBE_QUESTIONS questions in folder/probe; its meta (None when the probe failed)."""
     probe = folder / "probe"
     if not run_point(config, probe, PROBE_QUESTIONS, index_dir) or not (probe / "meta.json").exists():
         return None
-    return dict(json.loads((probe / "meta.json").read_text(encoding="utf-8")), rerank_s=rerank_seconds(probe))
+    return dict(json.loads((probe / "meta.json").read_text(encoding="utf-8")), rerank_s=rerank_seconds(probe),
+                index_s=index_seconds(index_dir))
 
 
 # ----------------------------------------------------------------------------- calibrations scored offline
@@ -202,12 +210,14 @@ def test_prompts_per_question(fields):
 
 
 def projected_seconds(meta, fields, rerank_s=0.0):
-    """Time for the 515-question test under these calibration fields: load + MC prompts + descriptive answers, with
-    the per-prompt and per-question times this point measured (and reranking per question when passages are on)."""
+    """Time for the 515-question test under these calibration fields: the index build (meta's index_s, passages
+    only) + load + MC prompts + descriptive answers, with the per-prompt and per-question times this point measured
+    (and reranking per question for a reranked point)."""
     timing = meta.get("timing") or {}
     mc_s = (timing.get("mc_s_per_prompt") or 0.0) * test_prompts_per_question(fields)
     desc_s = timing.get("desc_s_per_question") or 0.0
-    return meta["seconds"]["load"] + TEST_MC * (mc_s + rerank_s) + TEST_DESC * (desc_s + rerank_s)
+    return (meta.get("index_s", 0.0) + meta["seconds"]["load"] + TEST_MC * (mc_s + rerank_s)
+            + TEST_DESC * (desc_s + rerank_s))
 
 
 def score_point(name, records, meta, questions, labels, desc_cache):
@@ -370,7 +380,9 @@ def report(rows, chosen, tied, warning, labels, budget_s, stopped, skipped, comm
               "answers), permute-k (mean over k cyclic option shifts), pride-s (position prior estimated from all "
               "shifts of a share s of the questions, then removed from the rest; Zheng et al. 2024). Projected "
               f"prompts per test question assume {TEST_FIVE} of the {TEST_MC} multiple-choice items have five "
-              "options.", ""]
+              "options. A point with passages (-p<k>: the first stage's k best passages; -p<k>-rerank: 03's LLM "
+              "reranking of them) counts building its index (02, embedded by the candidate) in its projected time.",
+              ""]
     common.write_text(common.REPORTS / "select.md", "\n".join(lines))
 
 
@@ -392,9 +404,11 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
             return None
         projected = projected_seconds(timed, dataclasses.asdict(config), timed["rerank_s"])
         if projected > budget_s:
-            rerank = (f", of which LLM reranking {(TEST_MC + TEST_DESC) * timed['rerank_s'] / 60:.0f} min"
-                      if timed["rerank_s"] else "")
-            stopped.append((name, f"projected {projected / 60:.0f} min{rerank} after {PROBE_QUESTIONS} questions, "
+            parts = [f"building the index {timed['index_s'] / 60:.0f} min"] if timed["index_s"] else []
+            parts += [f"LLM reranking {(TEST_MC + TEST_DESC) * timed['rerank_s'] / 60:.0f} min"] if timed["rerank_s"] \
+                else []
+            of_which = f", of which {' and '.join(parts)}" if parts else ""
+            stopped.append((name, f"projected {projected / 60:.0f} min{of_which} after {PROBE_QUESTIONS} questions, "
                             f"over the {budget_s / 60:.0f} min budget"))
             return None
         return timed
@@ -408,7 +422,8 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
         if not run_point(config, folder, 0, index_dir):
             skipped.append((name, "the run failed: see its log above"))
             return None
-        return load_point(folder)
+        records, meta = load_point(folder)
+        return records, dict(meta, index_s=index_seconds(index_dir))
 
     stage1 = {}
     for candidate in present:  # stage 1: every candidate at the float level, all shifts
@@ -451,18 +466,21 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
     if 3 not in stages:
         skipped.append(("stage 3 (passages)", f"not run (`05_quantize.py --stages {flag}`)"))
         return rows, stopped, skipped
-    for passages in PASSAGES:  # stage 3: passages for the best point
-        candidate, level = best["config"]["candidate"], best["config"]["level"]
-        name = point_name(candidate, level, passages)
+    candidate, level = best["config"]["candidate"], best["config"]["level"]
+    for passages in PASSAGES:  # stage 3: passages for the best point, first-stage then reranked
         index_dir = build_index(candidate, OUT / f"index-{candidate}")
         like = as_config(best["config"])
         if not PASSAGE_SHIFTS[lm.device_kind(device)]:
             like = dataclasses.replace(like, calibration="batch", permutations=1, pride_share=0.0)
-        config = point_config(candidate, level, passages, n_max, like=like)
-        timed = within_budget(config, name, index_dir)
-        done = timed and finished(config, name, index_dir=index_dir, timed=timed)
-        if done:
-            rows += score_point(name, *done, questions, labels, desc_cache)
+        for rerank in (False, True):
+            name = point_name(candidate, level, passages, rerank)
+            config = dataclasses.replace(point_config(candidate, level, passages, n_max, like=like), rerank=rerank)
+            timed = within_budget(config, name, index_dir)
+            if timed is None:  # reranking only adds time
+                break
+            done = finished(config, name, index_dir=index_dir, timed=timed)
+            if done:
+                rows += score_point(name, *done, questions, labels, desc_cache)
     return rows, stopped, skipped
 
 

@@ -29,12 +29,14 @@ ADAPTER := models/student-distilled/DONE
 
 # ---------------------------------------------------------------------------- the committed answering choice
 # selection.json (written by `make select`) names the candidate that answers and whether it reads passages: only
-# that model is built, and the index and the reranking only when passages are on.
+# that model is built, the index only when passages are on, and the LLM reranking only when they are on and its
+# rerank is not false (first-stage passages).
 SELECTION := selection.json
 selected = $(shell $(PYTHON) -c "import json;print(json.load(open('$(SELECTION)'))['config'].get('$(1)','$(2)'))" \
 	2>/dev/null || echo $(2))
 CANDIDATE := $(call selected,candidate,student)
 PASSAGES := $(call selected,passages,0)
+RERANKED := $(call selected,rerank,True)
 ANSWER_MODEL := $(if $(filter teacher,$(CANDIDATE)),$(TEACHER),$(if $(filter distilled,$(CANDIDATE)),$(ADAPTER),\
 	$(STUDENT)))
 
@@ -52,7 +54,7 @@ PAIRS := outputs/00_pairs/DONE
 INDEX := outputs/02_index/DONE
 RERANK := outputs/03_rerank/DONE
 INFER := outputs/04_infer/DONE
-RETRIEVED := $(if $(filter 0,$(PASSAGES)),,$(INDEX) $(RERANK))
+RETRIEVED := $(if $(filter 0,$(PASSAGES)),,$(INDEX) $(if $(filter False,$(RERANKED)),,$(RERANK)))
 # The competition file, when the user has put it at data/test.csv (rebuilds the data when it appears).
 TEST_CSV := $(wildcard data/test.csv data/sample_submission.csv)
 # Model wheel cache; `make verify` passes this checkout's into the fresh clone (nothing downloaded twice).
@@ -178,7 +180,7 @@ rerank-report: reports/rerank.md ## recall@1/3/5, MRR: first stage vs pointwise 
 reports/rerank.md: eval_rerank.py eval_retrieval.py 03_rerank.py $(SCORE_LIBS) $(SELECTION) $(INDEX)
 	$(PY) $< --out $@ --command "make rerank-report"
 
-gate-report: reports/gate.md ## relevance gate from the chosen candidate's select points p0, p3 -> reports/gate.md
+gate-report: reports/gate.md ## relevance gate from the chosen candidate's select points p0, p<k> -> reports/gate.md
 
 # Reads outputs/05_select (`make select`, phony): a new selection.json is what makes the report stale.
 reports/gate.md: eval_gate.py eval_retrieval.py evaluate.py $(SCORE_LIBS) $(SELECTION) $(DATA)

@@ -46,7 +46,8 @@ MEASURED = ("prefill_tokens_per_s", "generated_tokens_per_s", "peak_rss_gib", "p
 class Config:
     """What answers: a candidate (a common.candidates() name, or a model folder / hub id), its level (lm.LEVELS), the
     option calibration (CALIBRATIONS), the cyclic option shifts scored per question (permute: every question;
-    pride: the pride_share of the questions that estimate the position prior) and the passages per prompt."""
+    pride: the pride_share of the questions that estimate the position prior), the passages per prompt and whether
+    03's LLM reranking orders them (rerank False: the first stage's best passages, no 03)."""
 
     candidate: str = "student"
     level: str = "float"
@@ -54,6 +55,7 @@ class Config:
     permutations: int = 1
     pride_share: float = 0.0
     passages: int = 0
+    rerank: bool = True
 
     @property
     def model(self):
@@ -104,15 +106,15 @@ def machine_slowdown(data):
 
 
 def fitted(config, data):
-    """The config, or the best alternative of selection.json that fits its budget on this machine (same model and
-    passages: those decide what `make` builds)."""
+    """The config, or the best alternative of selection.json that fits its budget on this machine (same model,
+    passages and reranking: those decide what `make` builds)."""
     budget = (data.get("figures") or {}).get("budget_s")
     slowdown = machine_slowdown(data)
     if not budget or slowdown <= 1.0:
         return config
     options = [dict(a, config=Config(**a["config"])) for a in data.get("alternatives", [])]
-    options = [a for a in options if a["config"].candidate == config.candidate and
-               a["config"].passages == config.passages] or [dict(config=config, projected_s=0.0)]
+    options = [a for a in options if (a["config"].candidate, a["config"].passages, a["config"].rerank) ==
+               (config.candidate, config.passages, config.rerank)] or [dict(config=config, projected_s=0.0)]
     for option in options:
         if option["projected_s"] * slowdown <= budget:
             break
@@ -412,11 +414,14 @@ def content_free_logprobs(model, tokenizer, option_counts):
     return out
 
 
-def work_order(questions, tokenizer):
-    """Multiple choice first, then descriptive, each by prompt length: batches pad little, and the batches of a
-    resumed run are the ones an uninterrupted run would have formed (the checkpoint holds whole batches)."""
+def work_order(questions, tokenizer, contexts=None):
+    """Multiple choice first, then descriptive, each by prompt length (the question and its passages when contexts
+    {id: text} are given: they vary more than the questions do): batches pad little, and the batches of a resumed run
+    are the ones an uninterrupted run would have formed (the checkpoint holds whole batches)."""
+    contexts = contexts or {}
+
     def length(q):
-        return len(tokenizer(q.text, add_special_tokens=False).input_ids)
+        return len(tokenizer(contexts.get(q.id, "") + q.text, add_special_tokens=False).input_ids)
     return sorted(questions, key=lambda q: (q.kind != "mc", length(q)))
 
 
@@ -456,19 +461,21 @@ def run(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None
     option_counts = sorted({len(q.options) for q in questions if q.kind == "mc"})
     content_free = content_free_logprobs(model, tokenizer, option_counts) if option_counts else {}
     t_answer = time.time()
+    contexts = dict(zip([q.id for q in todo], retrieve(index, tokenizer, todo, config.passages, ranked))) \
+        if index else {}
+    retrieve_each = (time.time() - t_answer) / max(len(todo), 1)  # retrieval time, counted per question below
     with tqdm(total=len(todo), desc="04 answering", unit="q") as bar:
-        ordered = work_order(todo, tokenizer)
+        ordered = work_order(todo, tokenizer, {i: text for i, (text, _) in contexts.items()})
         for kind, fn, size in (("mc", answer_mc, MC_BATCH), ("desc", answer_desc, DESC_BATCH)):
             pending = [q for q in ordered if q.kind == kind]
             for start in range(0, len(pending), size):
                 chunk = pending[start:start + size]
-                t_chunk = time.time()
-                contexts = retrieve(index, tokenizer, chunk, config.passages, ranked) if index \
-                    else [("", [])] * len(chunk)
-                texts = [c for c, _ in contexts]
+                t_chunk = time.time() - retrieve_each * len(chunk)  # the chunk's time includes its retrieval
+                found = [contexts.get(q.id, ("", [])) for q in chunk]
+                texts = [c for c, _ in found]
                 records = fn(model, tokenizer, chunk, texts, shifts, stats) if kind == "mc" \
                     else fn(model, tokenizer, chunk, texts, stats)
-                for q, record, (_, cited) in zip(chunk, records, contexts):
+                for q, record, (_, cited) in zip(chunk, records, found):
                     record["seconds"] = round((time.time() - t_chunk) / len(chunk), 3)
                     record["context"] = cited
                     record["question_sha"] = q.digest

@@ -1,19 +1,22 @@
 """Would a relevance gate help: passages in the prompt only where retrieval looks sure? Written as reports/gate.md.
 
-Reads the two `make select` points of the chosen configuration (selection.json, answering.chosen()): 05_quantize.py's
-outputs/05_select/<candidate>-<level>-p0 (no passages) and -p<PASSAGES> (first-stage passages from the index 05
-built for that candidate, outputs/05_select/index-<candidate>), and data/prepared/{questions,labels}.csv. The answers
-come from the points' records: multiple choice by answering.calibrated_answers under the chosen calibration (a point
-may hold more option shifts than that calibration reads: the others are dropped), descriptive by
-answering.clean_description. A gate at threshold t answers a question from the point with passages when a BM25 signal
-of the question is at least t, else from the point without; the two groups are calibrated separately, as a gated run
-would have to. No model runs here: greedy scoring is deterministic, so a gated run would give the same
-log-probabilities. Reports, per signal, the MC accuracy at several shares of questions given passages; the gain of a
-threshold chosen on one half of the questions and measured on the other (GATE_SPLITS random halvings); the oracle
-gate, which gives passages exactly where a cited article is among them; and the descriptive score with and without
-passages beside the echo baseline. Run by `make gate-report`.
+Reads the `make select` points of the chosen configuration (selection.json, answering.chosen()): 05_quantize.py's
+outputs/05_select/<candidate>-<level>-p0 (no passages) and -p<k> (first-stage passages from the index 05 built for
+that candidate, outputs/05_select/index-<candidate>; k = PASSAGES or --passages for the gate, every finished k for
+the first table), and data/prepared/{questions,labels}.csv. The answers come from the points' records: multiple
+choice by answering.calibrated_answers under the chosen calibration (a point may hold more option shifts than that
+calibration reads: the others are dropped; where a point lacks shifts it needs, as 05's CPU passage points do, every
+point is scored under `batch`, the one-prompt calibration), descriptive by answering.clean_description. A gate at
+threshold t answers a question from the point with passages when a BM25 signal of the question is at least t, else
+from the point without; the two groups are calibrated separately, as a gated run would have to. No model runs here:
+greedy scoring is deterministic, so a gated run would give the same log-probabilities. Reports, per signal, the MC
+accuracy at several shares of questions given passages; the gain of a threshold chosen on one half of the questions
+and measured on the other (GATE_SPLITS random halvings); the oracle gate, which gives passages exactly where a cited
+article is among them; the descriptive score with and without passages beside the echo baseline; and, first, every
+finished passage point against no passages. Run by `make gate-report`.
 """
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -32,7 +35,7 @@ import scoring
 
 # ----------------------------------------------------------------------------- settings
 SELECT = common.OUTPUTS / "05_select"  # 05_quantize.py's points and indexes (`make select`)
-PASSAGES = 3  # the point with passages read beside the p0 one (one of 05's PASSAGES)
+PASSAGES = 1  # the point with passages the gate reads beside the p0 one (one of 05's PASSAGES: the cheapest)
 SHARES = [1.0, 0.5, 0.2, 0.1, 0.05, 0.0]  # share of the questions given passages (highest signal first)
 GATE_SPLITS = 20  # random halvings for the held-out threshold choice
 GRID = 20  # candidate thresholds: quantiles of the signal in steps of 1/GRID
@@ -42,11 +45,22 @@ SIGNALS = {"top": "top BM25 score", "margin": "top minus second BM25 score",
            "ratio": "top / second BM25 score", "per_token": "top BM25 score / query morphemes"}
 
 
-def point_dirs(config):
-    """(point without passages, point with PASSAGES, the index of the latter) of the config's candidate and level,
+def point_dirs(config, passages=PASSAGES):
+    """(point without passages, point with passages, the index of the latter) of the config's candidate and level,
     named as 05_quantize.py names them."""
     name = f"{config.candidate}-{config.level}"
-    return SELECT / f"{name}-p0", SELECT / f"{name}-p{PASSAGES}", SELECT / f"index-{config.candidate}"
+    return SELECT / f"{name}-p0", SELECT / f"{name}-p{passages}", SELECT / f"index-{config.candidate}"
+
+
+def passage_points(config):
+    """{k: folder} of the finished first-stage passage points (k >= 1) of the config's candidate and level."""
+    prefix = f"{config.candidate}-{config.level}-p"
+    found = {}
+    for folder in SELECT.glob(prefix + "*"):
+        k = folder.name[len(prefix):]
+        if k.isdigit() and int(k) > 0 and (folder / "DONE").exists():
+            found[int(k)] = folder
+    return dict(sorted(found.items()))
 
 
 def load_point(folder):
@@ -63,6 +77,14 @@ def with_chosen_shifts(records, questions, config):
     keep = answering.shifts_for(questions, config)
     return {i: dict(r, shifts={s: lp for s, lp in r.get("shifts", {}).items() if int(s) in keep.get(i, [])})
             for i, r in records.items() if r["kind"] == "mc"}
+
+
+def scorable(config, questions, runs):
+    """The config when every run holds the option shifts its calibration reads, else `batch` (one prompt)."""
+    keep = answering.shifts_for(questions, config)
+    held = all(set(map(str, keep.get(i, []))) <= set(r.get("shifts", {})) for records in runs
+               for i, r in records.items() if r["kind"] == "mc")
+    return config if held else dataclasses.replace(config, calibration="batch", permutations=1, pride_share=0.0)
 
 
 def signals(index, questions):
@@ -144,7 +166,7 @@ def oracle_lines(ids, index, rag_records, plain, rag, labels, calibration):
             "each run calibrated over all its questions).", ""]
 
 
-def desc_lines(questions, plain_records, rag_records, labels):
+def desc_lines(questions, plain_records, rag_records, labels, passages):
     """Descriptive score without and with passages (paired difference) beside the echo baseline."""
     desc = [q for q in questions if q.kind == "desc"]
     if not desc:
@@ -153,7 +175,7 @@ def desc_lines(questions, plain_records, rag_records, labels):
     def cleaned(records):
         return {q.id: answering.clean_description(records[q.id]["raw"], q.text) for q in desc}
 
-    runs = {"no passages": cleaned(plain_records), f"{PASSAGES} passages": cleaned(rag_records),
+    runs = {"no passages": cleaned(plain_records), f"{passages} passages": cleaned(rag_records),
             "echo baseline (the question as the answer)": evaluate.echo_answers(desc, {q.id for q in desc})}
     lines = [f"## Descriptive answers ({len(desc)} questions, cosine: `{scoring.encoder_name()}`)", "",
              "| answers | cosine | keyword recall | descriptive score |", "|---|---|---|---|"]
@@ -163,19 +185,47 @@ def desc_lines(questions, plain_records, rag_records, labels):
         n = len(parts)
         lines.append(f"| {name} | {sum(c for c, _ in parts.values()) / n:.3f} | "
                      f"{sum(k for _, k in parts.values()) / n:.3f} | {sum(each[name].values()) / n:.3f} |")
-    diff, se = scoring.paired(each[f"{PASSAGES} passages"], each["no passages"])
+    diff, se = scoring.paired(each[f"{passages} passages"], each["no passages"])
     return lines + ["", f"Passages change the descriptive score by {diff:+.3f} ± {se:.3f} (paired SE).", ""]
+
+
+def points_lines(config, questions, labels, plain_dir):
+    """One row per finished point (no passages, then each first-stage passage count): MC accuracy under one
+    calibration every point holds, its change against no passages, the descriptive score and the seconds per
+    multiple-choice prompt."""
+    folders = {0: plain_dir, **passage_points(config)}
+    runs = {k: load_point(folder) for k, folder in folders.items()}
+    cal = scorable(config, questions, [records for records, _ in runs.values()])
+    desc = [q for q in questions if q.kind == "desc" and all(q.id in records for records, _ in runs.values())]
+    mc, each = {}, {}
+    for k, (records, meta) in runs.items():
+        mc[k] = answering.calibrated_answers(list(with_chosen_shifts(records, questions, cal).values()),
+                                             cal.calibration, meta["content_free"])
+        each[k], _ = scoring.per_question({q.id: answering.clean_description(records[q.id]["raw"], q.text)
+                                           for q in desc}, labels)
+    lines = [f"Every point of the chosen candidate and level (`{cal.calibration}` on all of them):", "",
+             "| passages | MC accuracy | change vs none ± SE | descriptive | change vs none ± SE | s per MC prompt |",
+             "|---|---|---|---|---|---|"]
+    for k, (records, meta) in runs.items():
+        mc_diff, mc_se = scoring.mc_difference(mc[k], mc[0], labels)
+        desc_diff, desc_se = scoring.paired(each[k], each[0])
+        per_prompt = (meta.get("timing") or {}).get("mc_s_per_prompt")
+        lines.append(f"| {k} | {accuracy(mc[k], labels):.3f} | {mc_diff:+.3f} ± {mc_se:.3f} | "
+                     f"{sum(each[k].values()) / max(len(each[k]), 1):.3f} | {desc_diff:+.3f} ± {desc_se:.3f} | "
+                     f"{scoring.fmt(per_prompt, 2)} |")
+    return lines + [""]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--passages", type=int, default=PASSAGES, help="the passage point the gate reads")
     parser.add_argument("--command", default="make gate-report")
     args = parser.parse_args()
 
     config = answering.chosen()
     labels = scoring.read_labels(common.LABELS)
-    plain_dir, rag_dir, index_dir = point_dirs(config)
+    plain_dir, rag_dir, index_dir = point_dirs(config, args.passages)
     (plain_all, plain_meta), (rag_all, rag_meta) = load_point(plain_dir), load_point(rag_dir)
     if plain_meta["model"] != rag_meta["model"] or not rag_meta.get("rag") or plain_meta.get("rag"):
         raise SystemExit(f"{plain_dir} and {rag_dir} must be runs of one model without and with passages: "
@@ -184,24 +234,28 @@ def main():
         raise SystemExit(f"no index at {index_dir}: run `make select` (it builds the index of the point with "
                          "passages).")
     questions = competition.read_questions(common.QUESTIONS)
-    plain = (with_chosen_shifts(plain_all, questions, config), plain_meta["content_free"])
-    rag = (with_chosen_shifts(rag_all, questions, config), rag_meta["content_free"])
+    scored = scorable(config, questions, [plain_all, rag_all])
+    plain = (with_chosen_shifts(plain_all, questions, scored), plain_meta["content_free"])
+    rag = (with_chosen_shifts(rag_all, questions, scored), rag_meta["content_free"])
     ids = [q.id for q in questions if q.id in plain[0] and q.id in rag[0] and q.id in labels]
     index = retrieval.load_index(index_dir)
     values = signals(index, [q for q in questions if q.id in set(ids)])
-    cal, info = config.calibration, rag_meta["rag"]
+    cal, info = scored.calibration, rag_meta["rag"]
+    why = "the chosen calibration" if scored == config else \
+        f"the one-prompt calibration: the passage point lacks the option shifts of the chosen `{config.calibration}`"
     lines = ["# Relevance gate: passages only where retrieval looks sure", "",
              f"Produced by `{args.command}`. {len(ids)} development multiple-choice questions, model "
              f"`{rag_meta['model']}`; answers from the select points `{os.path.relpath(plain_dir, common.ROOT)}` (no "
              f"passages) and `{os.path.relpath(rag_dir, common.ROOT)}` ({info['passages']} {info['method']} passages, "
-             f"{info['max_tokens']} tokens). Each group calibrated on its own (`{cal}`, the chosen calibration). One "
-             f"question = {1 / len(ids):.3f}.", "",
-             f"No passages: **{accuracy(gated_answers(ids, set(), plain, rag, cal), labels):.3f}**. Passages for "
-             f"every question: **{accuracy(gated_answers(ids, set(ids), plain, rag, cal), labels):.3f}**.", ""]
+             f"{info['max_tokens']} tokens, no LLM reranking). Each group calibrated on its own (`{cal}`, {why}). "
+             f"One question = {1 / len(ids):.3f}.", ""]
+    lines += points_lines(config, questions, labels, plain_dir)
+    lines += [f"No passages: **{accuracy(gated_answers(ids, set(), plain, rag, cal), labels):.3f}**. Passages for "
+              f"every question: **{accuracy(gated_answers(ids, set(ids), plain, rag, cal), labels):.3f}**.", ""]
     lines += gate_lines(ids, values, plain, rag, labels, cal) + [""]
     lines += oracle_lines(ids, index, rag_all, plain, rag, labels, cal)
     answered = [q for q in questions if q.id in plain_all and q.id in rag_all and q.id in labels]
-    lines += desc_lines(answered, plain_all, rag_all, labels)
+    lines += desc_lines(answered, plain_all, rag_all, labels, args.passages)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     common.write_text(args.out, "\n".join(lines))
     print(f"eval_gate: -> {args.out}")

@@ -73,12 +73,16 @@ def test_only_the_shifts_of_the_chosen_calibration_are_read():
     assert list(two) == ["q1"] and two["q1"]["shifts"] == {"1": [-1.0, -1.0, -1.0]}
     assert gate.with_chosen_shifts(records, questions, answering.Config(calibration="auto"))["q1"]["shifts"] == {}
     assert full["shifts"].keys() == {"1", "2"}  # the records read are left as they were
+    permute = answering.Config(calibration="permute", permutations=3)
+    assert gate.scorable(permute, questions, [records]) == permute
+    identity = {"q1": dict(full, shifts={}), "d1": records["d1"]}  # a CPU passage point: one prompt per question
+    assert gate.scorable(permute, questions, [records, identity]).calibration == "batch"
 
 
 def test_a_missing_select_point_says_what_to_run(tmp_path, monkeypatch):
     monkeypatch.setattr(gate, "SELECT", tmp_path)
     plain, rag, index = gate.point_dirs(answering.Config(candidate="teacher", level="bnb-nf4"))
-    assert (plain.name, rag.name, index.name) == ("teacher-bnb-nf4-p0", "teacher-bnb-nf4-p3", "index-teacher")
+    assert (plain.name, rag.name, index.name) == ("teacher-bnb-nf4-p0", "teacher-bnb-nf4-p1", "index-teacher")
     with pytest.raises(SystemExit, match="make select"):
         gate.load_point(plain)
 
@@ -126,6 +130,7 @@ def test_report_from_the_two_select_points_on_the_tiny_index(tiny_index, tmp_pat
     rag += [dict(record(f"q{i}", [0.7, 0.1, 0.1, 0.1]), context=[]) for i in range(1, 4)]
     rag.append(dict(id="d0", kind="desc", raw="서명자의 **신원**을 나타내는 정보입니다.", context=[key]))
     write_point(gate.SELECT / "student-float-p0", plain)
+    write_point(gate.SELECT / "student-float-p1", rag, dict(passages=1, method="fused", max_tokens=512))
     write_point(gate.SELECT / "student-float-p3", rag, dict(passages=3, method="fused", max_tokens=512))
     monkeypatch.setattr(sys, "argv", ["eval_gate.py", "--out", str(tmp_path / "gate.md")])
     with pytest.raises(SystemExit, match="no index at .*make select"):
@@ -136,4 +141,6 @@ def test_report_from_the_two_select_points_on_the_tiny_index(tiny_index, tmp_pat
     assert "4 development multiple-choice questions" in report
     assert "No passages: **0.000**. Passages for every question: **0.250**." in report
     assert "**Oracle gate** (passages exactly for the 1 questions" in report and "**0.250**" in report
-    assert "| echo baseline (the question as the answer) |" in report and "| 3 passages |" in report
+    assert "| echo baseline (the question as the answer) |" in report and "| 1 passages |" in report
+    rows = [line for line in report.splitlines() if line.startswith(("| 0 |", "| 1 |", "| 3 |"))]
+    assert len(rows) == 3 and "| 0.250 | +0.250 ± 0.250 |" in rows[1]  # every finished point, against none

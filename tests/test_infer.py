@@ -183,6 +183,16 @@ def test_retrieved_context_goes_into_the_prompt_and_the_key(tiny_model_dir, tiny
     assert plain["key"] != meta["key"] and plain["rag"] is None
 
 
+def test_work_order_sorts_by_the_question_with_its_passages(tiny_model_dir):
+    tokenizer = lm.load_tokenizer(str(tiny_model_dir))
+    short, long = (competition.parse_question(i, f"{stem}\n1 가\n2 나\n3 다\n4 라") for i, stem in (
+        ("s", "옳은 것은?"), ("l", "다음 중 전자금융거래법에 따른 접근매체의 관리 의무로 옳은 것은?")))
+    desc = competition.parse_question("d", "전자서명을 설명하세요.")
+    assert [q.id for q in answering.work_order([desc, long, short], tokenizer)] == ["s", "l", "d"]
+    passage = "전자금융거래법 제6조 접근매체의 선정과 사용 및 관리 " * 5
+    assert [q.id for q in answering.work_order([desc, long, short], tokenizer, {"s": passage})] == ["l", "s", "d"]
+
+
 def test_a_question_with_nothing_retrieved_is_still_answered(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
     monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
     monkeypatch.setattr(retrieval, "SEARCH_METHOD", "bm25")  # dense and fused always return the nearest chunks

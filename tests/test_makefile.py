@@ -62,6 +62,11 @@ def test_passages_on_builds_and_reruns_the_index_and_the_reranking(checkout):
     assert dry_run(checkout, "submission") == ["02_build_index.py", "03_rerank.py", "04_infer.py"]
 
 
+def test_first_stage_passages_build_the_index_without_the_reranking(checkout):
+    set_selection(checkout, candidate="student", passages=1, rerank=False)
+    assert dry_run(checkout, "submission") == ["02_build_index.py", "04_infer.py"]
+
+
 def test_the_chosen_candidate_is_the_only_model_built(checkout):
     (checkout / "models/teacher-base/DONE").unlink()
     (checkout / "models/student-base/DONE").unlink()

@@ -154,6 +154,10 @@ def test_projected_time_by_hand():
     five = quantize.TEST_FIVE / quantize.TEST_MC
     assert quantize.test_prompts_per_question(permute) == pytest.approx((1 - five) * 4 + five * 5)
     assert quantize.projected_seconds(meta, plain, rerank_s=1.0) == pytest.approx(10 + 500 * 1.5 + 15 * 5)
+    built = dict(meta, index_s=100.0)  # a passage point: `make submission` builds the index first
+    assert quantize.projected_seconds(built, plain) == pytest.approx(100 + 10 + 500 * 0.5 + 15 * 4)
+    old_row = dict(plain, candidate="teacher", level="float", passages=3)  # a point measured before `rerank`
+    assert quantize.as_config(old_row).rerank is True
 
 
 # ----------------------------------------------------------------------------- the choice
@@ -202,8 +206,10 @@ def test_a_slower_machine_falls_back_to_an_alternative_that_fits(tmp_path, monke
                 passages=0)
     fast = dict(slow, calibration="none", permutations=1)
     other = dict(fast, candidate="student")
+    unranked = dict(fast, rerank=False)  # same model and passages, but `make` would skip the reranking
     data = dict(config=slow, figures=dict(budget_s=1000), device="cpu", alternatives=[
-        dict(config=slow, projected_s=900), dict(config=other, projected_s=100), dict(config=fast, projected_s=300)],
+        dict(config=slow, projected_s=900), dict(config=other, projected_s=100), dict(config=unranked, projected_s=50),
+        dict(config=fast, projected_s=300)],
                 machine=dict(cpu_dtype="bfloat16", gflops=dict(bfloat16=400.0)))
     path = tmp_path / "selection.json"
     path.write_text(json.dumps(data), encoding="utf-8")
@@ -211,7 +217,7 @@ def test_a_slower_machine_falls_back_to_an_alternative_that_fits(tmp_path, monke
     monkeypatch.setattr(lm, "cpu_gflops", lambda: 400.0)
     assert answering.chosen(path, fit=True) == answering.Config(**slow)  # as fast as the choosing machine
     monkeypatch.setattr(lm, "cpu_gflops", lambda: 400.0 / 3)  # three times slower: 2700 s over, 900 s fits
-    assert answering.chosen(path, fit=True) == answering.Config(**fast)  # the student is never a fallback
+    assert answering.chosen(path, fit=True) == answering.Config(**fast)  # never another model or reranking
     monkeypatch.setattr(lm, "cpu_gflops", lambda: 40.0)  # nothing fits: the fastest of the same model and passages
     assert answering.chosen(path, fit=True) == answering.Config(**fast)
     assert answering.chosen(path) == answering.Config(**slow)  # without fit: exactly the committed choice
@@ -245,6 +251,7 @@ def select_run(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
     monkeypatch.setattr(quantize, "build_index", lambda candidate, folder: tiny_index)
     monkeypatch.setattr(retrieval, "SEARCH_METHOD", "bm25")  # the tiny index was embedded by one of the two
     monkeypatch.setattr(quantize, "PROBE_QUESTIONS", 2)
+    monkeypatch.setattr(quantize, "RERANK_PROBE", 1)
     runs = []
 
     def in_process(config, folder, limit=0, index_dir=None):
@@ -292,6 +299,7 @@ def test_a_level_over_budget_stops_after_its_probe(select_run, monkeypatch):
     quantize.main()
     assert not any(c["level"] == "fp32" and limit == 0 for c, limit in runs)
     assert any(c["passages"] == 2 for c, _ in runs) and not any(c["passages"] == 2 and limit == 0 for c, limit in runs)
+    assert not any(c["passages"] == 2 and c["rerank"] for c, _ in runs)  # first stage over: reranked not probed
     report = (tmp_path / "reports" / "select.md").read_text(encoding="utf-8")
     assert "over the" in report and "Warning" in report
 
@@ -303,11 +311,18 @@ def test_stages_can_skip_the_levels_and_still_try_passages(select_run, monkeypat
     monkeypatch.setattr("sys.argv", ["05_quantize.py", "--stages", "1,3"])
     quantize.main()
     assert not any(c["level"] != "float" for c, _ in runs)  # no stage-2 level, not even a probe
-    assert any(c["passages"] == 2 and limit == 0 for c, limit in runs)  # stage 3 ran
-    name = next(p.name for p in (tmp_path / "05").iterdir() if p.name.endswith("-p2"))
-    timed = json.loads((tmp_path / "05" / name / "probe" / "rerank.json").read_text(encoding="utf-8"))
-    assert timed["questions"] >= 1 and timed["s_per_question"] > 0  # its probe timed the LLM reranking
+    assert any(c["passages"] == 2 and not c["rerank"] and limit == 0 for c, limit in runs)  # first-stage passages
+    assert any(c["passages"] == 2 and c["rerank"] and limit == 0 for c, limit in runs)  # then 03's reranking
+    first = next(p for p in (tmp_path / "05").iterdir() if p.name.endswith("-p2"))
+    reranked = first.with_name(first.name + "-rerank")
+    assert not (first / "probe" / "rerank.json").exists()  # first-stage passages: no reranking timed or counted
+    timed = json.loads((reranked / "probe" / "rerank.json").read_text(encoding="utf-8"))
+    assert timed["questions"] == 1 and timed["s_per_question"] > 0  # the probe reranked RERANK_PROBE questions
+    assert json.loads((reranked / "rerank.json").read_text(encoding="utf-8"))["questions"] == len(QUESTIONS)
+    keys = [json.loads((p / "meta.json").read_text(encoding="utf-8"))["key"] for p in (first, reranked)]
+    assert keys[0] != keys[1]  # the reranked chunks are part of the answers' checkpoint key
     report = (tmp_path / "reports" / "select.md").read_text(encoding="utf-8")
+    assert f"| {reranked.name} |" in report
     assert "stage 2 (levels): not run (`05_quantize.py --stages 1,3`)" in report
 
 
