@@ -22,12 +22,14 @@ Projected time of the 515-question test = load + 500 x MC prompts per question x
 machine. Choice: the highest score within the budget; a point the best does not beat by more than
 max(SCORE_TOLERANCE, NOISE_Z x paired SE) is tied with it, and the fastest tied point wins. Writes selection.json (the
 configuration, its figures, the date and the machine: committed, so `make submission` reproduces it without
-measuring) and reports/select.md. Run by `make select`.
+measuring) and reports/select.md. Run by `make select`; `--rescore` (`make reselect`) runs no model and chooses again
+among the points already finished in outputs/05_select (after a change to the choice rule, or a point run on its own).
 """
 import argparse
 import dataclasses
 import importlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -110,8 +112,9 @@ def child_point(config_json, folder, limit, index_dir):
         questions = ([q for q in questions if q.kind == "mc"][:limit]
                      + [q for q in questions if q.kind == "desc"][:answering.DESC_BATCH])
     ranked = None
-    if config.passages and config.rerank:
-        ranked = reranked(config, questions[:RERANK_PROBE] if limit else questions, index_dir, folder)
+    if config.passages and config.rerank:  # the questions that read passages (answering.DESC_PASSAGES)
+        reading = [q for q in questions if q.kind == "mc" or answering.DESC_PASSAGES]
+        ranked = reranked(config, reading[:RERANK_PROBE] if limit else reading, index_dir, folder)
     answering.run(questions, folder, config, ranked=ranked, index_dir=index_dir)
     if not limit:
         (folder / "DONE").touch()
@@ -212,12 +215,13 @@ def test_prompts_per_question(fields):
 def projected_seconds(meta, fields, rerank_s=0.0):
     """Time for the 515-question test under these calibration fields: the index build (meta's index_s, passages
     only) + load + MC prompts + descriptive answers, with the per-prompt and per-question times this point measured
-    (and reranking per question for a reranked point)."""
+    (and reranking per question that reads passages for a reranked point)."""
     timing = meta.get("timing") or {}
     mc_s = (timing.get("mc_s_per_prompt") or 0.0) * test_prompts_per_question(fields)
     desc_s = timing.get("desc_s_per_question") or 0.0
+    desc_rerank_s = rerank_s if answering.DESC_PASSAGES else 0.0
     return (meta.get("index_s", 0.0) + meta["seconds"]["load"] + TEST_MC * (mc_s + rerank_s)
-            + TEST_DESC * (desc_s + rerank_s))
+            + TEST_DESC * (desc_s + desc_rerank_s))
 
 
 def score_point(name, records, meta, questions, labels, desc_cache):
@@ -484,6 +488,24 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
     return rows, stopped, skipped
 
 
+def rescored(questions, labels, desc_cache):
+    """Rows of every point finished in OUT (named as point_name names them), no model run; a point with passages
+    counts the build time of its candidate's index there."""
+    levels = "|".join(map(re.escape, lm.LEVELS))
+    rows = []
+    for folder in sorted(OUT.iterdir()) if OUT.exists() else []:
+        match = re.fullmatch(rf"(.+)-({levels})-p(\d+)(-rerank)?", folder.name)
+        done = load_point(folder) if match and folder.is_dir() else None
+        if done:
+            records, meta = done
+            index_dir = OUT / f"index-{match.group(1)}" if int(match.group(3)) else None
+            rows += score_point(folder.name, records, dict(meta, index_s=index_seconds(index_dir)), questions, labels,
+                                desc_cache)
+    if not rows:
+        raise SystemExit(f"05: no finished point in {OUT}: run `make select` first.")
+    return rows
+
+
 def level_list(text):
     """The quantization levels of a --levels value ("fp32,bnb-nf4"): names of lm.LEVELS."""
     levels = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
@@ -512,6 +534,8 @@ def main():
     parser.add_argument("--levels", type=level_list, default=None,
                         help="stage 2: only these levels, comma-separated (default: every level of LEVELS the device "
                              "runs)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="run no model: choose among the points already finished in outputs/05_select")
     parser.add_argument("--command", default="make select")
     args = parser.parse_args()
     if args.point:
@@ -522,7 +546,12 @@ def main():
     budget_s = BUDGET_HOURS[kind] * 3600 * SAFETY_MARGIN[kind]
     questions, labels = dev_set()
     t0 = time.time()
-    rows, stopped, skipped = measure(questions, labels, device, budget_s, {}, args.stages, args.levels)
+    if args.rescore:
+        rows, stopped = rescored(questions, labels, {}), []
+        skipped = [("every other point", "not run: `05_quantize.py --rescore` chose among the finished points of "
+                    f"{OUT.parent.name}/{OUT.name} only (the last full `make select`: git log -p reports/select.md)")]
+    else:
+        rows, stopped, skipped = measure(questions, labels, device, budget_s, {}, args.stages, args.levels)
     chosen, tied, warning = select(rows, labels, budget_s)
     if warning:
         print(f"05: WARNING: {warning}")

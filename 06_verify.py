@@ -37,6 +37,7 @@ from pathlib import Path
 import answering
 import common
 import competition
+import retrieval
 import scoring
 
 # ----------------------------------------------------------------------------- settings
@@ -310,7 +311,8 @@ def selection_summary(path):
     data = json.loads(path.read_text(encoding="utf-8"))
     f = data.get("figures") or {}
     minutes = lambda s: scoring.fmt(s / 60 if s else None, 0)
-    return (f"**Answering configuration** (`selection.json`, from `make select` on {data.get('date')}, "
+    return (f"**Answering configuration** (`selection.json`, from `{data.get('command') or 'make select'}` on "
+            f"{data.get('date')}, "
             f"{data.get('device')}): {described}. Development set: score {scoring.fmt(f.get('score'))} (multiple "
             f"choice {scoring.fmt(f.get('mc_acc'))}, descriptive {scoring.fmt(f.get('desc_score'))}); projected "
             f"{minutes(f.get('projected_s'))} min for the 515-question test (budget {minutes(f.get('budget_s'))} min).")
@@ -329,8 +331,11 @@ def report_text(reports_dir, selection_path):
              "hand.", "",
              "One open-licensed LLM answers Korean financial-security questions offline: multiple choice from the "
              "next-token logits of the option digits with a calibrated option prior, descriptive questions by short "
-             "greedy generation. When the configuration uses passages, the same LLM embeds the law articles for "
-             "retrieval (BM25 + dense, fused) and reranks them. Stages 00-06 and their artifacts: README.md.", "",
+             "greedy generation. When the configuration uses passages, they come from a Korean BM25 first stage "
+             "(fused with the same LLM's dense vectors when retrieval.SEARCH_METHOD says so; now "
+             f"`{retrieval.SEARCH_METHOD}`) and, unless its rerank is false, that LLM reranks them; descriptive "
+             f"questions read them only when answering.DESC_PASSAGES is true (now `{answering.DESC_PASSAGES}`). "
+             "Stages 00-06 and their artifacts: README.md.", "",
              selection_summary(Path(selection_path)), "", "## Stage reports", ""]
     lines += [f"- [{n}]({n}): {STAGES.get(n) or title(reports_dir / n)}" for n in names]
     return "\n".join(lines) + "\n"

@@ -62,7 +62,8 @@ MODEL_WHEELS ?= models/wheels
 # `make verify VERIFY_LIMIT=5`: tiny profile (5 questions, both kinds); 0 = the whole question set.
 VERIFY_LIMIT ?= 0
 
-.PHONY: help setup models student teacher data pairs topk distill index rerank submission select eval test test-slow
+.PHONY: help setup models student teacher data pairs topk distill index rerank submission select reselect eval test \
+	test-slow
 .PHONY: clean report package check verify
 
 help: ## list the targets
@@ -145,6 +146,9 @@ select: $(SETUP) $(STUDENT) $(TEACHER) ## measure candidates x levels x calibrat
 		--command "make select$(if $(filter $(ALL_STAGES),$(SELECT_STAGES)),, SELECT_STAGES=$(SELECT_STAGES))$(if \
 		$(SELECT_LEVELS), SELECT_LEVELS=$(SELECT_LEVELS))"
 
+reselect: $(SETUP) ## choose again among the finished select points (no model runs) -> selection.json, reports/select.md
+	$(PY) 05_quantize.py --rescore --command "make reselect"
+
 # ---------------------------------------------------------------------------- 06: package and verify
 # Phony. report never starts a stage's runs (REPORT.md links the reports that exist). check and package first build
 # what the package ships (answering model, corpus copy, index when passages are on), then run a moved copy offline.
@@ -172,8 +176,13 @@ reports/eval.md: evaluate.py $(SCORE_LIBS) submission.csv
 
 eval-retrieval: reports/retrieval.md ## recall@1/5/20 and MRR of BM25, dense, fused on the dev set -> reports/retrieval.md
 
-reports/retrieval.md: eval_retrieval.py $(SCORE_LIBS) $(INDEX)
-	$(PY) $< --out $@ --command "make eval-retrieval"
+# Its own index with the dense part (02 --dense): the answering index has none while SEARCH_METHOD is bm25.
+DENSE_INDEX := outputs/02_index_dense/DONE
+$(DENSE_INDEX): 02_build_index.py $(ANSWER_LIBS) $(SELECTION) $(DATA) $(ANSWER_MODEL)
+	$(PY) $< --dense --out $(@D)
+
+reports/retrieval.md: eval_retrieval.py $(SCORE_LIBS) $(DENSE_INDEX)
+	$(PY) $< --index $(dir $(DENSE_INDEX)) --out $@ --command "make eval-retrieval"
 
 rerank-report: reports/rerank.md ## recall@1/3/5, MRR: first stage vs pointwise vs listwise; cost -> reports/rerank.md
 

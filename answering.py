@@ -35,6 +35,9 @@ AUTO_SKEW = 0.5  # auto: batch calibration when one option wins more than this s
 CONTENT_FREE_STEMS = ["N/A", "[빈칸]", ""]  # content-free prompts for content_free calibration (Zhao et al. 2021)
 BATCH_MIN = 50  # fewer questions of one option count than this: batch calibration uses the content-free prior
 RAG_MAX_TOKENS = 512  # token budget of the passages in a prompt: prefill time grows with it
+DESC_PASSAGES = False  # descriptive questions read passages too; with the teacher, one fused first-stage passage
+# lowered the descriptive score by 0.094 ± 0.018 (keyword recall 0.904 -> 0.690) while it raised MC by 0.066 ± 0.024
+# (2026-12-06, the gate report of that run: README); multiple choice always reads the configured passages
 RAG_NO_COPY_TOKENS = 12  # a descriptive answer never repeats this many consecutive passage tokens (~19 characters)
 # -----------------------------------------------------------------------------
 
@@ -286,8 +289,8 @@ def clean_description(text, question, max_sentences=None, restate=None):
 def config_key(model_id, dtype_name, level="float", rag=None):
     """Changes when anything that changes the raw multiple-choice predictions changes (model, level, dtype, prompts,
     context). Neither the calibration (shifts are added to the same records) nor the descriptive settings (desc_key)
-    are in it."""
-    parts = [common.resolve_model(model_id), lm.model_fingerprint(model_id), dtype_name, level, common.SYSTEM_PROMPT,
+    are in it, nor where the checkout lies: the model id as given (relative) and its fingerprint name the weights."""
+    parts = [str(model_id), lm.model_fingerprint(model_id), dtype_name, level, common.SYSTEM_PROMPT,
              common.MC_INSTRUCTION, common.MC_ANSWER_PREFIX]
     if rag:
         parts += [common.CONTEXT_HEADER, json.dumps(rag, sort_keys=True)]
@@ -392,7 +395,7 @@ def rag_settings(passages, ranked, index_dir):
     rerank_key = hashlib.sha256(json.dumps(ranked, sort_keys=True).encode("utf-8")).hexdigest()[:12] \
         if ranked else None
     return dict(index=retrieval.index_fingerprint(index_dir), passages=passages, max_tokens=RAG_MAX_TOKENS,
-                method=retrieval.SEARCH_METHOD, rerank=rerank_key)
+                method=retrieval.SEARCH_METHOD, rerank=rerank_key, desc_passages=DESC_PASSAGES)
 
 
 def reranked_chunks():
@@ -428,7 +431,8 @@ def work_order(questions, tokenizer, contexts=None):
 def run(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None):
     """Answer the questions under config with checkpointing into out_dir; return (records by question order, meta),
     meta also written to out_dir/meta.json. With config.passages, the context of a question is its reranked chunk
-    ids in ranked ({id: [chunk ids]}) when given, else the first stage's, from index_dir (default common.INDEX)."""
+    ids in ranked ({id: [chunk ids]}) when given, else the first stage's, from index_dir (default common.INDEX); for
+    multiple-choice questions only unless DESC_PASSAGES."""
     config.check()
     index_dir = index_dir or common.INDEX
     device = lm.pick_device()
@@ -461,8 +465,9 @@ def run(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None
     option_counts = sorted({len(q.options) for q in questions if q.kind == "mc"})
     content_free = content_free_logprobs(model, tokenizer, option_counts) if option_counts else {}
     t_answer = time.time()
-    contexts = dict(zip([q.id for q in todo], retrieve(index, tokenizer, todo, config.passages, ranked))) \
-        if index else {}
+    reading = [q for q in todo if q.kind == "mc" or DESC_PASSAGES]
+    contexts = dict(zip([q.id for q in reading], retrieve(index, tokenizer, reading, config.passages, ranked))) \
+        if index and reading else {}
     retrieve_each = (time.time() - t_answer) / max(len(todo), 1)  # retrieval time, counted per question below
     with tqdm(total=len(todo), desc="04 answering", unit="q") as bar:
         ordered = work_order(todo, tokenizer, {i: text for i, (text, _) in contexts.items()})

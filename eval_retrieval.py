@@ -250,6 +250,9 @@ def main():
     args = parser.parse_args()
 
     t_start = time.time()
+    if not (args.index / "emb_cache.npz").exists():
+        raise SystemExit(f"{args.index} has no dense part (built with SEARCH_METHOD bm25): build one with "
+                         f"`02_build_index.py --dense --out {args.index}` (`make eval-retrieval` does).")
     index = retrieval.load_index(args.index)
     meta = index.meta
     tokenizer = lm.load_tokenizer(meta["encoder"])  # chunk windows are sized in the encoder's tokens

@@ -305,9 +305,13 @@ def load_teacher(model_id, device, reserve_gib=0.0, dtype=None):
 
 
 def model_fingerprint(model_id):
-    """A string that changes when the weights change: meta.json of a converted model, else the id."""
+    """A string that changes when the weights change: meta.json of a converted model without its timings (the same
+    weights converted again keep their checkpoints), else the id."""
     meta = Path(common.resolve_model(model_id)) / "meta.json"
-    return meta.read_text(encoding="utf-8") if meta.exists() else model_id
+    if not meta.exists():
+        return model_id
+    fields = json.loads(meta.read_text(encoding="utf-8"))
+    return json.dumps({k: v for k, v in fields.items() if k != "seconds"}, sort_keys=True, ensure_ascii=False)
 
 
 def shared_vocab_size(tokenizer_a, tokenizer_b):

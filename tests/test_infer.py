@@ -148,6 +148,21 @@ def test_checkpoint_key_changes_with_the_prompt(tiny_model_dir, monkeypatch):
     assert answering.config_key(str(tiny_model_dir), "float32") != key
 
 
+def test_checkpoint_key_follows_the_weights_not_the_checkout(tmp_path, monkeypatch):
+    """A moved checkout, or the same weights converted again (other timings), keeps its checkpoints; other weights
+    do not."""
+    def key_in(root, meta):
+        (root / "models" / "m").mkdir(parents=True)
+        (root / "models" / "m" / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        monkeypatch.setattr(common, "ROOT", root)
+        return answering.config_key("models/m", "bfloat16")
+
+    meta = dict(name="teacher", gguf_sha256="ab" * 32, seconds=dict(total=102.7))
+    key = key_in(tmp_path / "a", meta)
+    assert key_in(tmp_path / "b", dict(meta, seconds=dict(total=99.0))) == key
+    assert key_in(tmp_path / "c", dict(meta, gguf_sha256="cd" * 32)) != key
+
+
 def test_main_writes_a_valid_submission(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
     questions = write_questions(tmp_path / "q.csv", n_mc=3, n_desc=1)
@@ -167,12 +182,21 @@ def test_main_writes_a_valid_submission(tiny_model_dir, tmp_path, monkeypatch):
     assert again["prefill_tokens_per_s"] > 0
 
 
-def test_retrieved_context_goes_into_the_prompt_and_the_key(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
+def passage_prompts(monkeypatch, desc_passages):
+    """The user turns of every prompt rendered from now on, with fused retrieval (dense always finds the nearest
+    chunks of the tiny index) and answering.DESC_PASSAGES as given."""
     monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(answering, "DESC_PASSAGES", desc_passages)
+    monkeypatch.setattr(retrieval, "SEARCH_METHOD", "fused")
     seen = []
     real_render = lm.render
     monkeypatch.setattr(lm, "render", lambda tok, messages, prefix="": seen.append(messages[1]["content"])
                         or real_render(tok, messages, prefix))
+    return seen
+
+
+def test_retrieved_context_goes_into_the_prompt_and_the_key(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
+    seen = passage_prompts(monkeypatch, desc_passages=True)
     questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=2, n_desc=1))
     records, meta = answering.run(questions, tmp_path / "rag", cfg(tiny_model_dir, 3), "float32")
     assert meta["rag"]["passages"] == 3
@@ -181,6 +205,19 @@ def test_retrieved_context_goes_into_the_prompt_and_the_key(tiny_model_dir, tiny
     assert question_prompts and all(common.CONTEXT_HEADER in p and "[1] " in p for p in question_prompts)
     _, plain = answering.run(questions, tmp_path / "rag", cfg(tiny_model_dir), "float32")
     assert plain["key"] != meta["key"] and plain["rag"] is None
+
+
+def test_descriptive_questions_read_no_passages_unless_asked(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
+    seen = passage_prompts(monkeypatch, desc_passages=False)
+    questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=2, n_desc=1))
+    records, meta = answering.run(questions, tmp_path / "rag", cfg(tiny_model_dir, 3), "float32")
+    context = {r["kind"]: r["context"] for r in records}
+    assert context["mc"] and context["desc"] == [] and "no_copy" not in next(r for r in records if r["kind"] == "desc")
+    assert all(common.CONTEXT_HEADER in p for p in seen if "옳은 것은" in p)
+    assert not any(common.CONTEXT_HEADER in p for p in seen if "설명하세요" in p)
+    monkeypatch.setattr(answering, "DESC_PASSAGES", True)  # the setting is in the key: no descriptive answer reused
+    _, again = answering.run(questions, tmp_path / "rag", cfg(tiny_model_dir, 3), "float32")
+    assert again["key"] != meta["key"] and again["answered_now"] == len(questions)
 
 
 def test_work_order_sorts_by_the_question_with_its_passages(tiny_model_dir):
@@ -195,6 +232,7 @@ def test_work_order_sorts_by_the_question_with_its_passages(tiny_model_dir):
 
 def test_a_question_with_nothing_retrieved_is_still_answered(tiny_model_dir, tiny_index, tmp_path, monkeypatch):
     monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(answering, "DESC_PASSAGES", True)  # descriptive questions here: they retrieve
     monkeypatch.setattr(retrieval, "SEARCH_METHOD", "bm25")  # dense and fused always return the nearest chunks
     rows = [dict(ID="hit", Question="전자서명의 정의를 설명하세요."), dict(ID="none", Question="여행 일정을 설명하세요.")]
     common.write_csv(tmp_path / "q.csv", ["ID", "Question"], rows)
@@ -265,6 +303,8 @@ def test_generation_never_repeats_a_run_of_its_source(tiny_model_dir, monkeypatc
 def test_a_changed_copy_rule_answers_only_the_descriptive_questions_again(tiny_model_dir, tiny_index, tmp_path,
                                                                           monkeypatch):
     monkeypatch.setattr(answering, "DESC_MAX_NEW_TOKENS", 4)
+    monkeypatch.setattr(answering, "DESC_PASSAGES", True)  # the copy rule applies to descriptive answers with passages
+    monkeypatch.setattr(retrieval, "SEARCH_METHOD", "fused")
     questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=2, n_desc=1))
     records, meta = answering.run(questions, tmp_path / "rag", cfg(tiny_model_dir, 3), "float32")
     assert meta["no_copy"] == answering.RAG_NO_COPY_TOKENS

@@ -58,7 +58,7 @@ def test_an_up_to_date_checkout_rebuilds_nothing(checkout):
 def test_passages_on_builds_and_reruns_the_index_and_the_reranking(checkout):
     set_selection(checkout, candidate="student", passages=0)
     assert dry_run(checkout, "submission") == ["04_infer.py"]  # the changed selection: answer again, no index
-    set_selection(checkout, candidate="student", passages=3)
+    set_selection(checkout, candidate="student", passages=3, rerank=True)
     assert dry_run(checkout, "submission") == ["02_build_index.py", "03_rerank.py", "04_infer.py"]
 
 

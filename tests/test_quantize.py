@@ -146,7 +146,8 @@ def test_calibration_variants_score_every_calibration_the_records_allow():
     assert set(quantize.calibration_variants(identity_only, questions)) == {"none", "content_free", "batch", "auto"}
 
 
-def test_projected_time_by_hand():
+def test_projected_time_by_hand(monkeypatch):
+    monkeypatch.setattr(answering, "DESC_PASSAGES", True)
     meta = dict(seconds=dict(load=10.0), timing=dict(mc_s_per_prompt=0.5, desc_s_per_question=4.0))
     plain = dict(calibration="none", permutations=1, pride_share=0.0)
     assert quantize.projected_seconds(meta, plain) == pytest.approx(10 + 500 * 0.5 + 15 * 4)
@@ -154,6 +155,8 @@ def test_projected_time_by_hand():
     five = quantize.TEST_FIVE / quantize.TEST_MC
     assert quantize.test_prompts_per_question(permute) == pytest.approx((1 - five) * 4 + five * 5)
     assert quantize.projected_seconds(meta, plain, rerank_s=1.0) == pytest.approx(10 + 500 * 1.5 + 15 * 5)
+    monkeypatch.setattr(answering, "DESC_PASSAGES", False)  # descriptive questions are not reranked
+    assert quantize.projected_seconds(meta, plain, rerank_s=1.0) == pytest.approx(10 + 500 * 1.5 + 15 * 4)
     built = dict(meta, index_s=100.0)  # a passage point: `make submission` builds the index first
     assert quantize.projected_seconds(built, plain) == pytest.approx(100 + 10 + 500 * 0.5 + 15 * 4)
     old_row = dict(plain, candidate="teacher", level="float", passages=3)  # a point measured before `rerank`
@@ -318,7 +321,8 @@ def test_stages_can_skip_the_levels_and_still_try_passages(select_run, monkeypat
     assert not (first / "probe" / "rerank.json").exists()  # first-stage passages: no reranking timed or counted
     timed = json.loads((reranked / "probe" / "rerank.json").read_text(encoding="utf-8"))
     assert timed["questions"] == 1 and timed["s_per_question"] > 0  # the probe reranked RERANK_PROBE questions
-    assert json.loads((reranked / "rerank.json").read_text(encoding="utf-8"))["questions"] == len(QUESTIONS)
+    reading = [i for i, _, _ in QUESTIONS if i.startswith("M") or answering.DESC_PASSAGES]
+    assert json.loads((reranked / "rerank.json").read_text(encoding="utf-8"))["questions"] == len(reading)
     keys = [json.loads((p / "meta.json").read_text(encoding="utf-8"))["key"] for p in (first, reranked)]
     assert keys[0] != keys[1]  # the reranked chunks are part of the answers' checkpoint key
     report = (tmp_path / "reports" / "select.md").read_text(encoding="utf-8")
@@ -338,6 +342,30 @@ def test_levels_restrict_stage_two_and_the_report_lists_the_others(select_run, m
     with pytest.raises(argparse.ArgumentTypeError, match="separated by commas"):
         quantize.level_list("fp32,int3")
     assert quantize.level_list("bnb-nf4, fp32,bnb-nf4") == ("bnb-nf4", "fp32")
+
+
+def test_rescore_chooses_again_from_finished_points_without_running_a_model(select_run, tiny_index, monkeypatch):
+    tmp_path, runs = select_run
+    monkeypatch.setattr(quantize, "beats", lambda a, b, labels, **kw: False)
+    monkeypatch.setitem(quantize.BUDGET_HOURS, "cpu", 10.0)
+    monkeypatch.setattr(quantize, "build_index", lambda candidate, folder: shutil.copytree(
+        tiny_index, folder, dirs_exist_ok=True))  # where 05 keeps its indexes: the rescore counts their build time
+    monkeypatch.setattr("sys.argv", ["05_quantize.py", "--stages", "1,3"])
+    quantize.main()
+    measured = json.loads(common.SELECTION.read_text(encoding="utf-8"))
+    (tmp_path / "05" / "teacher-float-p2-other").mkdir()  # not a point's name: ignored
+    done = len(runs)
+    monkeypatch.setattr("sys.argv", ["05_quantize.py", "--rescore", "--command", "make reselect"])
+    quantize.main()
+    assert len(runs) == done  # no child step, not even from a checkpoint
+    again = json.loads(common.SELECTION.read_text(encoding="utf-8"))
+    assert again["config"] == measured["config"] and again["figures"] == measured["figures"]
+    assert again["command"] == "make reselect"
+    report = (tmp_path / "reports" / "select.md").read_text(encoding="utf-8")
+    assert "chose among the finished points" in report and "-p2-rerank |" in report
+    shutil.rmtree(tmp_path / "05")
+    with pytest.raises(SystemExit, match="no finished point"):
+        quantize.main()
 
 
 @pytest.mark.parametrize("text", ["", "4", "1;3", "x"])

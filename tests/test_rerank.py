@@ -117,6 +117,7 @@ def test_fewer_candidates_than_asked(tiny):
 @pytest.mark.parametrize("mode", ["pointwise", "listwise"])
 def test_run_writes_every_question_and_resumes(tiny_model_dir, tiny_index, tmp_path, monkeypatch, mode):
     monkeypatch.setattr(retrieval, "RERANK_CANDIDATES", 3)
+    monkeypatch.setattr(retrieval, "SEARCH_METHOD", "fused")  # dense always finds the nearest chunks
     questions = [competition.parse_question(f"Q{i}", t) for i, t in enumerate(["전자서명을 설명하세요.",
                                                                             "개인정보처리자의 의무를 설명하세요."])]
     config = answering.Config(candidate=str(tiny_model_dir))

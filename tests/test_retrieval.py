@@ -336,6 +336,10 @@ def test_write_and_load_index(tiny, kiwi, tmp_path):
     index = retrieval.load_index(tmp_path).attach_encoder(model, tokenizer)
     assert index.chunks == chunks
     assert index.search(TEXTS[3], k=1, method="fused")[0][0].id == 3
+    retrieval.write_index(tmp_path, chunks, retrieval.morphemes(kiwi, TEXTS), None)  # BM25 only (02, bm25 search)
+    assert not (tmp_path / "dense.faiss").exists()
+    bm25_only = retrieval.load_index(tmp_path)
+    assert bm25_only.search(TEXTS[3], k=1, method="bm25")[0][0].id == 3 and bm25_only.dense_ranking([0.0], 5) == []
 
 
 def test_embedding_cache_reuses_vectors(tiny, tmp_path):
