@@ -112,8 +112,8 @@ def child_point(config_json, folder, limit, index_dir):
         questions = ([q for q in questions if q.kind == "mc"][:limit]
                      + [q for q in questions if q.kind == "desc"][:answering.DESC_BATCH])
     ranked = None
-    if config.passages and config.rerank:  # the questions that read passages (answering.DESC_PASSAGES)
-        reading = [q for q in questions if q.kind == "mc" or answering.DESC_PASSAGES]
+    if config.passages and config.rerank:
+        reading = [q for q in questions if answering.reads_passages(q)]
         ranked = reranked(config, reading[:RERANK_PROBE] if limit else reading, index_dir, folder)
     answering.run(questions, folder, config, ranked=ranked, index_dir=index_dir)
     if not limit:

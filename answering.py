@@ -370,6 +370,12 @@ def retrieve(index, tokenizer, questions, passages, ranked=None):
     return [(retrieval.format_context(h, tokenizer, passages, RAG_MAX_TOKENS), [c.key for c, _ in h]) for h in hits]
 
 
+def reads_passages(question):
+    """Whether the question's prompt carries the configured passages: multiple choice always, descriptive questions
+    only with DESC_PASSAGES."""
+    return question.kind == "mc" or DESC_PASSAGES
+
+
 def require_index(index_dir):
     """Stop with what to run when the index the passages come from is missing."""
     if not (index_dir / "DONE").exists():
@@ -465,17 +471,17 @@ def run(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None
     option_counts = sorted({len(q.options) for q in questions if q.kind == "mc"})
     content_free = content_free_logprobs(model, tokenizer, option_counts) if option_counts else {}
     t_answer = time.time()
-    reading = [q for q in todo if q.kind == "mc" or DESC_PASSAGES]
+    reading = [q for q in todo if reads_passages(q)]
     contexts = dict(zip([q.id for q in reading], retrieve(index, tokenizer, reading, config.passages, ranked))) \
         if index and reading else {}
-    retrieve_each = (time.time() - t_answer) / max(len(todo), 1)  # retrieval time, counted per question below
+    retrieve_each = (time.time() - t_answer) / max(len(reading), 1)  # retrieval time, counted per question below
     with tqdm(total=len(todo), desc="04 answering", unit="q") as bar:
         ordered = work_order(todo, tokenizer, {i: text for i, (text, _) in contexts.items()})
         for kind, fn, size in (("mc", answer_mc, MC_BATCH), ("desc", answer_desc, DESC_BATCH)):
             pending = [q for q in ordered if q.kind == kind]
             for start in range(0, len(pending), size):
                 chunk = pending[start:start + size]
-                t_chunk = time.time() - retrieve_each * len(chunk)  # the chunk's time includes its retrieval
+                t_chunk = time.time() - retrieve_each * sum(q.id in contexts for q in chunk)  # with its retrieval
                 found = [contexts.get(q.id, ("", [])) for q in chunk]
                 texts = [c for c, _ in found]
                 records = fn(model, tokenizer, chunk, texts, shifts, stats) if kind == "mc" \
