@@ -109,15 +109,18 @@ def machine_slowdown(data):
 
 
 def fitted(config, data):
-    """The config, or the best alternative of selection.json that fits its budget on this machine (same model,
-    passages and reranking: those decide what `make` builds)."""
+    """The config, or the best alternative of selection.json that fits its budget on this machine: same model,
+    passages and reranking (those decide what `make` builds), or the same model without passages (it needs less of
+    what `make` built)."""
     budget = (data.get("figures") or {}).get("budget_s")
     slowdown = machine_slowdown(data)
     if not budget or slowdown <= 1.0:
         return config
     options = [dict(a, config=Config(**a["config"])) for a in data.get("alternatives", [])]
-    options = [a for a in options if (a["config"].candidate, a["config"].passages, a["config"].rerank) ==
-               (config.candidate, config.passages, config.rerank)] or [dict(config=config, projected_s=0.0)]
+    built = (config.candidate, config.passages, config.rerank)
+    options = [a for a in options if (a["config"].candidate, a["config"].passages, a["config"].rerank) == built
+               or (a["config"].candidate == config.candidate and config.passages and not a["config"].passages)] \
+        or [dict(config=config, projected_s=0.0)]
     for option in options:
         if option["projected_s"] * slowdown <= budget:
             break

@@ -224,6 +224,13 @@ def test_a_slower_machine_falls_back_to_an_alternative_that_fits(tmp_path, monke
     monkeypatch.setattr(lm, "cpu_gflops", lambda: 40.0)  # nothing fits: the fastest of the same model and passages
     assert answering.chosen(path, fit=True) == answering.Config(**fast)
     assert answering.chosen(path) == answering.Config(**slow)  # without fit: exactly the committed choice
+    # passages chosen: the same model without them fits too (the index `make` built is then unused), never more
+    read = dict(fast, passages=1, rerank=False)
+    data.update(config=read, alternatives=[dict(config=read, projected_s=900), dict(config=fast, projected_s=300),
+                                           dict(config=dict(read, passages=3, rerank=True), projected_s=100)])
+    path.write_text(json.dumps(data), encoding="utf-8")
+    monkeypatch.setattr(lm, "cpu_gflops", lambda: 400.0 / 3)
+    assert answering.chosen(path, fit=True) == answering.Config(**fast)
 
 
 # ----------------------------------------------------------------------------- the whole measurement
