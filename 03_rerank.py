@@ -3,7 +3,8 @@
 Reads data/prepared/questions.csv (`make data`), outputs/02_index/ (`make index`) and the answering model of
 selection.json (answering.chosen()). For each question the top RERANK_CANDIDATES first-stage chunks are scored by
 the LLM (retrieval.rerank_question: pointwise Yes/No logits or listwise FIRST), blended with the first-stage order,
-and the best RERANK_KEEP chunk ids are written. Writes outputs/03_rerank/ranked-<key>.jsonl (checkpoint, resumed
+and the best RERANK_KEEP chunk ids are written; descriptive questions only when they read passages
+(answering.DESC_PASSAGES). Writes outputs/03_rerank/ranked-<key>.jsonl (checkpoint, resumed
 after a kill), ranked.jsonl, meta.json, DONE. A question whose reranking fails keeps the first-stage order (logged).
 Run by `make rerank`, only when the chosen answers use passages; 04_infer.py reads ranked.jsonl.
 """
@@ -82,6 +83,14 @@ def run(questions, out_dir, config, mode=retrieval.RERANK_MODE, dtype_name=None,
     return [done[q.id] for q in questions], meta
 
 
+def to_rerank(questions, wanted=None):
+    """The questions whose passages 04 reads (descriptive ones only with answering.DESC_PASSAGES), or, for a
+    measurement, exactly the wanted ids."""
+    if wanted is not None:
+        return [q for q in questions if q.id in wanted]
+    return [q for q in questions if answering.reads_passages(q)]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="candidate or model folder; default: selection.json's")
@@ -94,11 +103,8 @@ def main():
     config = answering.chosen()
     if args.model:
         config = dataclasses.replace(config, candidate=args.model)
-    questions = competition.read_questions(args.questions)
-    if args.ids:
-        wanted = set(args.ids.read_text(encoding="utf-8").split())
-        questions = [q for q in questions if q.id in wanted]
-    records, meta = run(questions, args.out, config, args.mode)
+    wanted = set(args.ids.read_text(encoding="utf-8").split()) if args.ids else None
+    records, meta = run(to_rerank(competition.read_questions(args.questions), wanted), args.out, config, args.mode)
     common.write_text(args.out / "ranked.jsonl", "".join(
         json.dumps(dict(id=r["id"], chunks=r["chunks"][:retrieval.RERANK_KEEP], fallback=r["fallback"]),
                    ensure_ascii=False) + "\n" for r in records))

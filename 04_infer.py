@@ -7,7 +7,8 @@ rerank`). Multiple choice: the answer is read from the next-token logits of the 
 under the calibration's option shifts (answering.py); descriptive: short greedy Korean generation. Writes
 <out>/predictions-<key>.jsonl (checkpoint after every batch, resumed after a kill), <out>/submission.csv,
 <out>/meta.json and <out>/DONE; with the default --out also ./submission.csv (UTF-8 with a BOM, as
-sample_submission.csv). Run by `make submission` (and the report targets with --model/--out).
+sample_submission.csv). On a CPU too slow for the chosen passages, passages only where retrieval looks surest
+(answering.fitted, run_groups). Run by `make submission` (and the report targets with --model/--out).
 """
 import argparse
 import dataclasses
@@ -45,8 +46,8 @@ def main():
     if args.limit:
         questions = questions[:args.limit]
     ranked = answering.reranked_chunks() if config.passages and config.rerank and not args.no_rerank else None
-    records, meta = answering.run(questions, args.out, config, args.dtype, ranked=ranked)
-    rows = answering.submission_rows(questions, records, config.calibration, meta["content_free"])
+    groups, meta = answering.run_groups(questions, args.out, config, args.dtype, ranked=ranked)
+    rows = answering.grouped_submission_rows(questions, groups, config.calibration)
     sample_ids = None
     if full and args.questions == common.QUESTIONS and common.SAMPLE.exists():
         sample_ids = [r[0] for r in competition.read_submission(common.SAMPLE)]

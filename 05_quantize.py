@@ -62,10 +62,10 @@ PROBE_QUESTIONS = 24  # every point is first timed on this many MC questions (+ 
 # projects beyond the budget stops there
 SCORE_TOLERANCE = 0.005  # scores this close count as a tie: the faster point wins
 NOISE_Z = 1.0  # ... and so do scores within this many standard errors of their paired difference
-TEST_MC, TEST_DESC, TEST_FIVE = 500, 15, 253  # the competition test: questions, and MC items with five options
 OUT = common.OUTPUTS / "05_select"
 # -----------------------------------------------------------------------------
 rerank_step = importlib.import_module("03_rerank")
+TEST_MC, TEST_DESC, TEST_FIVE = competition.TEST_MC, competition.TEST_DESC, competition.TEST_FIVE
 
 
 # ----------------------------------------------------------------------------- the development set
@@ -78,6 +78,18 @@ def dev_set():
 # ----------------------------------------------------------------------------- points: one answering run each
 def point_name(candidate, level, passages, rerank=False):
     return f"{candidate}-{level}-p{passages}" + ("-rerank" if passages and rerank else "")
+
+
+def parse_point_name(name):
+    """(candidate, level, passages, rerank) of a folder named by point_name; None for any other name (an index)."""
+    levels = "|".join(map(re.escape, lm.LEVELS))
+    match = re.fullmatch(rf"(.+)-({levels})-p(\d+)(-rerank)?", name)
+    return match and (match.group(1), match.group(2), int(match.group(3)), bool(match.group(4)))
+
+
+def index_folder(candidate, out=None):
+    """Where 05 builds the index a candidate embeds (one LLM embeds, reranks and answers): out (default OUT)."""
+    return (out or OUT) / f"index-{candidate}"
 
 
 def point_config(candidate, level, passages, n_max, like=None):
@@ -472,7 +484,7 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
         return rows, stopped, skipped
     candidate, level = best["config"]["candidate"], best["config"]["level"]
     for passages in PASSAGES:  # stage 3: passages for the best point, first-stage then reranked
-        index_dir = build_index(candidate, OUT / f"index-{candidate}")
+        index_dir = build_index(candidate, index_folder(candidate))
         like = as_config(best["config"])
         if not PASSAGE_SHIFTS[lm.device_kind(device)]:
             like = dataclasses.replace(like, calibration="batch", permutations=1, pride_share=0.0)
@@ -491,14 +503,13 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
 def rescored(questions, labels, desc_cache):
     """Rows of every point finished in OUT (named as point_name names them), no model run; a point with passages
     counts the build time of its candidate's index there."""
-    levels = "|".join(map(re.escape, lm.LEVELS))
     rows = []
     for folder in sorted(OUT.iterdir()) if OUT.exists() else []:
-        match = re.fullmatch(rf"(.+)-({levels})-p(\d+)(-rerank)?", folder.name)
-        done = load_point(folder) if match and folder.is_dir() else None
+        parsed = parse_point_name(folder.name)
+        done = load_point(folder) if parsed and folder.is_dir() else None
         if done:
             records, meta = done
-            index_dir = OUT / f"index-{match.group(1)}" if int(match.group(3)) else None
+            index_dir = index_folder(parsed[0]) if parsed[2] else None
             rows += score_point(folder.name, records, dict(meta, index_s=index_seconds(index_dir)), questions, labels,
                                 desc_cache)
     if not rows:

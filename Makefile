@@ -168,7 +168,7 @@ verify: 06_verify.py $(SETUP) ## clean tree: clone HEAD, fresh venv, make submis
 
 # ---------------------------------------------------------------------------- reports (each a make target)
 .PHONY: eval eval-retrieval rerank-report gate-report distill-report distill-measure sweep gpu-plan desc-report
-.PHONY: baseline-report
+.PHONY: baseline-report slow-cpu-report
 eval: reports/eval.md ## score of submission.csv on the development set, beside the echo baseline -> reports/eval.md
 
 reports/eval.md: evaluate.py $(SCORE_LIBS) submission.csv
@@ -192,7 +192,7 @@ reports/rerank.md: eval_rerank.py eval_retrieval.py 03_rerank.py $(SCORE_LIBS) $
 gate-report: reports/gate.md ## relevance gate from the chosen candidate's select points p0, p<k> -> reports/gate.md
 
 # Reads outputs/05_select (`make select`, phony): a new selection.json is what makes the report stale.
-reports/gate.md: eval_gate.py eval_retrieval.py evaluate.py $(SCORE_LIBS) $(SELECTION) $(DATA)
+reports/gate.md: eval_gate.py 05_quantize.py eval_retrieval.py evaluate.py $(SCORE_LIBS) $(SELECTION) $(DATA)
 	$(PY) $< --out $@ --command "make gate-report"
 
 # The distillation report's runs: base student, teacher and the distilled students on the development set (every
@@ -268,6 +268,21 @@ desc-report: reports/desc.md ## descriptive answers: instruction, length, repeti
 
 reports/desc.md: eval_desc.py $(SCORE_LIBS) $(SELECTION) $(ANSWER_MODEL)
 	$(PY) $< --out $@ --command "make desc-report"
+
+slow-cpu-report: reports/slow-cpu.md ## `make submission` as on a CPU without bf16 (this one in fp32): fallback, time, score -> reports/slow-cpu.md
+
+# FSKU_CPU_DTYPE=float32: this CPU computes as one without bf16 would (slower by its fp32/bf16 matmul ratio), so
+# answering.fitted falls back as it would there. Beside it: the chosen configuration's own run (`make submission`)
+# and the same model without passages under batch (the fallback before passage_share; seeded from `make select`).
+SLOW_CPU := outputs/04_slow-cpu
+LEVEL := $(call selected,level,float)
+reports/slow-cpu.md: 04_infer.py evaluate.py $(SCORE_LIBS) $(SELECTION) $(DATA) $(ANSWER_MODEL) $(RETRIEVED) \
+		submission.csv
+	FSKU_CPU_DTYPE=float32 $(PY) 04_infer.py --out $(SLOW_CPU)
+	$(call reuse_select,$(CANDIDATE)-$(LEVEL),outputs/04_no-passages)
+	$(PY) 04_infer.py --passages 0 --calibration batch --out outputs/04_no-passages
+	$(PY) evaluate.py --run $(SLOW_CPU) --run outputs/04_infer --run outputs/04_no-passages --out $@ \
+		--command "make slow-cpu-report (04_infer.py with FSKU_CPU_DTYPE=float32, then evaluate.py)"
 
 baseline-report: ## full `make verify`: git clone to submission.csv, set-up vs answering times -> reports/baseline.md
 	$(MAKE) verify VERIFY_LIMIT=0

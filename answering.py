@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from tqdm import tqdm
 
@@ -35,6 +35,10 @@ AUTO_SKEW = 0.5  # auto: batch calibration when one option wins more than this s
 CONTENT_FREE_STEMS = ["N/A", "[빈칸]", ""]  # content-free prompts for content_free calibration (Zhao et al. 2021)
 BATCH_MIN = 50  # fewer questions of one option count than this: batch calibration uses the content-free prior
 RAG_MAX_TOKENS = 512  # token budget of the passages in a prompt: prefill time grows with it
+PASSAGE_SIGNAL = "ratio"  # a slower CPU that cannot give every MC question its passages (fitted: Config.passage_share)
+# gives them where the first stage looks surest: highest top/second BM25 score ratio (retrieval.bm25_signals;
+# reports/gate.md: 0.665 MC for half the questions, 0.647 for a fifth, vs 0.606 none and 0.679 all, teacher, 2026-12-06)
+MIN_PASSAGE_SHARE = 0.05  # a slower CPU that can afford passages for fewer MC questions than this gives them to none
 DESC_PASSAGES = False  # descriptive questions read passages too; with the teacher, one fused first-stage passage
 # lowered the descriptive score by 0.094 ± 0.018 (keyword recall 0.904 -> 0.690) while it raised MC by 0.066 ± 0.024
 # (2026-12-06, the gate report of that run: README); multiple choice always reads the configured passages
@@ -49,8 +53,9 @@ MEASURED = ("prefill_tokens_per_s", "generated_tokens_per_s", "peak_rss_gib", "p
 class Config:
     """What answers: a candidate (a common.candidates() name, or a model folder / hub id), its level (lm.LEVELS), the
     option calibration (CALIBRATIONS), the cyclic option shifts scored per question (permute: every question;
-    pride: the pride_share of the questions that estimate the position prior), the passages per prompt and whether
-    03's LLM reranking orders them (rerank False: the first stage's best passages, no 03)."""
+    pride: the pride_share of the questions that estimate the position prior), the passages per prompt, whether
+    03's LLM reranking orders them (rerank False: the first stage's best passages, no 03) and the share of the
+    multiple-choice questions that read them (below 1 only where a slower CPU falls back: fitted, run_groups)."""
 
     candidate: str = "student"
     level: str = "float"
@@ -59,6 +64,7 @@ class Config:
     pride_share: float = 0.0
     passages: int = 0
     rerank: bool = True
+    passage_share: float = 1.0
 
     @property
     def model(self):
@@ -75,6 +81,8 @@ class Config:
             raise SystemExit(f"calibration {self.calibration!r} needs permutations >= 2 (got {self.permutations}).")
         if self.passages < 0:
             raise SystemExit("passages must be 0 or more.")
+        if not 0.0 < self.passage_share <= 1.0:
+            raise SystemExit(f"passage_share must be above 0 and at most 1 (got {self.passage_share}).")
         return self
 
 
@@ -83,7 +91,8 @@ def chosen(path=None, fit=False):
 
     With fit, on a CPU slower than the one that made the choice, the projected time is rescaled by the two machines'
     matmul speed (lm.cpu_float_dtype's benchmark) and, when it no longer fits the budget, the best recorded
-    alternative of the same model and passages that does is used instead (said in one line).
+    alternative of the same model and passages that does is used instead, or that model without passages for all
+    but the share of the questions it can afford (fitted; said in one line).
     """
     path = path or common.SELECTION
     if not path.exists():
@@ -126,10 +135,26 @@ def fitted(config, data):
             break
     else:
         option = min(options, key=lambda a: a["projected_s"])
-    if option["config"] != config:
+    fit = with_passage_share(config, data, option, slowdown, budget)
+    if fit != config:
         print(f"answering: this CPU multiplies {slowdown:.1f}x slower than the one that chose {config}; "
-              f"{option['config']} fits the {budget / 60:.0f} min budget instead (selection.json alternatives)")
-    return option["config"]
+              f"{fit} fits the {budget / 60:.0f} min budget instead (selection.json alternatives)")
+    return fit
+
+
+def with_passage_share(config, data, option, slowdown, budget):
+    """The option fitted chose, or, when that is the chosen model without the chosen first-stage passages (both
+    reading one prompt per question), the option with passages for the largest share of the multiple-choice
+    questions that still fits: the time grows linearly from the option's projection to the chosen one's."""
+    plain, one_prompt = option["config"], ("none", "batch", "auto", "content_free")
+    if not config.passages or config.rerank or plain.passages or plain.candidate != config.candidate \
+            or {config.calibration, plain.calibration} - set(one_prompt):
+        return plain
+    full_s, plain_s = data["figures"].get("projected_s", 0.0) * slowdown, option["projected_s"] * slowdown
+    share = math.floor(100 * (budget - plain_s) / (full_s - plain_s)) / 100 if full_s > plain_s else 0.0
+    if share < MIN_PASSAGE_SHARE:
+        return plain
+    return replace(plain, passages=config.passages, rerank=False, passage_share=min(share, 1.0))
 
 
 # ----------------------------------------------------------------------------- option calibration
@@ -528,6 +553,67 @@ def run(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None
                           for k, v in meta["timing"].items()}
     common.write_meta(previous, settings=common.settings_of(sys.modules[__name__]), **meta)
     return records, meta
+
+
+def passage_readers(index, questions, share):
+    """Ids of the share of the questions that read passages (reads_passages) whose first stage looks surest
+    (PASSAGE_SIGNAL, highest first)."""
+    reading = [q for q in questions if reads_passages(q)]
+    signals = retrieval.bm25_signals(index, [q.text for q in reading])
+    order = sorted(range(len(reading)), key=lambda i: -signals[i][PASSAGE_SIGNAL])
+    return {reading[i].id for i in order[:round(share * len(reading))]}
+
+
+def run_groups(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None):
+    """([(questions, records, meta)], meta of them all): one run() under config; where config.passage_share < 1, two:
+    that share of the questions with passages (passage_readers) and the rest without, each checkpointed in out_dir
+    under its own key (the same records a run of every question with or without passages writes) and calibrated on
+    its own, as reports/gate.md measures a gate. out_dir/meta.json then describes both (merged_meta)."""
+    if not config.passages or config.passage_share >= 1.0:
+        records, meta = run(questions, out_dir, config, dtype_name, ranked, index_dir)
+        return [(questions, records, meta)], meta
+    index_dir = index_dir or common.INDEX
+    require_index(index_dir)
+    readers = passage_readers(retrieval.load_index(index_dir), questions, config.passage_share)
+    print(f"04: passages for {len(readers)} of {sum(reads_passages(q) for q in questions)} questions "
+          f"(passage_share {config.passage_share}, highest {PASSAGE_SIGNAL} first)")
+    full = replace(config, passage_share=1.0)
+    groups = [([q for q in questions if q.id in readers], full),
+              ([q for q in questions if q.id not in readers], replace(full, passages=0))]
+    previous = out_dir / "meta.json"  # each group's run rewrites it
+    old = json.loads(previous.read_text(encoding="utf-8")) if previous.exists() else {}
+    done = [(group, *run(group, out_dir, part, dtype_name, ranked, index_dir)) for group, part in groups if group]
+    return done, merged_meta(out_dir, questions, config, done, old)
+
+
+def merged_meta(out_dir, questions, config, groups, old=None):
+    """out_dir/meta.json for the groups of run_groups: the first group's, with the config, the load and answering
+    time and the per-question seconds of all of them (per-prompt timing only in each group's meta; a rerun that took
+    every answer from the checkpoints keeps the times of the run that computed them, old), and their records in
+    question order written to predictions-groups.jsonl (what evaluate.py reads)."""
+    metas = [meta for _, _, meta in groups]
+    by_id = {r["id"]: r for _, records, _ in groups for r in records}
+    records = [by_id[q.id] for q in questions]
+    name = "predictions-groups.jsonl"
+    common.write_text(out_dir / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    seconds = dict(load=round(sum(m["seconds"]["load"] for m in metas), 1),
+                   answering=round(sum(m["seconds"]["answering"] for m in metas), 1),
+                   per_question=round(sum(r["seconds"] for r in records) / max(len(records), 1), 3))
+    answered_now = sum(m["answered_now"] for m in metas)
+    if not answered_now and old and old.get("groups") and old.get("config") == asdict(config):
+        seconds = old["seconds"]
+    meta = dict(metas[0], config=asdict(config), key=None, questions=len(questions), seconds=seconds, timing=None,
+                answered_now=answered_now, predictions=name, groups=metas)
+    common.write_meta(out_dir / "meta.json", settings=common.settings_of(sys.modules[__name__]), **meta)
+    return meta
+
+
+def grouped_submission_rows(questions, groups, calibration):
+    """submission_rows of run_groups' groups, each calibrated on its own, in question order."""
+    answers = {}
+    for group, records, meta in groups:
+        answers.update(submission_rows(group, records, calibration, meta["content_free"]))
+    return [(q.id, answers[q.id]) for q in questions]
 
 
 def submission_rows(questions, records, calibration, content_free):

@@ -20,6 +20,7 @@ SUBMISSION_COLUMNS = ["ID", "Answer"]  # sample_submission.csv / submission.csv
 # An option number: 1-2 digits, then a space, "." or ")" (not a decimal point: "1.5배" is text) or the line's end.
 OPTION_RE = re.compile(r"^\s*(\d{1,2})(?:\s*[.)](?!\d)|\s|$)\s*(.*?)\s*$")
 MIN_OPTIONS, MAX_OPTIONS = 2, 9
+TEST_MC, TEST_DESC, TEST_FIVE = 500, 15, 253  # the competition's test: MC and descriptive questions, MC with 5 options
 USUAL_OPTIONS = (4, 5)  # what the competition's questions have; other counts are accepted and reported
 # A request to write an answer, and a request to choose one: they decide the kind of the unusual shapes only.
 WRITE_RE = re.compile(r"(?:설명|서술|기술|논술|논|작성|제시|쓰)\s*(?:하|해)?\s*(?:주)?\s*(?:세요|시오|십시오)")

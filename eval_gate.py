@@ -17,6 +17,7 @@ finished passage point against no passages. Run by `make gate-report`.
 """
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import random
@@ -33,8 +34,10 @@ import lm
 import retrieval
 import scoring
 
+select_step = importlib.import_module("05_quantize")  # the names of its points and indexes
+
 # ----------------------------------------------------------------------------- settings
-SELECT = common.OUTPUTS / "05_select"  # 05_quantize.py's points and indexes (`make select`)
+SELECT = select_step.OUT  # 05_quantize.py's points and indexes (`make select`)
 PASSAGES = 1  # the point with passages the gate reads beside the p0 one (one of 05's PASSAGES: the cheapest)
 SHARES = [1.0, 0.5, 0.2, 0.1, 0.05, 0.0]  # share of the questions given passages (highest signal first)
 GATE_SPLITS = 20  # random halvings for the held-out threshold choice
@@ -48,18 +51,19 @@ SIGNALS = {"top": "top BM25 score", "margin": "top minus second BM25 score",
 def point_dirs(config, passages=PASSAGES):
     """(point without passages, point with passages, the index of the latter) of the config's candidate and level,
     named as 05_quantize.py names them."""
-    name = f"{config.candidate}-{config.level}"
-    return SELECT / f"{name}-p0", SELECT / f"{name}-p{passages}", SELECT / f"index-{config.candidate}"
+    def point(k):
+        return SELECT / select_step.point_name(config.candidate, config.level, k)
+    return point(0), point(passages), select_step.index_folder(config.candidate, SELECT)
 
 
 def passage_points(config):
     """{k: folder} of the finished first-stage passage points (k >= 1) of the config's candidate and level."""
-    prefix = f"{config.candidate}-{config.level}-p"
     found = {}
-    for folder in SELECT.glob(prefix + "*"):
-        k = folder.name[len(prefix):]
-        if k.isdigit() and int(k) > 0 and (folder / "DONE").exists():
-            found[int(k)] = folder
+    for folder in SELECT.iterdir() if SELECT.exists() else []:
+        parsed = select_step.parse_point_name(folder.name)
+        if parsed and parsed[:2] == (config.candidate, config.level) and parsed[2] > 0 and not parsed[3] \
+                and (folder / "DONE").exists():
+            found[parsed[2]] = folder
     return dict(sorted(found.items()))
 
 
@@ -89,14 +93,7 @@ def scorable(config, questions, runs):
 
 def signals(index, questions):
     """{id: {signal: value}} from the BM25 scores of each question over the index."""
-    tokens = retrieval.morphemes(index.kiwi, [q.text for q in questions])
-    out = {}
-    for q, toks in zip(questions, tokens):
-        top = np.sort(index.bm25.scores(toks))[::-1][:2]
-        first, second = float(top[0]), float(top[1]) if len(top) > 1 else 0.0
-        out[q.id] = dict(top=first, margin=first - second, ratio=first / second if second > 0 else float("inf"),
-                         per_token=first / max(len(toks), 1))
-    return out
+    return {q.id: v for q, v in zip(questions, retrieval.bm25_signals(index, [q.text for q in questions]))}
 
 
 def gated_answers(ids, use_rag, plain, rag, calibration):

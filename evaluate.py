@@ -5,7 +5,9 @@ its submission.csv, meta.json and raw predictions, and for runs with passages th
 metric is scoring.py's: 0.5 x multiple-choice accuracy + 0.5 x descriptive, descriptive = 0.6 x cosine of answer and
 reference (scoring.encoder_name()'s encoder) + 0.4 x keyword recall. Every descriptive figure stands beside the echo
 baseline: the question itself given as the answer. Per run: the score, accuracy per domain, every calibration the
-records allow (answering.CALIBRATIONS) and whether descriptive answers copy their passages. Run by `make eval`.
+records allow (answering.CALIBRATIONS), whether descriptive answers copy their passages and the time the competition's
+test would take; with several runs, each against the first (paired standard errors). Run by `make eval` and `make
+slow-cpu-report`.
 """
 import argparse
 import difflib
@@ -85,6 +87,22 @@ def copy_check(answers, records, passages):
     return len(spans), sum(s >= COPY_SPAN_CHARS for s in spans), max(spans, default=0)
 
 
+def mean_seconds(records):
+    """{kind: mean seconds per question (retrieval included)} of the records that carry their time."""
+    seconds = {kind: [r["seconds"] for r in records if r["kind"] == kind and r.get("seconds") is not None]
+               for kind in ("mc", "desc")}
+    return {kind: sum(v) / len(v) for kind, v in seconds.items() if v}
+
+
+def projected_minutes(meta, records):
+    """Minutes the competition's test would take as this run answered: load + its mean seconds per multiple-choice
+    and per descriptive question times their counts in the test; None without both kinds."""
+    mean = mean_seconds(records)
+    if len(mean) < 2:
+        return None
+    return (meta["seconds"]["load"] + competition.TEST_MC * mean["mc"] + competition.TEST_DESC * mean["desc"]) / 60
+
+
 def run_section(name, answers, meta, records, labels, echo):
     """Markdown lines of one run (its score beside the echo baseline's, per domain, per calibration) and its score."""
     s, e = scoring.score(answers, labels), scoring.score(echo, labels)
@@ -92,9 +110,19 @@ def run_section(name, answers, meta, records, labels, echo):
     reused = (" (every answer came from a checkpoint, e.g. `make select`'s: the time is that of the run that computed "
               "it, with the shifts and the load of that run)") if meta.get("answered_now") == 0 else ""
     shared = ": above 2, other jobs shared the 2 cores" if (meta.get("load_average") or 0) > 2 else ""
+    share = config.get("passage_share", 1.0)
+    readers = f" for {share:.0%} of the multiple-choice questions (highest {answering.PASSAGE_SIGNAL} first)" \
+        if config["passages"] and share < 1 else ""
+    wall, questions = meta["seconds"]["load"] + meta["seconds"]["answering"], meta.get("questions", len(records))
+    answered = f"{fmt(wall / 60, 1)} min loading and answering {questions} questions" if meta["seconds"]["answering"] \
+        else f"{questions} questions"
+    projected, mean = projected_minutes(meta, records), mean_seconds(records)
     lines = [f"### {name}", "",
              f"`{meta['model']}` (candidate `{config['candidate']}`, level `{config['level']}`) on {meta['device']} "
-             f"({meta['dtype']}), calibration `{config['calibration']}`, {config['passages']} passages; "
+             f"({meta['dtype']}), calibration `{config['calibration']}`, {config['passages']} passages{readers}; "
+             f"{answered} ({fmt(mean.get('mc'), 2)} s per multiple-choice and {fmt(mean.get('desc'), 2)} s per "
+             f"descriptive question: {fmt(projected, 1)} min projected for the "
+             f"{competition.TEST_MC + competition.TEST_DESC}-question test), "
              f"{fmt(meta['seconds']['per_question'], 2)} s per question{reused}, peak RSS "
              f"{fmt(meta['peak_rss_gib'], 2)} GiB (load average {fmt(meta.get('load_average'), 1)} at the end{shared}).",
              "", "| metric | this run | echo baseline (the question as the answer) |", "|---|---|---|",
@@ -110,9 +138,28 @@ def run_section(name, answers, meta, records, labels, echo):
                      f"(of {checked} with passages; longest shared span) | {copied} ({longest} characters) | – |")
     lines += ["", "| domain | accuracy | questions |", "|---|---|---|"]
     lines += [f"| {d} | {acc:.3f} | {n} |" for d, (acc, n) in s["per_domain"].items()]
+    if meta.get("groups"):
+        lines += ["", "The answers above calibrate the questions with and without passages each on their own "
+                  "(answering.run_groups); the table below calibrates them together."]
     lines += ["", "| calibration | MC accuracy | questions | most frequent answer |", "|---|---|---|---|"]
     lines += [f"| {m} | {acc:.3f} | {n} | {top} |" for m, acc, n, top in calibration_table(records, meta, labels)]
     return lines + [""], s
+
+
+def against_first(runs, labels):
+    """Markdown lines: every run after the first against the first ({name: answers}, in order), MC accuracy and
+    score, with the paired standard errors; nothing for one run."""
+    (first, base), *others = runs.items()
+    if not others:
+        return []
+    fmt, each_base = scoring.fmt, scoring.per_question(base, labels)[0]
+    lines = [f"## Against {first}", "", "| run | MC accuracy change ± paired SE | score change ± paired SE |",
+             "|---|---|---|"]
+    for name, answers in others:
+        mc, mc_se = scoring.mc_difference(answers, base, labels)
+        sc, sc_se = scoring.score_difference(scoring.per_question(answers, labels)[0], each_base, labels)
+        lines.append(f"| {name} | {mc:+.3f} ± {fmt(mc_se)} | {sc:+.3f} ± {fmt(sc_se)} |")
+    return lines + [""]
 
 
 def summary_row(name, s, seconds=None):
@@ -141,17 +188,18 @@ def main():
              "answer; an answer worth keeping scores above it.", ""]
     sections, summary = [], ["## Summary", "", "| run | score | MC accuracy | descriptive | cosine | keyword recall "
                              "| s/question |", "|---|---|---|---|---|---|---|"]
-    answered = set()
+    answered, runs = set(), {}
     for run_dir in args.run or [common.INFER]:
         answers, meta, records = scoring.load_run(run_dir)
         answered |= set(answers)
+        runs[run_dir.name] = answers
         section, s = run_section(run_dir.name, answers, meta, records, labels, echo_answers(questions, answers))
         sections += section
         summary.append(summary_row(run_dir.name, s, meta["seconds"]["per_question"]))
     summary.append(summary_row("echo baseline (the question as the answer)",
                                scoring.score(echo_answers(questions, answered), labels)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    common.write_text(args.out, "\n".join(lines + summary + [""] + sections))
+    common.write_text(args.out, "\n".join(lines + summary + [""] + against_first(runs, labels) + sections))
     print(f"eval: wrote {args.out}")
 
 

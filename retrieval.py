@@ -639,6 +639,18 @@ def load_index(path=None, backend=None):
     return Index(chunks, tokens, vectors, meta, backend or meta["settings"]["BM25_BACKEND"])
 
 
+def bm25_signals(index, texts):
+    """How sure the first stage looks, per text: its top BM25 score over the index ("top"), minus the second
+    ("margin"), over the second ("ratio"), and per query morpheme ("per_token"); reports/gate.md compares them."""
+    out = []
+    for toks in morphemes(index.kiwi, texts):
+        top = np.sort(index.bm25.scores(toks))[::-1][:2]
+        first, second = float(top[0]), float(top[1]) if len(top) > 1 else 0.0
+        ratio = first / second if second > 0 else float("inf") if first > 0 else 0.0  # no hit at all: least sure
+        out.append(dict(top=first, margin=first - second, ratio=ratio, per_token=first / max(len(toks), 1)))
+    return out
+
+
 def format_context(hits, tokenizer, max_passages=3, max_tokens=768):
     """Numbered passages for a prompt, at most max_passages and max_tokens tokens in all (the last one cut at a
     token edge). "" when nothing was retrieved, so a question with no hit is still answered without context."""

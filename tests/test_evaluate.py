@@ -112,13 +112,15 @@ def test_report_of_a_run_beside_the_echo_baseline(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "LABELS", tmp_path / "labels.csv")
     run = tmp_path / "04_infer"
     run.mkdir()
-    records = [mc("m1", [0.3, 0.7]), dict(id="d1", kind="desc", raw="전자서명은 신원을 나타냅니다.", context=[])]
+    records = [dict(mc("m1", [0.3, 0.7]), seconds=2.0),
+               dict(id="d1", kind="desc", raw="전자서명은 신원을 나타냅니다.", context=[], seconds=10.0)]
     (run / "predictions-k.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                                              encoding="utf-8")
     competition.write_submission(run / "submission.csv", [("m1", "2"), ("d1", "전자서명은 신원을 나타냅니다.")])
-    config = dict(candidate="student", level="float", calibration="auto", passages=0)
+    config = dict(candidate="student", level="float", calibration="auto", passages=1, passage_share=0.22)
     meta = dict(model="models/student-base", config=config, device="cpu", dtype="float32", rag=None, content_free={},
-                seconds=dict(per_question=1.5), peak_rss_gib=1.0, load_average=0.5, predictions="predictions-k.jsonl")
+                seconds=dict(load=6.0, answering=12.0, per_question=6.0), questions=2, peak_rss_gib=1.0,
+                load_average=0.5, predictions="predictions-k.jsonl")
     (run / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     (run / "DONE").touch()
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--run", str(run), "--questions", str(tmp_path / "questions.csv"),
@@ -129,3 +131,17 @@ def test_report_of_a_run_beside_the_echo_baseline(tmp_path, monkeypatch):
     assert "| 04_infer | " in report and "| echo baseline (the question as the answer) | – | – | " in report
     assert "| descriptive keyword recall | 1.000 | 0.500 |" in report  # the question names one of the two keywords
     assert "| auto → batch | 1.000 | 1 | 2 (100%) |" in report and "| 금융보안법률 | 1.000 | 1 |" in report
+    # a slower CPU's share of passages, the wall time, and the test's time from the mean seconds of each kind
+    assert "1 passages for 22% of the multiple-choice questions (highest ratio first); 0.3 min loading and answering 2 " \
+           "questions (2.00 s per multiple-choice and 10.00 s per descriptive question: 19.3 min projected for the " \
+           "515-question test)" in report
+
+
+def test_runs_against_the_first_by_hand():
+    labels = {f"m{i}": dict(kind="mc", Answer="1", domain="d") for i in range(4)}
+    base = {"m0": "1", "m1": "1", "m2": "2", "m3": "2"}  # 2 of 4
+    better = {"m0": "1", "m1": "1", "m2": "1", "m3": "2"}  # 3 of 4: +0.25, differences (0, 0, 1, 0)
+    assert evaluate.against_first({"base": base}, labels) == []
+    lines = evaluate.against_first({"base": base, "better": better}, labels)
+    se = (0.25 * 0.75 * 4 / 3 / 4) ** 0.5  # sample SD of (0, 0, 1, 0) over sqrt(4)
+    assert lines[0] == "## Against base" and lines[-2] == f"| better | +0.250 ± {se:.3f} | +0.125 ± {se / 2:.3f} |"

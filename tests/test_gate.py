@@ -132,6 +132,8 @@ def test_report_from_the_two_select_points_on_the_tiny_index(tiny_index, tmp_pat
     write_point(gate.SELECT / "student-float-p0", plain)
     write_point(gate.SELECT / "student-float-p1", rag, dict(passages=1, method="fused", max_tokens=512))
     write_point(gate.SELECT / "student-float-p3", rag, dict(passages=3, method="fused", max_tokens=512))
+    write_point(gate.SELECT / "student-float-p2-rerank", rag, dict(passages=2, method="fused", max_tokens=512))
+    assert list(gate.passage_points(answering.Config(candidate="student"))) == [1, 3]  # first stage only
     monkeypatch.setattr(sys, "argv", ["eval_gate.py", "--out", str(tmp_path / "gate.md")])
     with pytest.raises(SystemExit, match="no index at .*make select"):
         gate.main()

@@ -220,6 +220,45 @@ def test_descriptive_questions_read_no_passages_unless_asked(tiny_model_dir, tin
     assert again["key"] != meta["key"] and again["answered_now"] == len(questions)
 
 
+def test_a_share_of_the_questions_reads_passages_where_retrieval_looks_surest(tiny_model_dir, tiny_index, tmp_path,
+                                                                             monkeypatch):
+    passage_prompts(monkeypatch, desc_passages=False)
+    options = "\n1 가\n2 나\n3 다\n4 라"
+    rows = [dict(ID="mixed", Question="전자서명과 개인정보와 금융회사 중 옳은 것은?" + options),
+            dict(ID="sure", Question="전자서명은 서명자의 신원을 나타내는가?" + options),
+            dict(ID="none", Question="여행 일정으로 옳은 것은?" + options),
+            dict(ID="fair", Question="개인정보처리자의 개인정보 보호와 전자서명으로 옳은 것은?" + options),
+            dict(ID="desc", Question="전자서명을 설명하세요.")]
+    common.write_csv(tmp_path / "q.csv", ["ID", "Question"], rows)
+    questions = competition.read_questions(tmp_path / "q.csv")
+    index = retrieval.load_index(tiny_index)
+    ratio = dict(zip([q.id for q in questions[:4]], (s["ratio"] for s in retrieval.bm25_signals(
+        index, [q.text for q in questions[:4]]))))
+    assert ratio["sure"] > ratio["fair"] > ratio["mixed"] > ratio["none"] == 0.0
+    assert answering.passage_readers(index, questions, 0.5) == {"sure", "fair"}
+    config = cfg(tiny_model_dir, 1, rerank=False, passage_share=0.5)
+    groups, meta = answering.run_groups(questions, tmp_path / "share", config, "float32")
+    records = {r["id"]: r for _, group, _ in groups for r in group}
+    assert sorted(records) == sorted(q.id for q in questions)
+    assert [i for i in records if records[i]["context"]] == ["sure", "fair"]  # neither the others nor "desc"
+    # the records a run of every question with, or without, passages writes: its checkpoints serve both
+    full, _ = answering.run(questions, tmp_path / "all", cfg(tiny_model_dir, 1, rerank=False), "float32")
+    plain, _ = answering.run(questions, tmp_path / "none", cfg(tiny_model_dir), "float32")
+    for r in full + plain:
+        if r["kind"] == "mc" and bool(r["context"]) == (r["id"] in ("sure", "fair")):
+            assert r["logprobs"] == pytest.approx(records[r["id"]]["logprobs"], abs=1e-4)
+    assert meta["config"]["passage_share"] == 0.5 and meta["questions"] == 5 and len(meta["groups"]) == 2
+    written = json.loads((tmp_path / "share" / "meta.json").read_text(encoding="utf-8"))
+    assert lm.read_records(tmp_path / "share" / written["predictions"]).keys() == records.keys()
+    rows = answering.grouped_submission_rows(questions, groups, "batch")
+    assert [i for i, _ in rows] == [q.id for q in questions] and all(str(a).strip() for _, a in rows)
+    _, again = answering.run_groups(questions, tmp_path / "share", config, "float32")
+    assert again["answered_now"] == 0  # both groups resume from their checkpoints, with the first run's times
+    assert again["seconds"] == meta["seconds"] and again["seconds"]["answering"] > 0
+    with pytest.raises(SystemExit, match="passage_share"):
+        cfg(tiny_model_dir, 1, passage_share=0.0).check()
+
+
 def test_work_order_sorts_by_the_question_with_its_passages(tiny_model_dir):
     tokenizer = lm.load_tokenizer(str(tiny_model_dir))
     short, long = (competition.parse_question(i, f"{stem}\n1 가\n2 나\n3 다\n4 라") for i, stem in (

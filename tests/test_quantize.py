@@ -39,6 +39,14 @@ def logits_of(model_dir, level=None, dtype=None):
         return model(IDS).logits.float()
 
 
+def test_point_names_parse_back():
+    for fields in [("teacher", "float", 0, False), ("student-distilled", "bnb-nf4", 3, True), ("a-b", "fp16", 1, False),
+                   ("teacher", "bnb-nf4-dq", 2, False)]:
+        assert quantize.parse_point_name(quantize.point_name(*fields)) == fields
+    assert quantize.parse_point_name("index-teacher") is None and quantize.parse_point_name("teacher-q9-p1") is None
+    assert quantize.index_folder("teacher").parent == quantize.OUT
+
+
 def test_every_level_has_a_bound_and_every_measured_level_exists():
     assert set(BOUNDS) == set(lm.LEVELS)
     assert all(set(levels) <= set(lm.LEVELS) for levels in quantize.LEVELS.values())
@@ -228,8 +236,15 @@ def test_a_slower_machine_falls_back_to_an_alternative_that_fits(tmp_path, monke
     read = dict(fast, passages=1, rerank=False)
     data.update(config=read, alternatives=[dict(config=read, projected_s=900), dict(config=fast, projected_s=300),
                                            dict(config=dict(read, passages=3, rerank=True), projected_s=100)])
+    data["figures"]["projected_s"] = 900
     path.write_text(json.dumps(data), encoding="utf-8")
-    monkeypatch.setattr(lm, "cpu_gflops", lambda: 400.0 / 3)
+    monkeypatch.setattr(lm, "cpu_gflops", lambda: 400.0 / 3.2)  # 2880 s with passages, 960 s without: 40 s to spare
+    assert answering.chosen(path, fit=True) == answering.Config(**fast)  # passages for 2%: under MIN_PASSAGE_SHARE
+    monkeypatch.setattr(lm, "cpu_gflops", lambda: 400.0 / 2)  # 1800 s with, 600 s without: a third of them fits
+    assert answering.chosen(path, fit=True) == answering.Config(**dict(fast, passages=1, rerank=False),
+                                                                passage_share=0.33)
+    data["config"] = dict(read, rerank=True)  # reranked passages: 03 reranks every question, no share
+    path.write_text(json.dumps(data), encoding="utf-8")
     assert answering.chosen(path, fit=True) == answering.Config(**fast)
 
 

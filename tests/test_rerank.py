@@ -136,6 +136,15 @@ def test_run_writes_every_question_and_resumes(tiny_model_dir, tiny_index, tmp_p
     assert meta3["reranked_now"] == 1
 
 
+def test_only_questions_that_read_passages_are_reranked(monkeypatch):
+    mc = competition.parse_question("M", "전자서명의 정의로 옳은 것은?\n1 가\n2 나\n3 다\n4 라")
+    desc = competition.parse_question("D", "전자서명을 설명하세요.")
+    assert rerank.to_rerank([mc, desc]) == [mc]
+    assert rerank.to_rerank([mc, desc], {"D"}) == [desc]  # a measurement's ids, descriptive ones too
+    monkeypatch.setattr(answering, "DESC_PASSAGES", True)
+    assert rerank.to_rerank([mc, desc]) == [mc, desc]
+
+
 def test_rerank_report_metrics_by_hand():
     class Keyed:
         def __init__(self, key):
