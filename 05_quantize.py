@@ -125,7 +125,7 @@ def child_point(config_json, folder, limit, index_dir):
                      + [q for q in questions if q.kind == "desc"][:answering.DESC_BATCH])
     ranked = None
     if config.passages and config.rerank:
-        reading = [q for q in questions if answering.reads_passages(q)]
+        reading = rerank_step.to_rerank(questions)
         ranked = reranked(config, reading[:RERANK_PROBE] if limit else reading, index_dir, folder)
     answering.run(questions, folder, config, ranked=ranked, index_dir=index_dir)
     if not limit:

@@ -147,8 +147,8 @@ def with_passage_share(config, data, option, slowdown, budget):
     reading one prompt per question), the option with passages for the largest share of the multiple-choice
     questions that still fits: the time grows linearly from the option's projection to the chosen one's."""
     plain, one_prompt = option["config"], ("none", "batch", "auto", "content_free")
-    if not config.passages or config.rerank or plain.passages or plain.candidate != config.candidate \
-            or {config.calibration, plain.calibration} - set(one_prompt):
+    if not config.passages or config.rerank or plain.passages \
+            or {config.calibration, plain.calibration} - set(one_prompt):  # fitted offers the chosen model only
         return plain
     full_s, plain_s = data["figures"].get("projected_s", 0.0) * slowdown, option["projected_s"] * slowdown
     share = math.floor(100 * (budget - plain_s) / (full_s - plain_s)) / 100 if full_s > plain_s else 0.0
