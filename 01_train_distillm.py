@@ -862,11 +862,13 @@ def rank_summary(trainer):
     return ranks
 
 
-def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id, source="model", target=TOPK_TARGET):
+def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id, source="model", target=TOPK_TARGET,
+          epochs=None):
     """Train LoRA adapters with the DistiLLMTrainer on this process's share of the pairs; save them with meta.json on
     the main process after a barrier. source "model": the teacher is loaded after the Trainer has set this rank's
     device and put the student there; "topk": the stored top-k of the target (topk_dir(cfg.temperature, target)), no
-    teacher. max_steps None: train_steps. Returns (meta, whether this is the main process)."""
+    teacher. max_steps None: train_steps over epochs (None: EPOCHS of the device). Returns (meta, whether this is the
+    main process)."""
     from accelerate import PartialState
 
     t0 = time.time()
@@ -884,7 +886,7 @@ def train(pairs_path, out_dir, run_dir, cfg, max_steps, student_id, teacher_id, 
         raise SystemExit(f"01: FSKU_TEACHER_DEVICE={lm.TEACHER_DEVICE} under {world} processes would put every rank's "
                          "teacher on the same GPUs: unset it (each rank's teacher on its own GPU) or use the stored "
                          "top-k (TEACHER_SOURCE topk).")
-    steps = max_steps or train_steps(EPOCHS[kind], len(pairs), BATCH_PAIRS[kind], GRAD_ACCUM[kind], world)
+    steps = max_steps or train_steps(epochs or EPOCHS[kind], len(pairs), BATCH_PAIRS[kind], GRAD_ACCUM[kind], world)
     args = training_arguments(run_dir, steps, kind)
     state = PartialState()
     student = lora_student(student_id, getattr(torch, STUDENT_TRAIN_DTYPE[kind]), GRADIENT_CHECKPOINTING[kind],
@@ -1059,7 +1061,8 @@ def parse_args():
     p.add_argument("--gradual-beta", action=argparse.BooleanOptionalAction, default=GRADUAL_BETA)
     p.add_argument("--adaptive-alpha", action=argparse.BooleanOptionalAction, default=ADAPTIVE_ALPHA)
     p.add_argument("--chunk", type=int, default=LOSS_CHUNK, help="0 = naive full-logit loss")
-    p.add_argument("--max-steps", type=int, default=None, help="default: EPOCHS over the pairs (train_steps)")
+    p.add_argument("--max-steps", type=int, default=None, help="default: --epochs over the pairs (train_steps)")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the pairs; default: EPOCHS of the device")
     p.add_argument("--teacher-source", choices=("model", "topk"), default=None, help="default: TEACHER_SOURCE")
     p.add_argument("--store-topk", action="store_true", help="store the teacher's top-k (at --temperature, of "
                    "--target), no training; on a device whose TEACHER_SOURCE is 'model' only the stamp")
@@ -1096,7 +1099,7 @@ def main():
         return
     run_dir = args.run_dir or common.OUTPUTS / "01_train" / args.out.name
     meta, main_process = train(args.pairs, args.out, run_dir, cfg, args.max_steps, common.STUDENT_MODEL,
-                               common.TEACHER_MODEL, source, args.target)
+                               common.TEACHER_MODEL, source, args.target, epochs=args.epochs)
     if not main_process:
         return
     if args.merge:

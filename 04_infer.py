@@ -8,7 +8,8 @@ under the calibration's option shifts (answering.py); descriptive: short greedy 
 <out>/predictions-<key>.jsonl (checkpoint after every batch, resumed after a kill), <out>/submission.csv,
 <out>/meta.json and <out>/DONE; with the default --out also ./submission.csv (UTF-8 with a BOM, as
 sample_submission.csv). On a CPU too slow for the chosen passages, passages only where retrieval looks surest
-(answering.fitted, run_groups). Run by `make submission` (and the report targets with --model/--out).
+(answering.fitted, run_groups); with a cascade, only where the answer without them is unsure (run_cascade). Run by
+`make submission` (and the report targets with --model/--out).
 """
 import argparse
 import dataclasses
@@ -32,12 +33,18 @@ def main():
     parser.add_argument("--pride-share", type=float, default=None, help="share of questions estimating the prior")
     parser.add_argument("--passages", type=int, default=None, help="retrieved passages per prompt (0: none)")
     parser.add_argument("--no-rerank", action="store_true", help="first-stage passages even when 03 has run")
+    parser.add_argument("--cascade", type=float, default=None, help="passages only where the answer without them is "
+                        "less sure than this (0: off); --passages or --calibration without it turn a cascade off")
     parser.add_argument("--limit", type=int, default=0, help="answer only the first N questions (measurements)")
     parser.add_argument("--mc-only", action="store_true", help="skip descriptive questions (measurements)")
     args = parser.parse_args()
 
+    cascade = args.cascade
+    if cascade is None and (args.passages is not None or args.calibration is not None):
+        cascade = 0.0  # another passage count or calibration turns the chosen cascade off
     overrides = dict(candidate=args.model, level=args.level, calibration=args.calibration,
-                     permutations=args.permutations, pride_share=args.pride_share, passages=args.passages)
+                     permutations=args.permutations, pride_share=args.pride_share, passages=args.passages,
+                     cascade=cascade)
     config = dataclasses.replace(answering.chosen(fit=True), **{k: v for k, v in overrides.items() if v is not None})
     questions = competition.read_questions(args.questions)
     full = not args.limit and not args.mc_only

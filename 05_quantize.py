@@ -16,7 +16,9 @@ fatal), checkpointed in outputs/05_select/<point>/, so a rerun measures only wha
      and under the one-prompt calibrations on the CPU (PASSAGE_SHIFTS): first the first stage's passages (point
      <candidate>-<level>-p<k>, rerank false), then 03's LLM reranking of them (<...>-p<k>-rerank: the development
      questions reranked by 03_rerank.run; its probe reranks RERANK_PROBE of them for the timing), each stopping
-     when its probe projects beyond the budget, as in stage 2.
+     when its probe projects beyond the budget, as in stage 2. Each first-stage passage point and the p0 point of
+     the same candidate and level also make CASCADE points, composed from their records with no run of their own
+     (answering.Config.cascade: the passages only where the answer without them is unsure; -p<k>-cascade<t>).
 Projected time of the 515-question test = load + 500 x MC prompts per question x s per prompt + 15 x descriptive s
 (+ building the index for a point with passages, + 515 x reranking s for a reranked point), all measured on this
 machine. Choice: the highest score within the budget; a point the best does not beat by more than
@@ -60,6 +62,8 @@ SAFETY_MARGIN = dict(cpu=1.0, cuda=0.8)  # choose only among points projected wi
 PROBE_QUESTIONS = 24  # every point is first timed on this many MC questions (+ one descriptive batch) in a run of
 # its own: a long scoring run that shared the CPU does not set the projected time, and a stage-2 level whose probe
 # projects beyond the budget stops there
+CASCADE = [0.5, 0.8, 1.0]  # cascade thresholds scored from a candidate's finished p0 and first-stage p<k> points, no
+# model run (answering.Config.cascade: passages only where the answer without them is less sure than this)
 SCORE_TOLERANCE = 0.005  # scores this close count as a tie: the faster point wins
 NOISE_Z = 1.0  # ... and so do scores within this many standard errors of their paired difference
 OUT = common.OUTPUTS / "05_select"
@@ -326,6 +330,9 @@ def write_selection(chosen, tied, rows, labels, budget_s, device, command):
                      encoder=scoring.encoder_name(), best_score=round(best["score"], 4),
                      best_minus_chosen=round(diff, 4), best_minus_chosen_se=round(se, 4), dtype=chosen["dtype"],
                      projected_s=round(chosen["projected_s"], 1), budget_s=budget_s, points=len(rows),
+                     asked_share=None if chosen.get("asked_share") is None else round(chosen["asked_share"], 4),
+                     passages_projected_s=None if chosen.get("passages_projected_s") is None
+                     else round(chosen["passages_projected_s"], 1),
                      per_question_s=round(dev_seconds(chosen, labels) / len(chosen["each"]), 3),
                      tied=[f"{r['point']} {r['calibration']}" for r in tied]),
         alternatives=alternatives(rows, labels, chosen), device=device,
@@ -352,6 +359,8 @@ def candidate_lines(rows, labels):
         mc_diff, mc_se = scoring.mc_difference(top["answers"], r["answers"], labels)
         lines.append(f"| {name} | {r['point']} | {r['calibration']} | {r['score']:.3f} | {r['mc_acc']:.3f} | "
                      f"{scoring.fmt(r['desc_score'])} | {diff:+.3f} ± {se:.3f} | {mc_diff:+.3f} ± {mc_se:.3f} |")
+    lines += [f"| {name} | not measured: no finished point in {OUT.name} | – | – | – | – | – | – |"
+              for name in common.candidates() if name not in best]  # the gap table never drops a candidate silently
     return lines + [""]
 
 
@@ -397,7 +406,10 @@ def report(rows, chosen, tied, warning, labels, budget_s, stopped, skipped, comm
               "shifts of a share s of the questions, then removed from the rest; Zheng et al. 2024). Projected "
               f"prompts per test question assume {TEST_FIVE} of the {TEST_MC} multiple-choice items have five "
               "options. A point with passages (-p<k>: the first stage's k best passages; -p<k>-rerank: 03's LLM "
-              "reranking of them) counts building its index (02, embedded by the candidate) in its projected time.",
+              "reranking of them) counts building its index (02, embedded by the candidate) in its projected time. "
+              "-p<k>-cascade<t>: composed from the p0 and p<k> points' records, no run of its own: the passages only "
+              "for the multiple-choice questions whose top option takes less than t without them, answered from the "
+              "surer of the two prompts (calibration none; time = the p0 prompt + the asked share x the p<k> prompt).",
               ""]
     common.write_text(common.REPORTS / "select.md", "\n".join(lines))
 
@@ -441,12 +453,18 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
         records, meta = load_point(folder)
         return records, dict(meta, index_s=index_seconds(index_dir))
 
+    points = {}  # name: (records, meta) of every finished point, for the cascades
+
+    def scored(name, done):
+        points[name] = done
+        return score_point(name, *done, questions, labels, desc_cache)
+
     stage1 = {}
     for candidate in present:  # stage 1: every candidate at the float level, all shifts
         name = point_name(candidate, "float", 0)
         done = finished(point_config(candidate, "float", 0, n_max), name)
         if done:
-            stage1[candidate] = score_point(name, *done, questions, labels, desc_cache)
+            stage1[candidate] = scored(name, done)
             rows += stage1[candidate]
     if not rows:
         raise SystemExit("05: no candidate could be measured: run `make models`, then see the messages above.")
@@ -477,7 +495,7 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
             timed = within_budget(config, name)
             done = timed and finished(config, name, timed=timed)
             if done:
-                rows += score_point(name, *done, questions, labels, desc_cache)
+                rows += scored(name, done)
     best = max(rows, key=lambda r: r["score"])
     if 3 not in stages:
         skipped.append(("stage 3 (passages)", f"not run (`05_quantize.py --stages {flag}`)"))
@@ -496,25 +514,63 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
                 break
             done = finished(config, name, index_dir=index_dir, timed=timed)
             if done:
-                rows += score_point(name, *done, questions, labels, desc_cache)
-    return rows, stopped, skipped
+                rows += scored(name, done)
+    return rows + cascade_rows(points, questions, labels, desc_cache), stopped, skipped
 
 
-def rescored(questions, labels, desc_cache):
-    """Rows of every point finished in OUT (named as point_name names them), no model run; a point with passages
-    counts the build time of its candidate's index there."""
-    rows = []
+def finished_points():
+    """{name: (records by id, meta)} of every point finished in OUT (named as point_name names them); a point with
+    passages counts the build time of its candidate's index there (meta's index_s)."""
+    points = {}
     for folder in sorted(OUT.iterdir()) if OUT.exists() else []:
         parsed = parse_point_name(folder.name)
         done = load_point(folder) if parsed and folder.is_dir() else None
         if done:
             records, meta = done
-            index_dir = index_folder(parsed[0]) if parsed[2] else None
-            rows += score_point(folder.name, records, dict(meta, index_s=index_seconds(index_dir)), questions, labels,
-                                desc_cache)
+            points[folder.name] = records, dict(meta, index_s=index_seconds(index_folder(parsed[0]) if parsed[2]
+                                                                           else None))
+    return points
+
+
+def cascade_rows(points, questions, labels, desc_cache):
+    """Rows (calibration none) of the cascades (CASCADE thresholds) of every finished first-stage passage point with
+    the p0 point of its candidate and level, composed from their records as answering.run_cascade composes them:
+    time per multiple-choice question = the p0 prompt + the asked share x the passage prompt, both loads counted."""
+    rows, order = [], [q.id for q in questions]
+    n_mc = sum(q.kind == "mc" for q in questions)
+    for name, (records, meta) in points.items():
+        candidate, level, passages, rerank = parse_point_name(name)
+        plain_point = points.get(point_name(candidate, level, 0))
+        if not passages or rerank or plain_point is None or plain_point[1]["model"] != meta["model"]:
+            continue
+        plain_records, plain_meta = plain_point
+        plain = [answering.only_shifts(plain_records[i], ()) for i in order]
+        for threshold in CASCADE:
+            asked = answering.unsure(plain, threshold)
+            merged = answering.cascade_merge(plain, [records[i] for i in order if i in asked])
+            share = len(asked) / n_mc
+            timing = dict(plain_meta.get("timing") or {})
+            timing["mc_s_per_prompt"] = (timing.get("mc_s_per_prompt") or 0.0) + share * (
+                (meta.get("timing") or {}).get("mc_s_per_prompt") or 0.0)
+            composed = dict(meta, config=dict(meta["config"], cascade=threshold), timing=timing,
+                            content_free=plain_meta["content_free"], key=plain_meta["key"],
+                            seconds=dict(meta["seconds"], load=meta["seconds"]["load"] + plain_meta["seconds"]["load"]))
+            for row in score_point(f"{name}-cascade{threshold}", {r["id"]: r for r in merged}, composed, questions,
+                                   labels, desc_cache):
+                if row["calibration"] == "none":  # the only one a cascade compares its prompts under
+                    rows.append(dict(row, asked_share=share,
+                                     passages_projected_s=projected_seconds(meta, row["config"])))
+    return rows
+
+
+def rescored(questions, labels, desc_cache):
+    """Rows of every point finished in OUT and of their cascades, no model run."""
+    points = finished_points()
+    rows = [row for name, (records, meta) in points.items()
+            for row in score_point(name, records, meta, questions, labels, desc_cache)]
     if not rows:
         raise SystemExit(f"05: no finished point in {OUT}: run `make select` first.")
-    return rows
+    return rows + cascade_rows(points, questions, labels, desc_cache)
 
 
 def level_list(text):

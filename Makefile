@@ -253,7 +253,7 @@ reports/distill.md: sweep_distill.py $(SCORE_LIBS) reports/distill-notes.md $(PA
 		$(HELDOUT_RUNS)
 	$(PY) $< --report --notes reports/distill-notes.md --out $@ --command "make distill-report"
 
-sweep: reports/sweep.md ## grid over alpha, beta, tau, loss type (top of sweep_distill.py) -> reports/sweep.md
+sweep: reports/sweep.md ## grid over alpha, beta, tau, loss type, epochs (top of sweep_distill.py) -> reports/sweep.md
 
 reports/sweep.md: sweep_distill.py 01_train_distillm.py 04_infer.py $(SCORE_LIBS) $(PAIRS) $(DATA)
 	$(PY) $< --sweep --out $@ --command "make sweep"

@@ -1,8 +1,9 @@
 """Answering with the one LLM: prompt -> option scores -> calibration -> answer; descriptive generation and clean-up.
 
 Also holds the answering configuration (`Config`): which candidate model answers, at which quantization level, with
-which option calibration and how many retrieved passages. `chosen()` reads it from selection.json, written by
-`make select` (05_quantize.py) and committed, so a fresh clone answers with the measured choice.
+which option calibration, how many retrieved passages and for which questions (all, a share where retrieval looks
+surest, or a cascade: only where the answer without them is unsure). `chosen()` reads it from selection.json,
+written by `make select` (05_quantize.py) and committed, so a fresh clone answers with the measured choice.
 Used by 04_infer.py (the submission), 05_quantize.py (measuring candidates) and the report scripts.
 """
 import hashlib
@@ -55,7 +56,9 @@ class Config:
     option calibration (CALIBRATIONS), the cyclic option shifts scored per question (permute: every question;
     pride: the pride_share of the questions that estimate the position prior), the passages per prompt, whether
     03's LLM reranking orders them (rerank False: the first stage's best passages, no 03) and the share of the
-    multiple-choice questions that read them (below 1 only where a slower CPU falls back: fitted, run_groups)."""
+    multiple-choice questions that read them (below 1 only where a slower CPU falls back: fitted, run_groups). With
+    cascade t > 0, every question is first answered without passages and a multiple-choice question whose top option
+    takes less than t of the probability is asked again with them, answered from the surer prompt (run_groups)."""
 
     candidate: str = "student"
     level: str = "float"
@@ -65,6 +68,7 @@ class Config:
     passages: int = 0
     rerank: bool = True
     passage_share: float = 1.0
+    cascade: float = 0.0
 
     @property
     def model(self):
@@ -83,6 +87,11 @@ class Config:
             raise SystemExit("passages must be 0 or more.")
         if not 0.0 < self.passage_share <= 1.0:
             raise SystemExit(f"passage_share must be above 0 and at most 1 (got {self.passage_share}).")
+        if not 0.0 <= self.cascade <= 1.0:
+            raise SystemExit(f"cascade must be between 0 (off) and 1 (got {self.cascade}).")
+        if self.cascade and (not self.passages or self.calibration != "none" or self.passage_share < 1.0):
+            raise SystemExit("cascade compares the raw option probabilities of a prompt without and one with passages: "
+                             "it needs passages >= 1, calibration none and passage_share 1 (or set cascade 0).")
         return self
 
 
@@ -145,12 +154,14 @@ def fitted(config, data):
 def with_passage_share(config, data, option, slowdown, budget):
     """The option fitted chose, or, when that is the chosen model without the chosen first-stage passages (both
     reading one prompt per question), the option with passages for the largest share of the multiple-choice
-    questions that still fits: the time grows linearly from the option's projection to the chosen one's."""
+    questions that still fits: the time grows linearly from the option's projection to the chosen one's (for a
+    chosen cascade, to that of its passages for every question: passages_projected_s)."""
     plain, one_prompt = option["config"], ("none", "batch", "auto", "content_free")
-    if not config.passages or config.rerank or plain.passages \
+    full_s = data["figures"].get("passages_projected_s" if config.cascade else "projected_s")
+    if not config.passages or config.rerank or plain.passages or not full_s \
             or {config.calibration, plain.calibration} - set(one_prompt):  # fitted offers the chosen model only
         return plain
-    full_s, plain_s = data["figures"].get("projected_s", 0.0) * slowdown, option["projected_s"] * slowdown
+    full_s, plain_s = full_s * slowdown, option["projected_s"] * slowdown
     share = math.floor(100 * (budget - plain_s) / (full_s - plain_s)) / 100 if full_s > plain_s else 0.0
     if share < MIN_PASSAGE_SHARE:
         return plain
@@ -564,11 +575,62 @@ def passage_readers(index, questions, share):
     return {reading[i].id for i in order[:round(share * len(reading))]}
 
 
+def top_probability(record):
+    """The probability of a multiple-choice record's most likely option, over the options only."""
+    return math.exp(max(normalise(record["logprobs"])))
+
+
+def unsure(records, threshold):
+    """Ids of the multiple-choice records whose top option takes less than threshold of the probability (every one
+    at threshold 1)."""
+    return {r["id"] for r in records if r["kind"] == "mc" and (threshold >= 1.0 or top_probability(r) < threshold)}
+
+
+def cascade_merge(plain, with_passages):
+    """Records of a cascade, in plain's order: a question asked again with passages (in with_passages) keeps the
+    record of the surer prompt (the higher top_probability; passages on a tie), timed as both prompts together and
+    marked with "cascade" (which prompt answered); every other question keeps its plain record."""
+    by_id = {r["id"]: r for r in with_passages}
+    out = []
+    for r in plain:
+        other = by_id.get(r["id"])
+        if other is None:
+            out.append(r)
+            continue
+        surer = other if top_probability(other) >= top_probability(r) else r
+        out.append(dict(surer, seconds=round(r["seconds"] + other["seconds"], 3),
+                        cascade="passages" if surer is other else "plain"))
+    return out
+
+
+def run_cascade(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None):
+    """run_groups under config.cascade: every question without passages, then the unsure multiple-choice ones with
+    them (each run checkpointed under its own key: the records full runs without and with passages write), merged
+    by cascade_merge."""
+    plain_config = replace(config, passages=0, cascade=0.0)
+    previous = out_dir / "meta.json"  # each run rewrites it
+    old = json.loads(previous.read_text(encoding="utf-8")) if previous.exists() else {}
+    plain, plain_meta = run(questions, out_dir, plain_config, dtype_name, ranked, index_dir)
+    asked = unsure(plain, config.cascade)
+    print(f"04: cascade {config.cascade}: {len(asked)} of {sum(q.kind == 'mc' for q in questions)} multiple-choice "
+          "questions asked again with passages")
+    done = [(questions, plain, plain_meta)]
+    if asked:
+        again = [q for q in questions if q.id in asked]
+        done.append((again, *run(again, out_dir, replace(config, cascade=0.0), dtype_name, ranked, index_dir)))
+    merged = cascade_merge(plain, done[1][1] if asked else [])
+    meta = merged_meta(out_dir, questions, config, done, old, records=merged)
+    return [(questions, merged, meta)], meta
+
+
 def run_groups(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None):
     """([(questions, records, meta)], meta of them all): one run() under config; where config.passage_share < 1, two:
     that share of the questions with passages (passage_readers) and the rest without, each checkpointed in out_dir
     under its own key (the same records a run of every question with or without passages writes) and calibrated on
-    its own, as reports/gate.md measures a gate. out_dir/meta.json then describes both (merged_meta)."""
+    its own, as reports/gate.md measures a gate. out_dir/meta.json then describes both (merged_meta). With
+    config.cascade: run_cascade."""
+    if config.passages and config.cascade:
+        return run_cascade(questions, out_dir, config, dtype_name, ranked, index_dir)
     if not config.passages or config.passage_share >= 1.0:
         records, meta = run(questions, out_dir, config, dtype_name, ranked, index_dir)
         return [(questions, records, meta)], meta
@@ -586,13 +648,21 @@ def run_groups(questions, out_dir, config, dtype_name=None, ranked=None, index_d
     return done, merged_meta(out_dir, questions, config, done, old)
 
 
-def merged_meta(out_dir, questions, config, groups, old=None):
+def same_config(fields_of_old, config):
+    """Whether a meta.json's config fields describe config (fields added to Config since it was written take their
+    defaults)."""
+    known = {f.name for f in fields(Config)}
+    return isinstance(fields_of_old, dict) and set(fields_of_old) <= known and Config(**fields_of_old) == config
+
+
+def merged_meta(out_dir, questions, config, groups, old=None, records=None):
     """out_dir/meta.json for the groups of run_groups: the first group's, with the config, the load and answering
     time and the per-question seconds of all of them (per-prompt timing only in each group's meta; a rerun that took
-    every answer from the checkpoints keeps the times of the run that computed them, old), and their records in
-    question order written to predictions-groups.jsonl (what evaluate.py reads)."""
+    every answer from the checkpoints keeps the times of the run that computed them, old), and their records (or the
+    given ones: a cascade's) in question order written to predictions-groups.jsonl (what evaluate.py reads)."""
     metas = [meta for _, _, meta in groups]
-    by_id = {r["id"]: r for _, records, _ in groups for r in records}
+    by_id = {r["id"]: r for r in records} if records is not None else \
+        {r["id"]: r for _, group_records, _ in groups for r in group_records}
     records = [by_id[q.id] for q in questions]
     name = "predictions-groups.jsonl"
     common.write_text(out_dir / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -600,7 +670,7 @@ def merged_meta(out_dir, questions, config, groups, old=None):
                    answering=round(sum(m["seconds"]["answering"] for m in metas), 1),
                    per_question=round(sum(r["seconds"] for r in records) / max(len(records), 1), 3))
     answered_now = sum(m["answered_now"] for m in metas)
-    if not answered_now and old and old.get("groups") and old.get("config") == asdict(config):
+    if not answered_now and old and old.get("groups") and same_config(old.get("config"), config):
         seconds = old["seconds"]
     meta = dict(metas[0], config=asdict(config), key=None, questions=len(questions), seconds=seconds, timing=None,
                 answered_now=answered_now, predictions=name, groups=metas)

@@ -12,8 +12,9 @@ from the point without; the two groups are calibrated separately, as a gated run
 greedy scoring is deterministic, so a gated run would give the same log-probabilities. Reports, per signal, the MC
 accuracy at several shares of questions given passages; the gain of a threshold chosen on one half of the questions
 and measured on the other (GATE_SPLITS random halvings); the oracle gate, which gives passages exactly where a cited
-article is among them; the descriptive score with and without passages beside the echo baseline; and, first, every
-finished passage point against no passages. Run by `make gate-report`.
+article is among them; the accuracy without and with passages per domain, and two gates by document (the first
+passage from a law; the law domain as an oracle); the descriptive score with and without passages beside the echo
+baseline; and, first, every finished passage point against no passages. Run by `make gate-report`.
 """
 import argparse
 import dataclasses
@@ -42,6 +43,8 @@ PASSAGES = 1  # the point with passages the gate reads beside the p0 one (one of
 SHARES = [1.0, 0.5, 0.2, 0.1, 0.05, 0.0]  # share of the questions given passages (highest signal first)
 GATE_SPLITS = 20  # random halvings for the held-out threshold choice
 GRID = 20  # candidate thresholds: quantiles of the signal in steps of 1/GRID
+LAW_KINDS = ("법률", "시행령", "시행규칙", "대통령령")  # chunk kinds of a law (retrieval.Chunk.kind; guidelines: 행정규칙)
+LAW_DOMAIN = "금융보안법률"  # the labels' domain of the questions about the laws (the per-domain table's oracle gate)
 # -----------------------------------------------------------------------------
 
 SIGNALS = {"top": "top BM25 score", "margin": "top minus second BM25 score",
@@ -163,6 +166,35 @@ def oracle_lines(ids, index, rag_records, plain, rag, labels, calibration):
             "each run calibrated over all its questions).", ""]
 
 
+def domain_lines(ids, rag_records, plain, rag, labels, calibration):
+    """Where passages help: MC accuracy without and with them per domain / sub-domain of the labels (read for this
+    table only: a test question carries no domain), then two gates by document: passages only where the first
+    passage comes from a law rather than a guideline (knowable at test time), and only for the questions of the
+    law domain (LAW_DOMAIN, an oracle: the label's domain)."""
+    none = gated_answers(ids, set(), plain, rag, calibration)
+    full = gated_answers(ids, set(ids), plain, rag, calibration)
+    groups = {}
+    for i in ids:
+        groups.setdefault(f"{labels[i].get('domain', '?')} / {labels[i].get('sub_domain', '?')}", []).append(i)
+    lines = ["## Per domain", "", "| domain / sub-domain | questions | no passages | passages | change ± SE |",
+             "|---|---|---|---|---|"]
+    for name, group in sorted(groups.items()):
+        diff, se = scoring.mc_difference({i: full[i] for i in group}, {i: none[i] for i in group}, labels)
+        lines.append(f"| {name} | {len(group)} | {accuracy({i: none[i] for i in group}, labels):.3f} | "
+                     f"{accuracy({i: full[i] for i in group}, labels):.3f} | {diff:+.3f} ± {se:.3f} |")
+    gates = {f"first passage from a law ({'/'.join(LAW_KINDS)}), not a guideline":
+             {i for i in ids if rag_records[i]["context"] and rag_records[i]["context"][0][1] in LAW_KINDS},
+             f"oracle: the question's domain is {LAW_DOMAIN}":
+             {i for i in ids if labels[i].get("domain") == LAW_DOMAIN}}
+    lines += ["", "| passages only where | questions with passages | MC accuracy | change vs passages for all ± SE |",
+              "|---|---|---|---|"]
+    for name, use in gates.items():
+        gated = gated_answers(ids, use, plain, rag, calibration)
+        diff, se = scoring.mc_difference(gated, full, labels)
+        lines.append(f"| {name} | {len(use)} | {accuracy(gated, labels):.3f} | {diff:+.3f} ± {se:.3f} |")
+    return lines + [""]
+
+
 def desc_lines(questions, plain_records, rag_records, labels, passages):
     """Descriptive score without and with passages (paired difference) beside the echo baseline."""
     desc = [q for q in questions if q.kind == "desc"]
@@ -251,6 +283,7 @@ def main():
               f"every question: **{accuracy(gated_answers(ids, set(ids), plain, rag, cal), labels):.3f}**.", ""]
     lines += gate_lines(ids, values, plain, rag, labels, cal) + [""]
     lines += oracle_lines(ids, index, rag_all, plain, rag, labels, cal)
+    lines += domain_lines(ids, rag_all, plain, rag, labels, cal)
     answered = [q for q in questions if q.id in plain_all and q.id in rag_all and q.id in labels]
     lines += desc_lines(answered, plain_all, rag_all, labels, args.passages)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,10 @@ def run_section(name, answers, meta, records, labels, echo):
     share = config.get("passage_share", 1.0)
     readers = f" for {share:.0%} of the multiple-choice questions (highest {answering.PASSAGE_SIGNAL} first)" \
         if config["passages"] and share < 1 else ""
+    if config["passages"] and config.get("cascade"):
+        asked = sum("cascade" in r for r in records)
+        readers = (f" for the {asked} multiple-choice questions whose top option took less than {config['cascade']} "
+                   "without them (cascade: each answered from the surer prompt)")
     wall, questions = meta["seconds"]["load"] + meta["seconds"]["answering"], meta.get("questions", len(records))
     answered = f"{fmt(wall / 60, 1)} min loading and answering {questions} questions" if meta["seconds"]["answering"] \
         else f"{questions} questions"
@@ -138,7 +142,7 @@ def run_section(name, answers, meta, records, labels, echo):
                      f"(of {checked} with passages; longest shared span) | {copied} ({longest} characters) | – |")
     lines += ["", "| domain | accuracy | questions |", "|---|---|---|"]
     lines += [f"| {d} | {acc:.3f} | {n} |" for d, (acc, n) in s["per_domain"].items()]
-    if meta.get("groups"):
+    if meta.get("groups") and not config.get("cascade"):
         lines += ["", "The answers above calibrate the questions with and without passages each on their own "
                   "(answering.run_groups); the table below calibrates them together."]
     lines += ["", "| calibration | MC accuracy | questions | most frequent answer |", "|---|---|---|---|"]

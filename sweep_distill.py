@@ -1,9 +1,10 @@
 """Hyperparameter sweep of the distillation and the distillation report.
 
---sweep: for every point of this device's SWEEP_GRID (alpha, beta, tau, loss type) trains an adapter with
-01_train_distillm.py (SWEEP_STEPS steps; on a device that trains from the teacher's stored top-k, the store at the
-point's temperature first), merges it, answers the first SWEEP_EVAL_QUESTIONS development questions with
-04_infer.py (EVAL_FLAGS) and scores them with scoring.py; the base student is answered on the same questions.
+--sweep: for every point of this device's SWEEP_GRID (alpha, beta, tau, loss type, epochs) and SWEEP_EXTRA trains an
+adapter with 01_train_distillm.py (SWEEP_STEPS steps, or the point's epochs; on a device that trains from the
+teacher's stored top-k, the store at the point's temperature first), merges it, answers the first
+SWEEP_EVAL_QUESTIONS development questions with 04_infer.py (EVAL_FLAGS) and scores them with scoring.py; the base
+student is answered on the same questions.
 Every point is a folder under outputs/01_sweep/ with its own DONE stamps, so a killed sweep resumes; a folder made
 from other pairs, questions or settings (its inputs.json) is started again. Writes reports/sweep.md. Run by
 `make sweep`.
@@ -32,10 +33,13 @@ import lm
 import scoring
 
 # ----------------------------------------------------------------------------- settings
-SWEEP_GRID = dict(cpu=dict(loss_type=["distillm_v2"], alpha=[0.1, 0.3], beta=[1.0], temperature=[1.0]),
+SWEEP_GRID = dict(cpu=dict(loss_type=["distillm_v2"], alpha=[0.1], beta=[1.0], temperature=[1.0], epochs=[1.0, 2.0]),
                   cuda=dict(loss_type=["distillm_v2"], alpha=[0.1, 0.3], beta=[1.0, 1.5], temperature=[1.0, 2.0]))
-SWEEP_EXTRA = [dict(loss_type="kd", alpha=0.1, beta=1.0, temperature=1.0)]  # baselines run once
-SWEEP_STEPS = dict(cpu=20, cuda=None)  # steps per point; None: 01's MAX_STEPS (a distillm_v2 step is ~60 s here)
+# epochs (optional): passes over the pairs (01 --epochs; absent: 01's EPOCHS). cpu: is one pass what limits the kept
+# student (reports/distill.md)? alpha 0.1 vs 0.3 at 20 steps made no difference beyond noise (2026-11)
+SWEEP_EXTRA = dict(cpu=[], cuda=[dict(loss_type="kd", alpha=0.1, beta=1.0, temperature=1.0)])  # baselines run once
+# (cpu: kd and gkd beside distillm_v2 on the same pairs and steps are in reports/distill.md)
+SWEEP_STEPS = dict(cpu=None, cuda=None)  # steps per point; None: the point's epochs over the pairs
 SWEEP_EVAL_QUESTIONS = 500  # first development questions (multiple choice only) per point: 500 = all 498
 SWEEP_KEEP_MERGED = False  # merged models are 1 GB each on the student: delete after scoring
 REPORT_CALIBRATION = "batch"  # the option-prior correction of the sweep and the held-out tables
@@ -59,14 +63,17 @@ SWEEP_DIR = common.OUTPUTS / "01_sweep"
 DISTILL_DIR = common.OUTPUTS / "distill"
 
 
-def grid_points(grid=None, extra=SWEEP_EXTRA):
-    """Every combination of the grid (SWEEP_GRID of this device unless given) plus the extra points, each with a
-    folder name."""
-    grid = grid or SWEEP_GRID[lm.device_kind(lm.pick_device())]
+def grid_points(grid=None, extra=None):
+    """Every combination of the grid (SWEEP_GRID of this device unless given) plus the extra points (SWEEP_EXTRA of
+    this device unless given), each with a folder name."""
+    kind = lm.device_kind(lm.pick_device()) if grid is None or extra is None else None
+    grid = grid or SWEEP_GRID[kind]
     keys = list(grid)
-    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] + list(extra)
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    points += [dict(p) for p in (SWEEP_EXTRA[kind] if extra is None else extra)]
     for p in points:
-        p["name"] = f"{p['loss_type']}-a{p['alpha']}-b{p['beta']}-t{p['temperature']}"
+        p["name"] = f"{p['loss_type']}-a{p['alpha']}-b{p['beta']}-t{p['temperature']}" + (
+            f"-e{p['epochs']}" if p.get("epochs") else "")
     return points
 
 
@@ -101,7 +108,8 @@ def train_and_answer(point, steps, n_questions):
             trainer = [sys.executable, common.ROOT / "01_train_distillm.py", "--temperature", point["temperature"]]
             run(trainer + ["--store-topk"])  # the teacher's top-k at this temperature (a stamp where it is loaded)
             run(trainer + ["--loss-type", point["loss_type"], "--alpha1", point["alpha"], "--alpha2", point["alpha"],
-                           "--beta", point["beta"], *(["--max-steps", steps] if steps else []), "--out", adapter,
+                           "--beta", point["beta"], *(["--max-steps", steps] if steps else []),
+                           *(["--epochs", point["epochs"]] if point.get("epochs") else []), "--out", adapter,
                            "--merge", merged])
         run([sys.executable, common.ROOT / "04_infer.py", "--model", merged, "--out", answers, "--mc-only",
              "--limit", n_questions, *EVAL_FLAGS])
@@ -142,7 +150,8 @@ def sweep_report(points, labels, command):
         rows.append((scoring.score(answers, labels)["mc_acc"], p, t, diff, se,
                      scoring.score(raw, labels)["mc_acc"], scoring.most_frequent(raw), first, last))
     raw_base = subset_answers(base_run, ids, "none")
-    lines = ["# Distillation sweep", "", f"Produced by `{command}`. Each point: {steps or 'MAX_STEPS'} LoRA steps on "
+    each = f"{steps} LoRA steps" if steps else "LoRA steps for its epochs (01's EPOCHS unless the point sets them)"
+    lines = ["# Distillation sweep", "", f"Produced by `{command}`. Each point: {each} on "
              f"the {training_meta(common.PAIRS).get('pairs', '?')} pairs of outputs/00_pairs, scored on the first "
              f"{len(ids)} development questions (multiple choice only), "
              f"calibration `{REPORT_CALIBRATION}` for every row (raw = no calibration). Change: MC accuracy minus the "
@@ -151,10 +160,11 @@ def sweep_report(points, labels, command):
              f"Base student on the same questions: MC accuracy **{base_acc:.3f}**, raw "
              f"{scoring.score(raw_base, labels)['mc_acc']:.3f}, most frequent raw answer "
              f"{scoring.most_frequent(raw_base)}.", "",
-             "| loss | alpha | beta | tau | MC accuracy | change ± SE | raw MC | most frequent raw answer | "
-             "loss first → last 10% | s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| loss | alpha | beta | tau | epochs | steps | MC accuracy | change ± SE | raw MC | most frequent raw "
+             "answer | loss first → last 10% | s/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for acc, p, t, diff, se, raw_acc, top, first, last in sorted(rows, key=lambda r: -r[0]):
-        lines.append(f"| {p['loss_type']} | {p['alpha']} | {p['beta']} | {p['temperature']} | {acc:.3f} | "
+        lines.append(f"| {p['loss_type']} | {p['alpha']} | {p['beta']} | {p['temperature']} | "
+                     f"{p.get('epochs') or '–'} | {t.get('max_steps', '–')} | {acc:.3f} | "
                      f"{diff:+.3f} ± {se:.3f} | {raw_acc:.3f} | {top} | {scoring.fmt(first, 4)} → "
                      f"{scoring.fmt(last, 4)} | {t.get('seconds', {}).get('per_step', '–')} |")
     return lines + [""]

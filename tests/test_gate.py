@@ -146,3 +146,7 @@ def test_report_from_the_two_select_points_on_the_tiny_index(tiny_index, tmp_pat
     assert "| echo baseline (the question as the answer) |" in report and "| 1 passages |" in report
     rows = [line for line in report.splitlines() if line.startswith(("| 0 |", "| 1 |", "| 3 |"))]
     assert len(rows) == 3 and "| 0.250 | +0.250 ± 0.250 |" in rows[1]  # every finished point, against none
+    assert "| 금융보안법률 /  | 4 | 0.000 | 0.250 | +0.250 ± 0.250 |" in report  # per domain
+    law = next(line for line in report.splitlines() if line.startswith("| first passage from a law"))
+    assert law.endswith("| 1 | 0.250 | +0.000 ± 0.000 |")  # only q0 read a law's article: the one it needed
+    assert "| oracle: the question's domain is 금융보안법률 | 4 | 0.250 |" in report

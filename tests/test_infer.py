@@ -255,8 +255,61 @@ def test_a_share_of_the_questions_reads_passages_where_retrieval_looks_surest(ti
     _, again = answering.run_groups(questions, tmp_path / "share", config, "float32")
     assert again["answered_now"] == 0  # both groups resume from their checkpoints, with the first run's times
     assert again["seconds"] == meta["seconds"] and again["seconds"]["answering"] > 0
+    written["config"].pop("cascade")  # a meta.json written before Config had that field: still the same config
+    common.write_json(tmp_path / "share" / "meta.json", written)
+    _, older = answering.run_groups(questions, tmp_path / "share", config, "float32")
+    assert older["seconds"] == meta["seconds"]
     with pytest.raises(SystemExit, match="passage_share"):
         cfg(tiny_model_dir, 1, passage_share=0.0).check()
+
+
+def test_a_cascade_keeps_the_surer_prompt_of_the_questions_it_asks_again():
+    plain = [dict(record("sure", [0.9, 0.05, 0.03, 0.02]), seconds=1.0),
+             dict(record("unsure", [0.4, 0.3, 0.2, 0.1]), seconds=1.0),
+             dict(record("worse", [0.45, 0.35, 0.1, 0.1]), seconds=1.0),
+             dict(id="d", kind="desc", raw="답", seconds=2.0)]
+    assert answering.top_probability(plain[0]) == pytest.approx(0.9)
+    assert answering.unsure(plain, 0.5) == {"unsure", "worse"} and answering.unsure(plain, 1.0) == {"sure", "unsure",
+                                                                                                   "worse"}
+    again = [dict(record("unsure", [0.1, 0.8, 0.05, 0.05]), seconds=3.0, context=[["법", "법률", "제1조"]]),
+             dict(record("worse", [0.3, 0.3, 0.2, 0.2]), seconds=3.0, context=[["법", "법률", "제2조"]])]
+    merged = {r["id"]: r for r in answering.cascade_merge(plain, again)}
+    assert list(merged) == ["sure", "unsure", "worse", "d"]  # plain's order
+    assert merged["sure"] is plain[0] and merged["d"] is plain[3]  # not asked again: as they were
+    assert merged["unsure"]["cascade"] == "passages" and merged["unsure"]["context"]  # surer with the passage
+    assert merged["worse"]["cascade"] == "plain" and "context" not in merged["worse"]  # surer without it
+    assert merged["unsure"]["seconds"] == merged["worse"]["seconds"] == 4.0  # both prompts
+
+
+def test_a_cascade_asks_again_with_passages_only_where_the_plain_answer_is_unsure(tiny_model_dir, tiny_index,
+                                                                                  tmp_path, monkeypatch):
+    seen = passage_prompts(monkeypatch, desc_passages=False)
+    questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=4, n_desc=1))
+    plain, _ = answering.run(questions, tmp_path / "none", cfg(tiny_model_dir, calibration="none"), "float32")
+    tops = sorted(answering.top_probability(r) for r in plain if r["kind"] == "mc")
+    threshold = (tops[1] + tops[2]) / 2  # half of the multiple-choice questions below it
+    config = cfg(tiny_model_dir, 1, rerank=False, calibration="none", cascade=threshold)
+    seen.clear()
+    groups, meta = answering.run_groups(questions, tmp_path / "cascade", config, "float32")
+    [(_, records, _)] = groups
+    asked = answering.unsure(plain, threshold)
+    assert len(asked) == 2 and sum(common.CONTEXT_HEADER in p for p in seen) == 2  # only those read passages
+    assert [r["id"] for r in records] == [q.id for q in questions]
+    by_id = {r["id"]: r for r in records}
+    assert {i for i in by_id if "cascade" in by_id[i]} == asked
+    for r in plain:  # the plain records, or the surer of the two for the ones asked again
+        surer = by_id[r["id"]]
+        assert answering.top_probability(surer) >= answering.top_probability(r) - 1e-6 if r["kind"] == "mc" else True
+    assert meta["config"]["cascade"] == threshold and len(meta["groups"]) == 2
+    written = json.loads((tmp_path / "cascade" / "meta.json").read_text(encoding="utf-8"))
+    assert lm.read_records(tmp_path / "cascade" / written["predictions"]).keys() == by_id.keys()
+    rows = answering.grouped_submission_rows(questions, groups, "none")
+    assert [i for i, _ in rows] == [q.id for q in questions] and all(str(a).strip() for _, a in rows)
+    _, again = answering.run_groups(questions, tmp_path / "cascade", config, "float32")
+    assert again["answered_now"] == 0 and again["seconds"] == meta["seconds"]  # both runs from their checkpoints
+    for wrong in (dict(passages=0), dict(calibration="batch"), dict(passage_share=0.5), dict(cascade=1.5)):
+        with pytest.raises(SystemExit, match="cascade"):
+            cfg(tiny_model_dir, **dict(dict(passages=1, calibration="none", cascade=0.5), **wrong)).check()
 
 
 def test_work_order_sorts_by_the_question_with_its_passages(tiny_model_dir):

@@ -178,6 +178,9 @@ def test_sweep_grid_and_gap_closed():
                                [dict(loss_type="kd", alpha=0.1, beta=1.0, temperature=1.0)])
     assert len(points) == 5 and len({p["name"] for p in points}) == 5
     assert points[-1]["name"] == "kd-a0.1-b1.0-t1.0"
+    by_epochs = sweep.grid_points(dict(loss_type=["kd"], alpha=[0.1], beta=[1.0], temperature=[1.0], epochs=[1.0, 2.0]),
+                                  [])
+    assert [p["name"] for p in by_epochs] == ["kd-a0.1-b1.0-t1.0-e1.0", "kd-a0.1-b1.0-t1.0-e2.0"]
     assert sweep.gap_closed(0.25, 0.45, 0.35) == pytest.approx(0.5)
     assert sweep.gap_closed(0.3, 0.3, 0.4) is None
 
@@ -588,7 +591,7 @@ def test_sweep_report_compares_every_point_with_the_base_under_one_calibration(t
     trained = fake_run(tmp_path / "point", {f"q{i}": right if i < 6 else wrong for i in range(n)})
     adapter = tmp_path / point["name"] / "adapter"
     adapter.mkdir(parents=True)
-    (adapter / "meta.json").write_text(json.dumps(dict(history=[dict(loss=2.0), dict(loss=1.0)],
+    (adapter / "meta.json").write_text(json.dumps(dict(history=[dict(loss=2.0), dict(loss=1.0)], max_steps=7,
                                                        seconds=dict(per_step=3.5))))
     monkeypatch.setattr(sweep, "base_answers", lambda n_questions: base)
     monkeypatch.setattr(sweep, "train_and_answer", lambda p, steps, n_questions: trained)
@@ -596,7 +599,7 @@ def test_sweep_report_compares_every_point_with_the_base_under_one_calibration(t
     assert "MC accuracy **0.400**" in text and "most frequent raw answer 1 (60%)" in text
     row = next(line for line in text.splitlines() if line.startswith("| kd |"))
     # 6 of 10 right against 4: +0.2; paired differences two 1s and eight 0s -> SE sqrt(0.2*0.8*10/9/10)
-    assert "| 0.600 | +0.200 ± 0.133 | 0.600 | 2 (60%) | 2.0000 → 1.0000 | 3.5 |" in row
+    assert "| – | 7 | 0.600 | +0.200 ± 0.133 | 0.600 | 2 (60%) | 2.0000 → 1.0000 | 3.5 |" in row  # 7 steps, 01's epochs
 
 
 def test_sweep_folder_is_started_again_when_its_pairs_change(tmp_path):

@@ -246,6 +246,12 @@ def test_a_slower_machine_falls_back_to_an_alternative_that_fits(tmp_path, monke
     data["config"] = dict(read, rerank=True)  # reranked passages: 03 reranks every question, no share
     path.write_text(json.dumps(data), encoding="utf-8")
     assert answering.chosen(path, fit=True) == answering.Config(**fast)
+    # a chosen cascade (700 s): the share is read against passages for every question (900 s): a third again
+    data.update(config=dict(read, cascade=0.5), figures=dict(data["figures"], projected_s=700,
+                                                             passages_projected_s=900))
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert answering.chosen(path, fit=True) == answering.Config(**dict(fast, passages=1, rerank=False),
+                                                                passage_share=0.33)
 
 
 # ----------------------------------------------------------------------------- the whole measurement
@@ -308,6 +314,9 @@ def test_select_measures_every_stage_and_writes_the_choice(select_run, monkeypat
     assert "**(chosen)**" in report and "pride-0.1" in report and "permute-4" in report and "Echo baseline" in report
     gaps = [line for line in report.splitlines() if line.startswith(("| student |", "| teacher |"))]
     assert len(gaps) == 2 and any("| +0.000 ± 0.000 | +0.000 ± 0.000 |" in line for line in gaps)  # best: no gap
+    assert "| distilled | not measured: no finished point in 05 |" in report  # absent, and said so
+    cascades = [line for line in report.splitlines() if line.startswith("| ") and "-p2-cascade" in line]  # p0 + p2
+    assert len(cascades) == len(quantize.CASCADE) and all("| none |" in line for line in cascades)
     again = len(runs)
     quantize.main()  # everything measured: a rerun answers nothing new (checkpoints), and chooses the same
     assert json.loads(common.SELECTION.read_text(encoding="utf-8"))["config"] == selection["config"]
