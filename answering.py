@@ -575,6 +575,12 @@ def passage_readers(index, questions, share):
     return {reading[i].id for i in order[:round(share * len(reading))]}
 
 
+def previous_meta(out_dir):
+    """out_dir/meta.json as the last run left it ({} when there is none)."""
+    path = out_dir / "meta.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
 def top_probability(record):
     """The probability of a multiple-choice record's most likely option, over the options only."""
     return math.exp(max(normalise(record["logprobs"])))
@@ -608,8 +614,7 @@ def run_cascade(questions, out_dir, config, dtype_name=None, ranked=None, index_
     them (each run checkpointed under its own key: the records full runs without and with passages write), merged
     by cascade_merge."""
     plain_config = replace(config, passages=0, cascade=0.0)
-    previous = out_dir / "meta.json"  # each run rewrites it
-    old = json.loads(previous.read_text(encoding="utf-8")) if previous.exists() else {}
+    old = previous_meta(out_dir)  # each run rewrites it
     plain, plain_meta = run(questions, out_dir, plain_config, dtype_name, ranked, index_dir)
     asked = unsure(plain, config.cascade)
     print(f"04: cascade {config.cascade}: {len(asked)} of {sum(q.kind == 'mc' for q in questions)} multiple-choice "
@@ -642,8 +647,7 @@ def run_groups(questions, out_dir, config, dtype_name=None, ranked=None, index_d
     full = replace(config, passage_share=1.0)
     groups = [([q for q in questions if q.id in readers], full),
               ([q for q in questions if q.id not in readers], replace(full, passages=0))]
-    previous = out_dir / "meta.json"  # each group's run rewrites it
-    old = json.loads(previous.read_text(encoding="utf-8")) if previous.exists() else {}
+    old = previous_meta(out_dir)  # each group's run rewrites it
     done = [(group, *run(group, out_dir, part, dtype_name, ranked, index_dir)) for group, part in groups if group]
     return done, merged_meta(out_dir, questions, config, done, old)
 
