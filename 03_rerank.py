@@ -30,11 +30,13 @@ CHECKPOINT_EVERY = 4  # questions per checkpoint append (a question costs ~10 s 
 
 
 def config_key(model_id, level, mode, index_dir=None):
-    """Changes when anything that changes the rankings changes: model, level, index, reranker settings, prompts (not
-    where the checkout lies: a moved checkout keeps its rankings)."""
+    """Changes when anything that changes the rankings changes: model, level, index, reranker settings, prompts, how
+    the label logits are computed (lm.OPTION_LOGITS) (not where the checkout lies: a moved checkout keeps its
+    rankings)."""
     settings = {k: v for k, v in common.settings_of(retrieval).items() if k.startswith("RERANK_")}
     parts = [str(model_id), lm.model_fingerprint(model_id), level,
-             retrieval.index_fingerprint(index_dir), mode, json.dumps(settings, sort_keys=True), common.SYSTEM_PROMPT]
+             retrieval.index_fingerprint(index_dir), mode, json.dumps(settings, sort_keys=True), common.SYSTEM_PROMPT,
+             f"option logits {lm.OPTION_LOGITS}"]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
 
 

@@ -64,6 +64,7 @@ PROBE_QUESTIONS = 24  # every point is first timed on this many MC questions (+ 
 # projects beyond the budget stops there
 CASCADE = [0.5, 0.8, 1.0]  # cascade thresholds scored from a candidate's finished p0 and first-stage p<k> points, no
 # model run (answering.Config.cascade: passages only where the answer without them is less sure than this)
+DISTILL_TARGET = (0.03, 2.0)  # issue 17: a distilled student beats its base by this MC gain and this many paired SEs
 SCORE_TOLERANCE = 0.005  # scores this close count as a tie: the faster point wins
 NOISE_Z = 1.0  # ... and so do scores within this many standard errors of their paired difference
 OUT = common.OUTPUTS / "05_select"
@@ -160,12 +161,25 @@ def load_point(folder):
     if not (folder / "DONE").exists():
         return None
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    if stale_key(meta):
+        print(f"05: {folder.name} was answered under other weights, prompts or option logits (key {meta['key']}, "
+              f"now {stale_key(meta)}): left out; run its point again (`make select`)")
+        return None
     probe = folder / "probe" / "meta.json"
     if probe.exists():
         timed = json.loads(probe.read_text(encoding="utf-8"))
         meta = dict(meta, timing=timed["timing"], load_average=timed["load_average"],
                     seconds=dict(meta["seconds"], load=timed["seconds"]["load"]))
     return lm.read_records(folder / meta["predictions"]), dict(meta, rerank_s=rerank_seconds(folder / "probe"))
+
+
+def stale_key(meta):
+    """The config key a point's run would have now when it differs from the one it was answered under (the model's
+    weights, the prompts or lm.OPTION_LOGITS changed since), else None. Older metas without a key are not checked."""
+    if not meta.get("key"):
+        return None
+    key = answering.config_key(meta["model"], meta["dtype"], meta["config"]["level"], meta.get("rag"))
+    return key if key != meta["key"] else None
 
 
 def rerank_seconds(probe):
@@ -364,6 +378,33 @@ def candidate_lines(rows, labels):
     return lines + [""]
 
 
+def distill_lines(rows, labels, target=DISTILL_TARGET):
+    """The distilled student minus its base at every point and calibration both were scored at (issue 17's target:
+    an MC gain of at least target[0] and target[1] paired SEs, the descriptive score not lower by more than 1 SE)."""
+    def setting(r):  # (level, passages, rerank, calibration); None for a composed row (a cascade)
+        parsed = parse_point_name(r["point"])
+        return parsed and (parsed[1:], r["calibration"])
+    base = {setting(r): r for r in rows if r["config"]["candidate"] == "student" and setting(r)}
+    lines = []
+    for r in rows:
+        other = base.get(setting(r)) if r["config"]["candidate"] == "distilled" else None
+        if other is None:
+            continue
+        mc, mc_se = scoring.mc_difference(r["answers"], other["answers"], labels)
+        desc = {kind: {i: v for i, v in each.items() if labels[i]["kind"] == "desc"}
+                for kind, each in (("a", r["each"]), ("b", other["each"]))}
+        d, d_se = scoring.paired(desc["a"], desc["b"]) if desc["a"] and desc["b"] else (0.0, 0.0)
+        met = mc >= target[0] and mc >= target[1] * mc_se and d >= -d_se
+        lines.append(f"| {r['point']} | {r['calibration']} | {other['mc_acc']:.3f} | {r['mc_acc']:.3f} | "
+                     f"{mc:+.3f} ± {mc_se:.3f} | {d:+.3f} ± {d_se:.3f} | {'met' if met else 'not met'} |")
+    if not lines:
+        return []
+    return [f"The distilled student minus its base at the same point (issue 17's target: MC >= +{target[0]} and >= "
+            f"{target[1]:g} paired SE, descriptive not below -1 SE):", "",
+            "| point | calibration | base MC | distilled MC | MC change ± SE | descriptive change ± SE | target |",
+            "|" + "---|" * 7] + lines + [""]
+
+
 def report(rows, chosen, tied, warning, labels, budget_s, stopped, skipped, command):
     """reports/select.md: every point x calibration with its score, paired SE against the choice and time."""
     n_mc = sum(1 for i in chosen["each"] if labels[i]["kind"] == "mc")
@@ -385,7 +426,7 @@ def report(rows, chosen, tied, warning, labels, budget_s, stopped, skipped, comm
         lines += [f"Echo baseline (each descriptive question answered with its own text): descriptive "
                   f"{echo['desc_score']:.3f} (cosine {echo['cosine']:.3f}, keyword recall {echo['keyword_recall']:.3f})."
                   " The descriptive columns below read against it.", ""]
-    lines += candidate_lines(rows, labels)
+    lines += candidate_lines(rows, labels) + distill_lines(rows, labels)
     lines += ["| point | calibration | score | Δ vs chosen ± SE | MC acc | desc | cosine | keyword recall | dtype | "
               "s/prompt | desc s/q | projected min | peak GiB | load |", "|" + "---|" * 14]
     for r in sorted(rows, key=lambda r: -r["score"]):

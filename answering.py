@@ -327,10 +327,13 @@ def clean_description(text, question, max_sentences=None, restate=None):
 # ----------------------------------------------------------------------------- one run over a question set
 def config_key(model_id, dtype_name, level="float", rag=None):
     """Changes when anything that changes the raw multiple-choice predictions changes (model, level, dtype, prompts,
-    context). Neither the calibration (shifts are added to the same records) nor the descriptive settings (desc_key)
-    are in it, nor where the checkout lies: the model id as given (relative) and its fingerprint name the weights."""
+    context, how the option logits are computed: lm.OPTION_LOGITS). Neither the calibration (shifts are added to the
+    same records) nor the descriptive settings (desc_key) are in it, nor where the checkout lies: the model id as given
+    (relative) and its fingerprint name the weights."""
     parts = [str(model_id), lm.model_fingerprint(model_id), dtype_name, level, common.SYSTEM_PROMPT,
              common.MC_INSTRUCTION, common.MC_ANSWER_PREFIX]
+    if dtype_name != "float32" and lm.OPTION_LOGITS != "model":  # float32 logits are exact either way
+        parts.append(f"option logits {lm.OPTION_LOGITS}")
     if rag:
         parts += [common.CONTEXT_HEADER, json.dumps(rag, sort_keys=True)]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]

@@ -37,6 +37,10 @@ LEVELS = {  # quantization level -> weights dtype ("float": the device's fast fl
 }
 TEACHER_DEVICE = os.environ.get("FSKU_TEACHER_DEVICE", "same")  # where 00 and 01 put the teacher: same (the
 # student's device), cuda:N, or auto (device_map="auto" over every GPU, the student's working memory kept free)
+OPTION_LOGITS = "float32"  # "float32": the scored tokens' logits (the options' digits) recomputed in float32 from the
+# last hidden state. A bf16 model's own logits are rounded to steps of 0.06-0.125, so 8% of the teacher's and 21% of a
+# distilled student's dev questions tied at the top option and argmax took the lowest number (and a batch's padding
+# flipped near-ties). "model": the model's own output logits
 TEACHER_LEVELS = ("bf16", "bnb-int8", "bnb-nf4")  # on a GPU the teacher loads at the first of these whose weights
 # (gpu_memory.weight_bytes) fit the free memory: a 14B teacher is bf16 on an 80 GB card and nf4 beside a 7B on 48 GB
 # -----------------------------------------------------------------------------
@@ -357,21 +361,64 @@ def _batches(prompts, tokenizer, batch_size):
         yield idx, tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
 
 
+def exact_head(model, option_logits=None):
+    """The output layer whose float32 product gives exact option logits (OPTION_LOGITS), or None where the model's
+    own logits stand: OPTION_LOGITS "model", a float32 model (its logits are already exact), or an output layer
+    that is not a plain float Linear (bitsandbytes and torchao keep packed weights)."""
+    head = model.get_output_embeddings()
+    if (option_logits or OPTION_LOGITS) != "float32" or not isinstance(head, torch.nn.Linear):
+        return None
+    weight = head.weight
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) or not weight.dtype.is_floating_point \
+            or weight.dtype == torch.float32:
+        return None
+    return head
+
+
+def head_logits(head, hidden, token_ids):
+    """float32 logits of token_ids from hidden states (rows x hidden) through the output layer."""
+    logits = hidden.float() @ head.weight[token_ids].float().T
+    return logits if head.bias is None else logits + head.bias[token_ids].float()
+
+
+def agrees(exact, rounded):
+    """Whether the float32 logits are the model's own up to its output rounding (bf16: 2^-8 relative): a model that
+    scales or caps its logits after the output layer (Gemma 2, Granite, Cohere) fails and keeps its own."""
+    return bool(((exact - rounded).abs() <= 0.01 * rounded.abs() + 0.05).all())
+
+
 @torch.no_grad()
-def next_token_logprobs(model, tokenizer, prompts, token_ids, batch_size=8, stats=None):
-    """Log-probabilities (full-vocabulary softmax) of token_ids as the next token after each prompt."""
+def next_token_logprobs(model, tokenizer, prompts, token_ids, batch_size=8, stats=None, option_logits=None):
+    """Log-probabilities (full-vocabulary softmax) of token_ids as the next token after each prompt. token_ids'
+    logits are exact in float32 (OPTION_LOGITS, exact_head; option_logits overrides it); the softmax's normaliser
+    comes from the model's own logits (the same for every option of a prompt, so it never changes which is first)."""
     results = [None] * len(prompts)
-    for idx, enc in _batches(prompts, tokenizer, batch_size):
-        t0 = time.time()
-        enc = enc.to(model.device)
-        position_ids = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1, :].float()
-        logprobs = torch.log_softmax(logits, dim=-1)[:, token_ids]
-        for row, i in enumerate(idx):
-            results[i] = logprobs[row].tolist()
-        if stats is not None:
-            stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + int(enc.attention_mask.sum())
-            stats["prefill_seconds"] = stats.get("prefill_seconds", 0.0) + time.time() - t0
+    head = exact_head(model, option_logits)
+    captured = {}
+    hook = head.register_forward_hook(lambda module, args, out: captured.update(hidden=args[0])) if head else None
+    try:
+        for idx, enc in _batches(prompts, tokenizer, batch_size):
+            t0 = time.time()
+            enc = enc.to(model.device)
+            position_ids = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1, :].float()
+            if head is not None:
+                exact = head_logits(head, captured.pop("hidden")[:, -1, :], token_ids).to(logits.device)
+                if agrees(exact, logits[:, token_ids]):
+                    logits[:, token_ids] = exact
+                else:
+                    print("lm: the model changes its logits after the output layer: option logits stay its own")
+                    hook.remove()
+                    head = hook = None
+            logprobs = torch.log_softmax(logits, dim=-1)[:, token_ids]
+            for row, i in enumerate(idx):
+                results[i] = logprobs[row].tolist()
+            if stats is not None:
+                stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + int(enc.attention_mask.sum())
+                stats["prefill_seconds"] = stats.get("prefill_seconds", 0.0) + time.time() - t0
+    finally:
+        if hook is not None:
+            hook.remove()
     return results
 
 

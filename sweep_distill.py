@@ -94,7 +94,10 @@ def fresh_folder(folder, inputs):
 
 
 def question_inputs(n_questions):
-    return dict(questions=common.sha256_file(common.QUESTIONS)[:12], n_questions=n_questions)
+    """What a point's answers depend on besides its training: the questions and how the option logits are read (a
+    point answered under lm.OPTION_LOGITS "model" is run again)."""
+    return dict(questions=common.sha256_file(common.QUESTIONS)[:12], n_questions=n_questions,
+                option_logits=lm.OPTION_LOGITS)
 
 
 def train_and_answer(point, steps, n_questions):

@@ -99,6 +99,44 @@ def test_batched_logprobs_match_one_by_one(tiny_model_dir):
     assert all(sum(math.exp(x) for x in row) < 1 for row in batched)
 
 
+def test_bf16_option_logits_are_exact_in_float32(tiny_model_dir):
+    # Oracle: the last hidden state times the options' output rows in float64. The bf16 model's own logits are rounded
+    # (ties at the top option on real models); the float32 ones match the oracle, and differ from the rounded ones
+    # by no more than bf16's rounding.
+    tokenizer = lm.load_tokenizer(tiny_model_dir)
+    model = lm.load_model(tiny_model_dir, "cpu", torch.bfloat16)
+    prompts = [lm.render(tokenizer, common.mc_messages("질문" * n, ["가", "나", "다", "라"]), "정답: ") for n in (1, 7)]
+    ids = lm.option_token_ids(tokenizer, 4)
+    assert lm.exact_head(model) is model.get_output_embeddings()
+    exact = torch.tensor(lm.next_token_logprobs(model, tokenizer, prompts, ids, batch_size=1))
+    rounded = torch.tensor(lm.next_token_logprobs(model, tokenizer, prompts, ids, batch_size=1, option_logits="model"))
+    weight = model.get_output_embeddings().weight[ids].double()
+    for row, prompt in enumerate(prompts):
+        enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+        hidden = model(**enc, output_hidden_states=True).hidden_states[-1][0, -1].double()
+        oracle = weight @ hidden
+        assert torch.allclose((exact[row] - exact[row, 0]).double(), oracle - oracle[0], atol=1e-5)
+    assert (exact - rounded).abs().max() <= 0.01 * rounded.abs().max() + 0.05
+    # float32 weights: the model's logits are exact already; the setting "model" keeps them for any dtype
+    assert lm.exact_head(lm.load_model(tiny_model_dir, "cpu", torch.float32)) is None
+    assert lm.exact_head(model, "model") is None
+
+
+def test_logits_changed_after_the_output_layer_stay_the_models_own():
+    rounded = torch.tensor([[20.0, 18.5, -3.0]])
+    assert lm.agrees(rounded + 0.04, rounded)
+    assert not lm.agrees(rounded * 30.0, rounded)  # Gemma 2's soft cap or Granite's scale: not the head's product
+
+
+def test_config_key_names_the_option_logits_below_float32(monkeypatch, tiny_model_dir):
+    keys = {}
+    for setting in ("float32", "model"):
+        monkeypatch.setattr(lm, "OPTION_LOGITS", setting)
+        keys[setting] = {d: answering.config_key(str(tiny_model_dir), d) for d in ("bfloat16", "float32")}
+    assert keys["float32"]["bfloat16"] != keys["model"]["bfloat16"]
+    assert keys["float32"]["float32"] == keys["model"]["float32"]  # float32 logits are exact either way
+
+
 def write_questions(path, n_mc=5, n_desc=2):
     with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)

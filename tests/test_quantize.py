@@ -399,6 +399,45 @@ def test_rescore_chooses_again_from_finished_points_without_running_a_model(sele
         quantize.main()
 
 
+def test_a_point_answered_under_other_option_logits_is_left_out(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "teacher-float-p0"
+    folder.mkdir()
+    (folder / "predictions-x.jsonl").write_text(json.dumps(dict(id="M1", kind="mc", logprobs=[-1.0, -2.0])) + "\n",
+                                                encoding="utf-8")
+    meta = dict(model=str(tiny_model_dir), dtype="bfloat16", config=dict(level="float"), rag=None,
+                predictions="predictions-x.jsonl")
+    meta["key"] = answering.config_key(meta["model"], "bfloat16")
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    (folder / "DONE").touch()
+    records, _ = quantize.load_point(folder)
+    assert list(records) == ["M1"]
+    monkeypatch.setattr(lm, "OPTION_LOGITS", "model")  # the rounded logits of earlier code: another key
+    assert quantize.load_point(folder) is None
+    assert "run its point again" in capsys.readouterr().out
+
+
+def test_distill_lines_check_issue_17s_target_at_matching_points():
+    labels = {f"M{i}": dict(kind="mc", Answer="1") for i in range(40)}
+    labels.update({f"D{i}": dict(kind="desc") for i in range(4)})
+
+    def point(name, calibration, n_right, desc=0.8):
+        answers = {f"M{i}": "1" if i < n_right else "2" for i in range(40)}
+        each = {**{i: float(a == "1") for i, a in answers.items()}, **{f"D{i}": desc for i in range(4)}}
+        return dict(point=name, calibration=calibration, config=dict(candidate=name.split("-")[0]), answers=answers,
+                    each=each, mc_acc=n_right / 40)
+    rows = [point("student-float-p0", "batch", 10), point("distilled-float-p0", "batch", 30),
+            point("student-float-p0", "permute-4", 10), point("distilled-float-p0", "permute-4", 11),
+            point("distilled-float-p1", "batch", 40), point("teacher-float-p1-cascade0.5", "none", 30)]
+    lines = quantize.distill_lines(rows, labels)
+    table = [line for line in lines if line.startswith("| distilled")]
+    assert len(table) == 2  # p1 has no base point, the cascade row is no point at all
+    assert "+0.500" in table[0] and table[0].endswith("| met |")
+    assert "+0.025" in table[1] and table[1].endswith("| not met |")  # below the 0.03 gain
+    rows[1]["each"] = {**rows[1]["each"], **{f"D{i}": 0.8 - 0.05 * (i + 1) for i in range(4)}}  # desc falls
+    assert quantize.distill_lines(rows, labels)[4].endswith("| not met |")
+    assert quantize.distill_lines(rows[4:], labels) == []
+
+
 @pytest.mark.parametrize("text", ["", "4", "1;3", "x"])
 def test_bad_stage_lists_say_how_to_write_them(text):
     with pytest.raises(argparse.ArgumentTypeError, match="e.g. 1,3"):
