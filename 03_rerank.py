@@ -29,14 +29,14 @@ CHECKPOINT_EVERY = 4  # questions per checkpoint append (a question costs ~10 s 
 # -----------------------------------------------------------------------------
 
 
-def config_key(model_id, level, mode, index_dir=None):
-    """Changes when anything that changes the rankings changes: model, level, index, reranker settings, prompts, how
-    the label logits are computed (lm.OPTION_LOGITS) (not where the checkout lies: a moved checkout keeps its
-    rankings)."""
+def config_key(model_id, dtype_name, level, mode, index_dir=None):
+    """Changes when anything that changes the rankings changes: model, dtype, level, index, reranker settings,
+    prompts, how the label logits are read (lm.option_logits_tag, as 04's key) (not where the checkout lies: a moved
+    checkout keeps its rankings)."""
     settings = {k: v for k, v in common.settings_of(retrieval).items() if k.startswith("RERANK_")}
-    parts = [str(model_id), lm.model_fingerprint(model_id), level,
+    parts = [str(model_id), lm.model_fingerprint(model_id), dtype_name, level,
              retrieval.index_fingerprint(index_dir), mode, json.dumps(settings, sort_keys=True), common.SYSTEM_PROMPT,
-             f"option logits {lm.OPTION_LOGITS}"]
+             *lm.option_logits_tag(dtype_name)]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
 
 
@@ -45,7 +45,8 @@ def run(questions, out_dir, config, mode=retrieval.RERANK_MODE, dtype_name=None,
     common.INDEX), checkpointing into out_dir; return (records in question order, meta)."""
     device = lm.pick_device()
     dtype = lm.pick_dtype(device, dtype_name, config.level)
-    key = config_key(config.model, config.level, mode, index_dir)
+    dtype_name = str(dtype).replace("torch.", "")
+    key = config_key(config.model, dtype_name, config.level, mode, index_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / f"ranked-{key}.jsonl"
     lm.drop_torn_tail(checkpoint)  # else the first record appended after a kill would join the torn line
@@ -76,7 +77,7 @@ def run(questions, out_dir, config, mode=retrieval.RERANK_MODE, dtype_name=None,
     seconds = time.time() - t0
     timed = [done[q.id] for q in questions if "seconds" in done[q.id]]  # per question, this run and earlier ones
     meta = dict(model=config.model, level=config.level, key=key, mode=mode, device=device,
-                dtype=str(dtype).replace("torch.", ""), questions=len(questions), reranked_now=len(todo),
+                dtype=dtype_name, questions=len(questions), reranked_now=len(todo),
                 failures=failures, timed_questions=len(timed),
                 seconds=dict(total=round(seconds, 1), per_question=round(sum(r["seconds"] for r in timed)
                                                                          / len(timed), 2) if timed else None),

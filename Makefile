@@ -197,11 +197,12 @@ reports/gate.md: eval_gate.py 05_quantize.py eval_retrieval.py evaluate.py $(SCO
 
 # The distillation report's runs: base student, teacher and the distilled students on the development set (every
 # question under the identity order and 3 cyclic shifts: batch and permute-4 from one run, sweep_distill.DEV_FLAGS)
-# and on 00's held-out template questions (raw option scores, sweep_distill.EVAL_FLAGS). The base student's and the
-# teacher's development runs are seeded from `make select`'s stage 1 (same flags). distillm_v2 = `make distill`
-# (the plain teacher); kd and gkd = the same pairs, target and steps with their losses; <loss>-context = the three
-# losses on the other pair design (the privileged teacher, 01's --target context). The naive vs chunked loss-step
-# measurement (`make distill-measure`, ~10 min with the teacher loaded) is in the report when it has been run.
+# and on 00's held-out template questions (raw option scores, sweep_distill.EVAL_FLAGS). The base student's, the
+# teacher's and distillm_v2's development runs are seeded from `make select`'s stage 1 (same flags: a copied record
+# counts only when its key matches). distillm_v2 = `make distill` (the plain teacher); kd and gkd = the same pairs,
+# target and steps with their losses; <loss>-context = the three losses on the other pair design (the privileged
+# teacher, 01's --target context). The naive vs chunked loss-step measurement (`make distill-measure`, ~10 min with
+# the teacher loaded) is in the report when it has been run.
 DISTILL := outputs/distill
 DISTILL_BASELINES := kd gkd
 HELDOUT_Q := outputs/00_pairs/heldout.csv
@@ -224,6 +225,7 @@ $(foreach run,$(CONTEXT_RUNS),$(DISTILL)/adapter-$(run)/DONE): $(DISTILL)/adapte
 $(DISTILL)/student/DONE $(DISTILL)/heldout-student/DONE: MODEL := student
 $(DISTILL)/teacher/DONE $(DISTILL)/heldout-teacher/DONE: MODEL := teacher
 $(DISTILL)/distillm_v2/DONE $(DISTILL)/heldout-distillm_v2/DONE: MODEL := $(DISTILLED_DIR)
+$(DISTILL)/distillm_v2/DONE: SELECT_NAME := distilled
 $(DISTILL)/student/DONE $(DISTILL)/heldout-student/DONE: $(STUDENT)
 $(DISTILL)/teacher/DONE $(DISTILL)/heldout-teacher/DONE: $(TEACHER)
 $(DISTILL)/distillm_v2/DONE $(DISTILL)/heldout-distillm_v2/DONE: $(ADAPTER)
@@ -233,7 +235,7 @@ $(foreach run,$(DISTILL_BASELINES) $(CONTEXT_RUNS),$(eval \
 $(DISTILL)/$(run)/DONE $(DISTILL)/heldout-$(run)/DONE: $(DISTILL)/adapter-$(run)/DONE))
 
 $(DEV_RUNS): $(INFER_DEPS)
-	$(call reuse_select,$(MODEL)-float,$(@D))
+	$(call reuse_select,$(or $(SELECT_NAME),$(MODEL))-float,$(@D))
 	$(DEV_04) --model $(MODEL) --out $(@D)
 
 $(HELDOUT_RUNS): $(INFER_DEPS) $(PAIRS)

@@ -332,8 +332,7 @@ def config_key(model_id, dtype_name, level="float", rag=None):
     (relative) and its fingerprint name the weights."""
     parts = [str(model_id), lm.model_fingerprint(model_id), dtype_name, level, common.SYSTEM_PROMPT,
              common.MC_INSTRUCTION, common.MC_ANSWER_PREFIX]
-    if dtype_name != "float32" and lm.OPTION_LOGITS != "model":  # float32 logits are exact either way
-        parts.append(f"option logits {lm.OPTION_LOGITS}")
+    parts += lm.option_logits_tag(dtype_name)
     if rag:
         parts += [common.CONTEXT_HEADER, json.dumps(rag, sort_keys=True)]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]

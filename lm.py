@@ -381,6 +381,12 @@ def head_logits(head, hidden, token_ids):
     return logits if head.bias is None else logits + head.bias[token_ids].float()
 
 
+def option_logits_tag(dtype_name):
+    """What a checkpoint key says of how the option logits were read at dtype_name: nothing in float32 (exact either
+    way) or under OPTION_LOGITS "model" (the reading every key had before), else the OPTION_LOGITS setting."""
+    return [f"option logits {OPTION_LOGITS}"] if dtype_name != "float32" and OPTION_LOGITS != "model" else []
+
+
 def agrees(exact, rounded):
     """Whether the float32 logits are the model's own up to its output rounding (bf16: 2^-8 relative): a model that
     scales or caps its logits after the output layer (Gemma 2, Granite, Cohere) fails and keeps its own."""

@@ -136,6 +136,17 @@ def test_run_writes_every_question_and_resumes(tiny_model_dir, tiny_index, tmp_p
     assert meta3["reranked_now"] == 1
 
 
+def test_key_names_the_dtype_and_the_option_logits_as_04s(tiny_model_dir, tiny_index, monkeypatch):
+    keys = {}
+    for setting in ("float32", "model"):
+        monkeypatch.setattr(lm, "OPTION_LOGITS", setting)
+        keys[setting] = {d: rerank.config_key(str(tiny_model_dir), d, "float", "pointwise")
+                         for d in ("bfloat16", "float32")}
+    assert keys["model"]["bfloat16"] != keys["model"]["float32"]  # rankings read at another dtype are not reused
+    assert keys["float32"]["bfloat16"] != keys["model"]["bfloat16"]
+    assert keys["float32"]["float32"] == keys["model"]["float32"]  # float32 logits are exact either way
+
+
 def test_only_questions_that_read_passages_are_reranked(monkeypatch):
     mc = competition.parse_question("M", "전자서명의 정의로 옳은 것은?\n1 가\n2 나\n3 다\n4 라")
     desc = competition.parse_question("D", "전자서명을 설명하세요.")
