@@ -8,8 +8,9 @@ under the calibration's option shifts (answering.py); descriptive: short greedy 
 <out>/predictions-<key>.jsonl (checkpoint after every batch, resumed after a kill), <out>/submission.csv,
 <out>/meta.json and <out>/DONE; with the default --out also ./submission.csv (UTF-8 with a BOM, as
 sample_submission.csv). On a CPU too slow for the chosen passages, passages only where retrieval looks surest
-(answering.fitted, run_groups); with a cascade, only where the answer without them is unsure (run_cascade). Run by
-`make submission` (and the report targets with --model/--out).
+(answering.fitted, run_groups); with a cascade, only where the answer without them is unsure, as many of those as the
+time budget affords at the speed measured on this machine (run_cascade). Run by `make submission` (and the report
+targets with --model/--out).
 """
 import argparse
 import dataclasses
@@ -53,7 +54,8 @@ def main():
     if args.limit:
         questions = questions[:args.limit]
     ranked = answering.reranked_chunks() if config.passages and config.rerank and not args.no_rerank else None
-    groups, meta = answering.run_groups(questions, args.out, config, args.dtype, ranked=ranked)
+    groups, meta = answering.run_groups(questions, args.out, config, args.dtype, ranked=ranked,
+                                        budget_s=answering.budget_seconds())
     rows = answering.grouped_submission_rows(questions, groups, config.calibration)
     sample_ids = None
     if full and args.questions == common.QUESTIONS and common.SAMPLE.exists():

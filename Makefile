@@ -45,8 +45,9 @@ ANSWER_MODEL := $(if $(filter teacher,$(CANDIDATE)),$(TEACHER),$(if $(filter dis
 # key (model, dtype, level, prompts) and question digest. Not used for submission.csv: a run that scores fewer
 # shifts batches its prompts differently, and bf16 logits then differ in the last bits (5 of 498 answers flipped in
 # reports/baseline.md, score unchanged within noise), so the submission is always answered as configured.
-reuse_select = @mkdir -p $(2) && for f in outputs/05_select/$(1)-p0/predictions-*.jsonl; do \
-	if [ -e "$$f" ]; then cp -n "$$f" $(2)/; fi; done
+reuse_select = $(call reuse_records,outputs/05_select/$(1)-p0,$(2))
+reuse_records = @mkdir -p $(2) && for f in $(1)/predictions-*.jsonl $(1)/cascade-*.json; do \
+	if [ -e "$$f" ] && [ "$$(basename "$$f")" != predictions-groups.jsonl ]; then cp -n "$$f" $(2)/; fi; done
 
 # ---------------------------------------------------------------------------- artifacts
 DATA := data/prepared/DONE
@@ -273,15 +274,19 @@ reports/desc.md: eval_desc.py $(SCORE_LIBS) $(SELECTION) $(ANSWER_MODEL)
 
 slow-cpu-report: reports/slow-cpu.md ## `make submission` as on a CPU without bf16 (this one in fp32): fallback, time, score -> reports/slow-cpu.md
 
-# FSKU_CPU_DTYPE=float32: this CPU computes as one without bf16 would (slower by its fp32/bf16 matmul ratio), so
-# answering.fitted falls back as it would there. Beside it: the chosen configuration's own run (`make submission`)
-# and the same model without passages under batch (the fallback before passage_share; seeded from `make select`).
+# FSKU_CPU_DTYPE=float32: this CPU computes as one without bf16 would (answering.fitted and a cascade's budget see
+# it slower), so it answers as it would there. Beside it: the chosen configuration's own run (`make submission`) and
+# the same model without passages under batch (the fallback before passage_share; seeded from `make select`). Each
+# run is seeded with `make submission`'s records, used only under the same key: on a CPU without bf16 the fp32 run
+# is that run, and the plain prompts are the same under any calibration.
 SLOW_CPU := outputs/04_slow-cpu
 LEVEL := $(call selected,level,float)
 reports/slow-cpu.md: 04_infer.py evaluate.py $(SCORE_LIBS) $(SELECTION) $(DATA) $(ANSWER_MODEL) $(RETRIEVED) \
 		submission.csv
+	$(call reuse_records,outputs/04_infer,$(SLOW_CPU))
 	FSKU_CPU_DTYPE=float32 $(PY) 04_infer.py --out $(SLOW_CPU)
 	$(call reuse_select,$(CANDIDATE)-$(LEVEL),outputs/04_no-passages)
+	$(call reuse_records,outputs/04_infer,outputs/04_no-passages)
 	$(PY) 04_infer.py --passages 0 --calibration batch --out outputs/04_no-passages
 	$(PY) evaluate.py --run $(SLOW_CPU) --run outputs/04_infer --run outputs/04_no-passages --out $@ \
 		--command "make slow-cpu-report (04_infer.py with FSKU_CPU_DTYPE=float32, then evaluate.py)"

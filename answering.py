@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from tqdm import tqdm
 
 import common
+import competition
 import lm
 import retrieval
 
@@ -40,6 +41,10 @@ PASSAGE_SIGNAL = "ratio"  # a slower CPU that cannot give every MC question its 
 # gives them where the first stage looks surest: highest top/second BM25 score ratio (retrieval.bm25_signals;
 # reports/gate.md: 0.665 MC for half the questions, 0.647 for a fifth, vs 0.606 none and 0.679 all, teacher, 2026-12-06)
 MIN_PASSAGE_SHARE = 0.05  # a slower CPU that can afford passages for fewer MC questions than this gives them to none
+CASCADE_COST_BOUND = 5.0  # a cascade asks every unsure question again in one run when that fits the budget even if a
+# prompt with passages cost this many prompts without (1 passage, teacher: 3.9 on an avx512_bf16 CPU); else it times
+# CASCADE_PROBE of them first (most unsure first) and asks as many more as the budget affords (run_cascade)
+CASCADE_PROBE = 16  # multiple-choice questions a budgeted cascade asks again first, to time a passage prompt
 DESC_PASSAGES = False  # descriptive questions read passages too; with the teacher, one fused first-stage passage
 # lowered the descriptive score by 0.094 ± 0.018 (keyword recall 0.904 -> 0.690) while it raised MC by 0.066 ± 0.024
 # (2026-12-06, the gate report of that run: README); multiple choice always reads the configured passages
@@ -101,7 +106,8 @@ def chosen(path=None, fit=False):
     With fit, on a CPU slower than the one that made the choice, the projected time is rescaled by the two machines'
     matmul speed (lm.cpu_float_dtype's benchmark) and, when it no longer fits the budget, the best recorded
     alternative of the same model and passages that does is used instead, or that model without passages for all
-    but the share of the questions it can afford (fitted; said in one line).
+    but the share of the questions it can afford (fitted; said in one line). A chosen cascade is kept: it fits
+    itself to the time it measures (run_cascade with budget_seconds()).
     """
     path = path or common.SELECTION
     if not path.exists():
@@ -126,11 +132,21 @@ def machine_slowdown(data):
     return then / now if then and now else 1.0
 
 
+def budget_seconds(path=None):
+    """The time budget selection.json's choice was made under (seconds for the competition's test on its device),
+    None without one."""
+    path = path or common.SELECTION
+    data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    return (data.get("figures") or {}).get("budget_s")
+
+
 def fitted(config, data):
     """The config, or the best alternative of selection.json that fits its budget on this machine: same model,
     passages and reranking (those decide what `make` builds), or the same model without passages (it needs less of
     what `make` built)."""
     budget = (data.get("figures") or {}).get("budget_s")
+    if config.cascade:  # it measures its own speed (run_cascade): the matmul ratio overstated it 3x on an AVX2 CPU
+        return config
     slowdown = machine_slowdown(data)
     if not budget or slowdown <= 1.0:
         return config
@@ -154,10 +170,9 @@ def fitted(config, data):
 def with_passage_share(config, data, option, slowdown, budget):
     """The option fitted chose, or, when that is the chosen model without the chosen first-stage passages (both
     reading one prompt per question), the option with passages for the largest share of the multiple-choice
-    questions that still fits: the time grows linearly from the option's projection to the chosen one's (for a
-    chosen cascade, to that of its passages for every question: passages_projected_s)."""
+    questions that still fits: the time grows linearly from the option's projection to the chosen one's."""
     plain, one_prompt = option["config"], ("none", "batch", "auto", "content_free")
-    full_s = data["figures"].get("passages_projected_s" if config.cascade else "projected_s")
+    full_s = data["figures"].get("projected_s")
     if not config.passages or config.rerank or plain.passages or not full_s \
             or {config.calibration, plain.calibration} - set(one_prompt):  # fitted offers the chosen model only
         return plain
@@ -611,33 +626,85 @@ def cascade_merge(plain, with_passages):
     return out
 
 
-def run_cascade(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None):
+def mean_seconds(records, kind):
+    """Mean seconds per record of that kind (None without one)."""
+    seconds = [r["seconds"] for r in records if r["kind"] == kind]
+    return sum(seconds) / len(seconds) if seconds else None
+
+
+def cascade_affordable(plain, again, loads_s, budget_s, n_mc):
+    """How many of n_mc multiple-choice questions a cascade may ask again with passages so that the competition's
+    test (competition.TEST_MC + TEST_DESC questions) fits budget_s, at the seconds per question measured on this
+    machine: plain's (every question without passages), again's (asked with them; None: CASCADE_COST_BOUND times a
+    plain prompt) and the model loads."""
+    mc0, desc = mean_seconds(plain, "mc") or 0.0, mean_seconds(plain, "desc") or 0.0
+    mc1 = mean_seconds(again, "mc") if again else None
+    mc1 = mc1 if mc1 is not None else CASCADE_COST_BOUND * mc0
+    spare = budget_s - loads_s - competition.TEST_MC * mc0 - competition.TEST_DESC * desc
+    if spare <= 0 or mc1 <= 0:
+        return 0 if spare <= 0 else n_mc
+    return min(n_mc, math.floor(spare / (competition.TEST_MC * mc1) * n_mc))
+
+
+def cascade_load_seconds(out_dir, plain_meta, budget_s, threshold):
+    """The model's load time a budgeted cascade decides with: the one measured when it first decided under this
+    budget and threshold (out_dir/cascade-<plain key>.json), so a resumed run asks the same questions again."""
+    path = out_dir / f"cascade-{plain_meta['key']}.json"
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if (saved.get("budget_s"), saved.get("cascade")) != (budget_s, threshold):
+        saved = dict(budget_s=budget_s, cascade=threshold, load_s=plain_meta["seconds"]["load"])
+        common.write_json(path, saved)
+    return saved["load_s"]
+
+
+def run_cascade(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None, budget_s=None):
     """run_groups under config.cascade: every question without passages, then the unsure multiple-choice ones with
     them (each run checkpointed under its own key: the records full runs without and with passages write), merged
-    by cascade_merge."""
-    plain_config = replace(config, passages=0, cascade=0.0)
+    by cascade_merge. With budget_s (the test's, budget_seconds()): when asking every unsure question again might
+    not fit at the plain speed measured here (cascade_affordable with CASCADE_COST_BOUND), the most unsure
+    CASCADE_PROBE are asked first, and then the next most unsure as many as their measured speed affords (the same
+    number after a resume: the records keep their seconds, cascade_load_seconds the load time)."""
+    plain_config, again_config = replace(config, passages=0, cascade=0.0), replace(config, cascade=0.0)
     old = previous_meta(out_dir)  # each run rewrites it
     plain, plain_meta = run(questions, out_dir, plain_config, dtype_name, ranked, index_dir)
-    asked = unsure(plain, config.cascade)
-    print(f"04: cascade {config.cascade}: {len(asked)} of {sum(q.kind == 'mc' for q in questions)} multiple-choice "
-          "questions asked again with passages")
-    done = [(questions, plain, plain_meta)]
-    if asked:
-        again = [q for q in questions if q.id in asked]
-        done.append((again, *run(again, out_dir, replace(config, cascade=0.0), dtype_name, ranked, index_dir)))
-    merged = cascade_merge(plain, done[1][1] if asked else [])
-    meta = merged_meta(out_dir, questions, config, done, old, records=merged)
+    doubt = unsure(plain, config.cascade)
+    order = [r["id"] for r in sorted((r for r in plain if r["id"] in doubt), key=top_probability)]  # most unsure first
+    n_mc = sum(q.kind == "mc" for q in questions)
+    done, again, budget = [(questions, plain, plain_meta)], [], None
+
+    def ask(ids):
+        group = [q for q in questions if q.id in set(ids)]
+        if group:
+            done.append((group, *run(group, out_dir, again_config, dtype_name, ranked, index_dir)))
+            again.extend(done[-1][1])
+
+    load_s = cascade_load_seconds(out_dir, plain_meta, budget_s, config.cascade) if budget_s else 0.0
+    if budget_s is None or len(order) <= cascade_affordable(plain, None, 2 * load_s, budget_s, n_mc):
+        ask(order)
+    else:
+        ask(order[:CASCADE_PROBE] if cascade_affordable(plain, plain, 2 * load_s, budget_s, n_mc) else [])
+        fits = cascade_affordable(plain, again, 3 * load_s, budget_s, n_mc) if again else 0
+        ask(order[len(again):fits])
+        budget = dict(budget_s=budget_s, unsure=len(order), affordable=fits, asked=len(again),
+                      mc_s_plain=round(mean_seconds(plain, "mc") or 0.0, 3),
+                      mc_s_passages=round(mean_seconds(again, "mc"), 3) if again else None)
+        print(f"04: cascade {config.cascade} under the {budget_s / 60:.0f} min budget: a prompt takes "
+              f"{budget['mc_s_plain']} s without passages and {budget['mc_s_passages']} s with them here, so "
+              f"{len(again)} of the {len(order)} unsure questions (most unsure first) are asked again")
+    print(f"04: cascade {config.cascade}: {len(again)} of {n_mc} multiple-choice questions asked again with passages")
+    merged = cascade_merge(plain, again)
+    meta = merged_meta(out_dir, questions, config, done, old, records=merged, budget=budget)
     return [(questions, merged, meta)], meta
 
 
-def run_groups(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None):
+def run_groups(questions, out_dir, config, dtype_name=None, ranked=None, index_dir=None, budget_s=None):
     """([(questions, records, meta)], meta of them all): one run() under config; where config.passage_share < 1, two:
     that share of the questions with passages (passage_readers) and the rest without, each checkpointed in out_dir
     under its own key (the same records a run of every question with or without passages writes) and calibrated on
     its own, as reports/gate.md measures a gate. out_dir/meta.json then describes both (merged_meta). With
-    config.cascade: run_cascade."""
+    config.cascade: run_cascade (under budget_s)."""
     if config.passages and config.cascade:
-        return run_cascade(questions, out_dir, config, dtype_name, ranked, index_dir)
+        return run_cascade(questions, out_dir, config, dtype_name, ranked, index_dir, budget_s)
     if not config.passages or config.passage_share >= 1.0:
         records, meta = run(questions, out_dir, config, dtype_name, ranked, index_dir)
         return [(questions, records, meta)], meta
@@ -661,11 +728,12 @@ def same_config(fields_of_old, config):
     return isinstance(fields_of_old, dict) and set(fields_of_old) <= known and Config(**fields_of_old) == config
 
 
-def merged_meta(out_dir, questions, config, groups, old=None, records=None):
+def merged_meta(out_dir, questions, config, groups, old=None, records=None, budget=None):
     """out_dir/meta.json for the groups of run_groups: the first group's, with the config, the load and answering
     time and the per-question seconds of all of them (per-prompt timing only in each group's meta; a rerun that took
     every answer from the checkpoints keeps the times of the run that computed them, old), and their records (or the
-    given ones: a cascade's) in question order written to predictions-groups.jsonl (what evaluate.py reads)."""
+    given ones: a cascade's, with its budget decision) in question order written to predictions-groups.jsonl (what
+    evaluate.py reads)."""
     metas = [meta for _, _, meta in groups]
     by_id = {r["id"]: r for r in records} if records is not None else \
         {r["id"]: r for _, group_records, _ in groups for r in group_records}
@@ -679,7 +747,7 @@ def merged_meta(out_dir, questions, config, groups, old=None, records=None):
     if not answered_now and old and old.get("groups") and same_config(old.get("config"), config):
         seconds = old["seconds"]
     meta = dict(metas[0], config=asdict(config), key=None, questions=len(questions), seconds=seconds, timing=None,
-                answered_now=answered_now, predictions=name, groups=metas)
+                answered_now=answered_now, predictions=name, groups=metas, cascade_budget=budget)
     common.write_meta(out_dir / "meta.json", settings=common.settings_of(sys.modules[__name__]), **meta)
     return meta
 

@@ -103,6 +103,15 @@ def projected_minutes(meta, records):
     return (meta["seconds"]["load"] + competition.TEST_MC * mean["mc"] + competition.TEST_DESC * mean["desc"]) / 60
 
 
+def cpu_flags(meta):
+    """", a CPU with avx512_bf16" or ", a CPU without bf16 (AVX2)" from a CPU run's machine record, else ""."""
+    machine = meta.get("machine") or {}
+    if not meta["device"].startswith("cpu") or "flags" not in machine:
+        return ""
+    return ", a CPU with avx512_bf16" if "avx512_bf16" in machine["flags"] else \
+        f", a CPU without bf16 ({'AVX2' if 'avx2' in machine['flags'] else 'no AVX2'})"
+
+
 def run_section(name, answers, meta, records, labels, echo):
     """Markdown lines of one run (its score beside the echo baseline's, per domain, per calibration) and its score."""
     s, e = scoring.score(answers, labels), scoring.score(echo, labels)
@@ -117,13 +126,21 @@ def run_section(name, answers, meta, records, labels, echo):
         asked = sum("cascade" in r for r in records)
         readers = (f" for the {asked} multiple-choice questions whose top option took less than {config['cascade']} "
                    "without them (cascade: each answered from the surer prompt)")
+        budget = meta.get("cascade_budget")
+        if budget:
+            readers = (f" for the {asked} most unsure of the {budget['unsure']} multiple-choice questions whose top "
+                       f"option took less than {config['cascade']} without them, as many as the "
+                       f"{budget['budget_s'] / 60:.0f} min budget afforded at the seconds measured here "
+                       f"({budget['mc_s_plain']} s per prompt without passages, {budget['mc_s_passages']} s with; "
+                       "cascade: each answered from the surer prompt)")
     wall, questions = meta["seconds"]["load"] + meta["seconds"]["answering"], meta.get("questions", len(records))
     answered = f"{fmt(wall / 60, 1)} min loading and answering {questions} questions" if meta["seconds"]["answering"] \
         else f"{questions} questions"
     projected, mean = projected_minutes(meta, records), mean_seconds(records)
     lines = [f"### {name}", "",
              f"`{meta['model']}` (candidate `{config['candidate']}`, level `{config['level']}`) on {meta['device']} "
-             f"({meta['dtype']}), calibration `{config['calibration']}`, {config['passages']} passages{readers}; "
+             f"({meta['dtype']}{cpu_flags(meta)}), calibration `{config['calibration']}`, {config['passages']} "
+             f"passages{readers}; "
              f"{answered} ({fmt(mean.get('mc'), 2)} s per multiple-choice and {fmt(mean.get('desc'), 2)} s per "
              f"descriptive question: {fmt(projected, 1)} min projected for the "
              f"{competition.TEST_MC + competition.TEST_DESC}-question test), "

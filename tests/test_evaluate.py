@@ -145,3 +145,11 @@ def test_runs_against_the_first_by_hand():
     lines = evaluate.against_first({"base": base, "better": better}, labels)
     se = (0.25 * 0.75 * 4 / 3 / 4) ** 0.5  # sample SD of (0, 0, 1, 0) over sqrt(4)
     assert lines[0] == "## Against base" and lines[-2] == f"| better | +0.250 ± {se:.3f} | +0.125 ± {se / 2:.3f} |"
+
+
+def test_a_cpu_run_says_whether_its_cpu_has_bf16():
+    assert evaluate.cpu_flags(dict(device="cpu", machine=dict(flags=["avx2", "fma"]))) == ", a CPU without bf16 (AVX2)"
+    assert evaluate.cpu_flags(dict(device="cpu", machine=dict(flags=["avx2", "avx512_bf16"]))) == \
+        ", a CPU with avx512_bf16"
+    assert evaluate.cpu_flags(dict(device="cuda:0", machine=dict(flags=["avx2"]))) == ""  # a GPU run: not its CPU
+    assert evaluate.cpu_flags(dict(device="cpu")) == ""  # a meta.json written before the machine record

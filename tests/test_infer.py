@@ -1,6 +1,7 @@
 """answering.py and 04_infer.py: option calibration, descriptive clean-up, batched scoring and resume on a tiny random
 model."""
 import csv
+import dataclasses
 import importlib
 import json
 import math
@@ -348,6 +349,42 @@ def test_a_cascade_asks_again_with_passages_only_where_the_plain_answer_is_unsur
     for wrong in (dict(passages=0), dict(calibration="batch"), dict(passage_share=0.5), dict(cascade=1.5)):
         with pytest.raises(SystemExit, match="cascade"):
             cfg(tiny_model_dir, **dict(dict(passages=1, calibration="none", cascade=0.5), **wrong)).check()
+
+
+def test_a_budgeted_cascade_affords_what_the_measured_seconds_allow(monkeypatch):
+    monkeypatch.setattr(competition, "TEST_MC", 100)
+    monkeypatch.setattr(competition, "TEST_DESC", 10)
+    plain = [dict(record(f"m{i}", [0.4, 0.3, 0.2, 0.1]), seconds=1.0) for i in range(4)] + \
+        [dict(id="d", kind="desc", raw="답", seconds=5.0)]
+    again = [dict(record("m0", [0.4, 0.3, 0.2, 0.1]), seconds=4.0)]
+    # 100 + 50 s without passages and 50 s of loads: 300 s leave 100 s, 25 of the test's 100 at 4 s: 1 of these 4
+    assert answering.cascade_affordable(plain, again, 50.0, 300.0, 4) == 1
+    assert answering.cascade_affordable(plain, again, 50.0, 600.0, 4) == 4  # 400 s spare: all of them
+    assert answering.cascade_affordable(plain, again, 50.0, 10_000.0, 4) == 4  # never more than there are
+    assert answering.cascade_affordable(plain, again, 50.0, 150.0, 4) == 0  # the plain pass alone is over
+    monkeypatch.setattr(answering, "CASCADE_COST_BOUND", 2.0)  # nothing timed with passages: the bound, 2 s
+    assert answering.cascade_affordable(plain, None, 50.0, 300.0, 4) == 2
+
+
+def test_a_cascade_over_budget_asks_again_the_most_unsure_it_can_afford(tiny_model_dir, tiny_index, tmp_path,
+                                                                        monkeypatch):
+    questions = competition.read_questions(write_questions(tmp_path / "q.csv", n_mc=4, n_desc=1))
+    config = cfg(tiny_model_dir, 1, rerank=False, calibration="none", cascade=1.0)  # every MC question is unsure
+    plain, _ = answering.run(questions, tmp_path / "cascade", dataclasses.replace(config, passages=0, cascade=0.0),
+                             "float32")
+    order = [r["id"] for r in sorted((r for r in plain if r["kind"] == "mc"), key=answering.top_probability)]
+    monkeypatch.setattr(answering, "CASCADE_PROBE", 1)
+    monkeypatch.setattr(answering, "cascade_affordable",  # over at the bound; 2 at the speed the probe measures
+                        lambda plain, again, loads, budget, n: 0 if again is None else 2)
+    groups, meta = answering.run_groups(questions, tmp_path / "cascade", config, "float32", budget_s=100.0)
+    [(_, records, _)] = groups
+    assert {r["id"] for r in records if "cascade" in r} == set(order[:2])  # the two most unsure
+    assert meta["cascade_budget"]["asked"] == 2 and meta["cascade_budget"]["unsure"] == 4
+    assert len(meta["groups"]) == 3  # without passages, the probe, the rest it affords
+    _, again = answering.run_groups(questions, tmp_path / "cascade", config, "float32", budget_s=100.0)
+    assert again["answered_now"] == 0 and again["cascade_budget"]["asked"] == 2  # resumed: the same decision
+    whole, _ = answering.run_groups(questions, tmp_path / "cascade", config, "float32")  # no budget: all four
+    assert {r["id"] for r in whole[0][1] if "cascade" in r} == set(order)
 
 
 def test_work_order_sorts_by_the_question_with_its_passages(tiny_model_dir):

@@ -246,12 +246,11 @@ def test_a_slower_machine_falls_back_to_an_alternative_that_fits(tmp_path, monke
     data["config"] = dict(read, rerank=True)  # reranked passages: 03 reranks every question, no share
     path.write_text(json.dumps(data), encoding="utf-8")
     assert answering.chosen(path, fit=True) == answering.Config(**fast)
-    # a chosen cascade (700 s): the share is read against passages for every question (900 s): a third again
-    data.update(config=dict(read, cascade=0.5), figures=dict(data["figures"], projected_s=700,
-                                                             passages_projected_s=900))
+    # a chosen cascade is kept: it fits itself to the seconds it measures (run_cascade under budget_seconds)
+    data.update(config=dict(read, cascade=0.5))
     path.write_text(json.dumps(data), encoding="utf-8")
-    assert answering.chosen(path, fit=True) == answering.Config(**dict(fast, passages=1, rerank=False),
-                                                                passage_share=0.33)
+    assert answering.chosen(path, fit=True) == answering.Config(**dict(read, cascade=0.5))
+    assert answering.budget_seconds(path) == 1000 and answering.budget_seconds(tmp_path / "none.json") is None
 
 
 # ----------------------------------------------------------------------------- the whole measurement
