@@ -683,13 +683,15 @@ def run_cascade(questions, out_dir, config, dtype_name=None, ranked=None, index_
         ask(order)
     else:
         ask(order[:CASCADE_PROBE] if cascade_affordable(plain, plain, 2 * load_s, budget_s, n_mc) else [])
+        probe_s = mean_seconds(again, "mc") if again else None
         fits = cascade_affordable(plain, again, 3 * load_s, budget_s, n_mc) if again else 0
         ask(order[len(again):fits])
         budget = dict(budget_s=budget_s, unsure=len(order), affordable=fits, asked=len(again),
                       mc_s_plain=round(mean_seconds(plain, "mc") or 0.0, 3),
+                      mc_s_probe=round(probe_s, 3) if again else None,
                       mc_s_passages=round(mean_seconds(again, "mc"), 3) if again else None)
         print(f"04: cascade {config.cascade} under the {budget_s / 60:.0f} min budget: a prompt takes "
-              f"{budget['mc_s_plain']} s without passages and {budget['mc_s_passages']} s with them here, so "
+              f"{budget['mc_s_plain']} s without passages and {budget['mc_s_probe']} s with them (the probe) here, so "
               f"{len(again)} of the {len(order)} unsure questions (most unsure first) are asked again")
     print(f"04: cascade {config.cascade}: {len(again)} of {n_mc} multiple-choice questions asked again with passages")
     merged = cascade_merge(plain, again)

@@ -131,8 +131,9 @@ def run_section(name, answers, meta, records, labels, echo):
             readers = (f" for the {asked} most unsure of the {budget['unsure']} multiple-choice questions whose top "
                        f"option took less than {config['cascade']} without them, as many as the "
                        f"{budget['budget_s'] / 60:.0f} min budget afforded at the seconds measured here "
-                       f"({budget['mc_s_plain']} s per prompt without passages, {budget['mc_s_passages']} s with; "
-                       "cascade: each answered from the surer prompt)")
+                       f"({budget['mc_s_plain']} s per prompt without passages, {budget.get('mc_s_probe')} s with "
+                       f"on the first {answering.CASCADE_PROBE} asked, {budget['mc_s_passages']} s on all; cascade: "
+                       "each answered from the surer prompt)")
     wall, questions = meta["seconds"]["load"] + meta["seconds"]["answering"], meta.get("questions", len(records))
     answered = f"{fmt(wall / 60, 1)} min loading and answering {questions} questions" if meta["seconds"]["answering"] \
         else f"{questions} questions"

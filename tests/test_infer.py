@@ -380,6 +380,7 @@ def test_a_cascade_over_budget_asks_again_the_most_unsure_it_can_afford(tiny_mod
     [(_, records, _)] = groups
     assert {r["id"] for r in records if "cascade" in r} == set(order[:2])  # the two most unsure
     assert meta["cascade_budget"]["asked"] == 2 and meta["cascade_budget"]["unsure"] == 4
+    assert meta["cascade_budget"]["mc_s_probe"] > 0 and meta["cascade_budget"]["mc_s_passages"] > 0
     assert len(meta["groups"]) == 3  # without passages, the probe, the rest it affords
     _, again = answering.run_groups(questions, tmp_path / "cascade", config, "float32", budget_s=100.0)
     assert again["answered_now"] == 0 and again["cascade_budget"]["asked"] == 2  # resumed: the same decision
