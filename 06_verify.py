@@ -71,7 +71,8 @@ STAGES = {  # stage reports in pipeline order, with their line in REPORT.md; any
     "gate.md": "04: passages only where retrieval looks sure (relevance gate)",
     "select.md": "05: every candidate x level x calibration x passages on the development set; the choice",
     "eval.md": "the submission scored on the development set",
-    "slow-cpu.md": "the submission as on a CPU without bf16: the fallback answering.fitted takes, its time and score",
+    "slow-cpu.md": "the submission on a CPU without bf16 (or this one in fp32): how much of a chosen cascade fits the "
+                   "budget (answering.run_cascade) or the fallback answering.fitted takes, its time and score",
     "baseline.md": "06: from `git clone` to submission.csv on this machine: set-up and answering times, same answers",
     "gpu-plan.md": "memory per stage for 7B/14B/32B models on 24 and 80 GB cards (computed)",
 }
