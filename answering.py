@@ -144,9 +144,9 @@ def fitted(config, data):
     """The config, or the best alternative of selection.json that fits its budget on this machine: same model,
     passages and reranking (those decide what `make` builds), or the same model without passages (it needs less of
     what `make` built)."""
+    if config.cascade:  # it measures its own speed (run_cascade): on an AVX2 CPU the matmul ratio said 4.7x slower
+        return config  # where the teacher's answers took 2.6-3.1x (reports/slow-cpu.md, README)
     budget = (data.get("figures") or {}).get("budget_s")
-    if config.cascade:  # it measures its own speed (run_cascade): the matmul ratio overstated it 3x on an AVX2 CPU
-        return config
     slowdown = machine_slowdown(data)
     if not budget or slowdown <= 1.0:
         return config
@@ -626,10 +626,11 @@ def cascade_merge(plain, with_passages):
     return out
 
 
-def mean_seconds(records, kind):
-    """Mean seconds per record of that kind (None without one)."""
-    seconds = [r["seconds"] for r in records if r["kind"] == kind]
-    return sum(seconds) / len(seconds) if seconds else None
+def mean_seconds(records):
+    """{kind: mean seconds per question (retrieval included)} of the records that carry their time."""
+    seconds = {kind: [r["seconds"] for r in records if r["kind"] == kind and r.get("seconds") is not None]
+               for kind in ("mc", "desc")}
+    return {kind: sum(v) / len(v) for kind, v in seconds.items() if v}
 
 
 def cascade_affordable(plain, again, loads_s, budget_s, n_mc):
@@ -637,12 +638,14 @@ def cascade_affordable(plain, again, loads_s, budget_s, n_mc):
     test (competition.TEST_MC + TEST_DESC questions) fits budget_s, at the seconds per question measured on this
     machine: plain's (every question without passages), again's (asked with them; None: CASCADE_COST_BOUND times a
     plain prompt) and the model loads."""
-    mc0, desc = mean_seconds(plain, "mc") or 0.0, mean_seconds(plain, "desc") or 0.0
-    mc1 = mean_seconds(again, "mc") if again else None
-    mc1 = mc1 if mc1 is not None else CASCADE_COST_BOUND * mc0
-    spare = budget_s - loads_s - competition.TEST_MC * mc0 - competition.TEST_DESC * desc
-    if spare <= 0 or mc1 <= 0:
-        return 0 if spare <= 0 else n_mc
+    plain_s = mean_seconds(plain)
+    mc0 = plain_s.get("mc", 0.0)
+    mc1 = mean_seconds(again or []).get("mc", CASCADE_COST_BOUND * mc0)
+    spare = budget_s - loads_s - competition.TEST_MC * mc0 - competition.TEST_DESC * plain_s.get("desc", 0.0)
+    if spare <= 0:
+        return 0
+    if mc1 <= 0:
+        return n_mc
     return min(n_mc, math.floor(spare / (competition.TEST_MC * mc1) * n_mc))
 
 
@@ -682,14 +685,15 @@ def run_cascade(questions, out_dir, config, dtype_name=None, ranked=None, index_
     if budget_s is None or len(order) <= cascade_affordable(plain, None, 2 * load_s, budget_s, n_mc):
         ask(order)
     else:
+        # the probe only if one passage prompt would fit even at the plain prompt's speed (plain as again)
         ask(order[:CASCADE_PROBE] if cascade_affordable(plain, plain, 2 * load_s, budget_s, n_mc) else [])
-        probe_s = mean_seconds(again, "mc") if again else None
+        probe_s = mean_seconds(again).get("mc")
         fits = cascade_affordable(plain, again, 3 * load_s, budget_s, n_mc) if again else 0
         ask(order[len(again):fits])
         budget = dict(budget_s=budget_s, unsure=len(order), affordable=fits, asked=len(again),
-                      mc_s_plain=round(mean_seconds(plain, "mc") or 0.0, 3),
-                      mc_s_probe=round(probe_s, 3) if again else None,
-                      mc_s_passages=round(mean_seconds(again, "mc"), 3) if again else None)
+                      mc_s_plain=round(mean_seconds(plain).get("mc", 0.0), 3),
+                      mc_s_probe=None if probe_s is None else round(probe_s, 3),
+                      mc_s_passages=round(mean_seconds(again)["mc"], 3) if again else None)
         print(f"04: cascade {config.cascade} under the {budget_s / 60:.0f} min budget: a prompt takes "
               f"{budget['mc_s_plain']} s without passages and {budget['mc_s_probe']} s with them (the probe) here, so "
               f"{len(again)} of the {len(order)} unsure questions (most unsure first) are asked again")

@@ -87,17 +87,10 @@ def copy_check(answers, records, passages):
     return len(spans), sum(s >= COPY_SPAN_CHARS for s in spans), max(spans, default=0)
 
 
-def mean_seconds(records):
-    """{kind: mean seconds per question (retrieval included)} of the records that carry their time."""
-    seconds = {kind: [r["seconds"] for r in records if r["kind"] == kind and r.get("seconds") is not None]
-               for kind in ("mc", "desc")}
-    return {kind: sum(v) / len(v) for kind, v in seconds.items() if v}
-
-
 def projected_minutes(meta, records):
     """Minutes the competition's test would take as this run answered: load + its mean seconds per multiple-choice
     and per descriptive question times their counts in the test; None without both kinds."""
-    mean = mean_seconds(records)
+    mean = answering.mean_seconds(records)
     if len(mean) < 2:
         return None
     return (meta["seconds"]["load"] + competition.TEST_MC * mean["mc"] + competition.TEST_DESC * mean["desc"]) / 60
@@ -137,7 +130,7 @@ def run_section(name, answers, meta, records, labels, echo):
     wall, questions = meta["seconds"]["load"] + meta["seconds"]["answering"], meta.get("questions", len(records))
     answered = f"{fmt(wall / 60, 1)} min loading and answering {questions} questions" if meta["seconds"]["answering"] \
         else f"{questions} questions"
-    projected, mean = projected_minutes(meta, records), mean_seconds(records)
+    projected, mean = projected_minutes(meta, records), answering.mean_seconds(records)
     lines = [f"### {name}", "",
              f"`{meta['model']}` (candidate `{config['candidate']}`, level `{config['level']}`) on {meta['device']} "
              f"({meta['dtype']}{cpu_flags(meta)}), calibration `{config['calibration']}`, {config['passages']} "
