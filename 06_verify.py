@@ -16,7 +16,9 @@ Subcommands, each a make target:
 - `verify` (`make verify`; CI profile `make verify VERIFY_LIMIT=5`): refuses a dirty tree, clones HEAD into a
   temporary folder, builds a fresh venv there and runs `make setup <answering model> data submission` with the hub
   offline (the shared data and the model wheel cache of this checkout passed in), compares the answers with this
-  checkout's on the same questions and checks the clone. Writes outputs/06_verify/ (logs, meta.json, verify.md)
+  checkout's on the same questions and checks the clone. Where both runs were budgeted cascades that could not ask
+  every unsure question (a CPU slower than the one that chose), each decided from its own timing how many to ask
+  again with passages; an answer that differs on a question only one of them asked is counted apart, not a problem. Writes outputs/06_verify/ (logs, meta.json, verify.md)
   and, for the full profile only, reports/baseline.md (the time from `git clone` to submission.csv, set-up vs
   answering; `make baseline-report`).
 Every problem found is listed, then the exit code is 1.
@@ -37,6 +39,7 @@ from pathlib import Path
 import answering
 import common
 import competition
+import lm
 import retrieval
 import scoring
 
@@ -372,11 +375,13 @@ def run_make(repo, target, make_args, env, log_dir, label):
     return seconds, f"{label}: `make {target}` failed (exit {result.returncode}), log {log}:\n    {tail}"
 
 
-def compare_submissions(reference_rows, fresh_rows, questions):
-    """(problems, counts): multiple-choice answers identical, descriptive answers identical (greedy decoding)."""
+def compare_submissions(reference_rows, fresh_rows, questions, timed=frozenset()):
+    """(problems, counts): multiple-choice answers identical, descriptive answers identical (greedy decoding). A
+    multiple-choice answer that differs on a question of `timed` (asked again with passages by one run only, each
+    under its own measured budget: budget_decided) is counted as mc_timed, not as a problem."""
     kinds = {q.id: q.kind for q in questions}
     ref, new = dict(reference_rows), dict(fresh_rows)
-    problems, counts = [], dict(mc=0, mc_same=0, desc=0, desc_same=0)
+    problems, counts = [], dict(mc=0, mc_same=0, mc_timed=0, desc=0, desc_same=0)
     if [r[0] for r in reference_rows] != [r[0] for r in fresh_rows]:
         problems.append(f"the two runs answered different IDs ({len(reference_rows)} vs {len(fresh_rows)} rows)")
     for qid in [r[0] for r in reference_rows if r[0] in new]:
@@ -384,10 +389,29 @@ def compare_submissions(reference_rows, fresh_rows, questions):
         same = ref[qid].strip() == new[qid].strip()
         counts[kind] += 1
         counts[kind + "_same"] += same
-        if not same:
+        if not same and kind == "mc" and qid in timed:
+            counts["mc_timed"] += 1
+        elif not same:
             what = "multiple-choice answer" if kind == "mc" else "descriptive answer (greedy decoding)"
             problems.append(f"{qid}: {what} differs: reference {ref[qid][:60]!r} vs fresh {new[qid][:60]!r}")
     return problems, counts
+
+
+def budget_decided(reference_dir, fresh_dir):
+    """({reference, fresh: how many questions each run asked again with passages}, ids asked by one run only) when
+    both 04 runs were budgeted cascades that could not ask every unsure question (meta.json cascade_budget): each
+    decided its count from the seconds it measured (answering.run_cascade), so on a CPU where the budget binds two
+    runs may ask a few more or fewer. ({}, empty set) otherwise: then every answer must be identical."""
+    runs = {}
+    for name, folder in (("reference", reference_dir), ("fresh", fresh_dir)):
+        meta_path, records_path = folder / "meta.json", folder / "predictions-groups.jsonl"
+        if not (meta_path.exists() and records_path.exists()):
+            return {}, frozenset()
+        if not json.loads(meta_path.read_text(encoding="utf-8")).get("cascade_budget"):
+            return {}, frozenset()
+        runs[name] = {r["id"] for r in lm.read_jsonl(records_path) if r.get("cascade")}
+    asked = {name: len(ids) for name, ids in runs.items()}
+    return asked, frozenset(runs["reference"] ^ runs["fresh"])
 
 
 def same_weights(dir_a, dir_b):
@@ -467,8 +491,9 @@ def reproduce(limit, workdir, shared, wheels):
     else:
         reference_csv, questions_csv = common.SUBMISSION, common.QUESTIONS
     questions = competition.read_questions(questions_csv)
+    asked, timed = budget_decided(reference_csv.parent, (fresh / RUN_SUBMISSION).parent)
     problems, counts = compare_submissions(competition.read_submission(reference_csv),
-                                           competition.read_submission(fresh / RUN_SUBMISSION), questions)
+                                           competition.read_submission(fresh / RUN_SUBMISSION), questions, timed)
     if not (fresh / model).exists():
         problems.append(f"this checkout answers with {model}, which `make submission` did not build in the fresh "
                         "clone: add the step that makes it to the submission target's prerequisites")
@@ -481,11 +506,21 @@ def reproduce(limit, workdir, shared, wheels):
     machine_file = fresh / common.OUTPUTS.name / common.MACHINE.name
     cpu_dtype = json.loads(machine_file.read_text(encoding="utf-8")).get("cpu_dtype") if machine_file.exists() \
         else None
-    meta = dict(commit=commit, limit=limit, questions=len(questions), counts=counts, seconds=seconds,
+    meta = dict(commit=commit, limit=limit, questions=len(questions), counts=counts, asked_again=asked,
+                seconds=seconds,
                 machine=common.machine(), cpu_dtype=cpu_dtype, selected_per_question=projected,
                 reused=[str(r) for r in reused], answer_model=model, weights_identical=weights_same,
                 offline_env=common.OFFLINE_ENV, problems=problems, python=sys.version.split()[0], workdir=str(workdir))
     return problems, meta
+
+
+def budget_rows(asked, timed):
+    """Report rows of budget_decided's finding: none when the budget did not bind."""
+    if not asked:
+        return []
+    return [f"| multiple-choice questions asked again with passages, reference / fresh (each run's own measured "
+            f"budget) | {asked['reference']} / {asked['fresh']} |",
+            f"| multiple-choice answers that differ only because one run asked them again | {timed} |"]
 
 
 def verify_report(meta):
@@ -514,6 +549,7 @@ def verify_report(meta):
              "## Answers", "", "| check | result |", "|---|---|",
              f"| multiple-choice answers identical | {c['mc_same']} / {c['mc']} |",
              f"| descriptive answers identical (greedy) | {c['desc_same']} / {c['desc']} |",
+             *budget_rows(meta.get("asked_again"), c.get("mc_timed", 0)),
              f"| answering model | `{meta['answer_model']}` |",
              f"| its weights identical (sha256) | {meta['weights_identical']} |",
              f"| reused from this checkout, not rebuilt | {', '.join(meta['reused']) or 'nothing'} |",
@@ -546,7 +582,8 @@ def verify(limit, shared, wheels, keep):
         if not limit:
             common.write_text(VERIFY_REPORT, report)
         c = meta["counts"]
-        print(f"06: verify compared {c['mc_same']}/{c['mc']} multiple-choice and {c['desc_same']}/{c['desc']} "
+        timed = f" ({c['mc_timed']} more differ where one run's budget asked them again)" if c["mc_timed"] else ""
+        print(f"06: verify compared {c['mc_same']}/{c['mc']} multiple-choice{timed} and {c['desc_same']}/{c['desc']} "
               f"descriptive answers identical; seconds {meta['seconds']}")
     if problems or keep:
         print(f"06: kept {workdir} for inspection (delete it when done)")

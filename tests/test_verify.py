@@ -366,12 +366,36 @@ def test_tiny_question_set_has_both_kinds_in_file_order():
 
 def test_compare_submissions():
     questions = [competition.parse_question(i, q) for i, q in QUESTIONS]
-    assert verify.compare_submissions(GOOD, list(GOOD), questions) == ([], dict(mc=3, mc_same=3, desc=2, desc_same=2))
+    identical = dict(mc=3, mc_same=3, mc_timed=0, desc=2, desc_same=2)
+    assert verify.compare_submissions(GOOD, list(GOOD), questions) == ([], identical)
     changed = [("Q1", "3")] + GOOD[1:4] + [("Q5", "다른 답")]
     problems, counts = verify.compare_submissions(GOOD, changed, questions)
     assert counts["mc_same"] == 2 and counts["desc_same"] == 1
     assert any("Q1: multiple-choice" in p for p in problems) and any("Q5: descriptive" in p for p in problems)
     assert verify.compare_submissions(GOOD, GOOD[:-1], questions)[0]
+    # a question only one run asked again with passages (its own measured budget) may differ; the others may not
+    problems, counts = verify.compare_submissions(GOOD, changed, questions, timed=frozenset({"Q1", "Q5"}))
+    assert counts["mc_timed"] == 1 and counts["mc_same"] == 2
+    assert not any("Q1:" in p for p in problems) and any("Q5: descriptive" in p for p in problems)
+
+
+def write_run(folder, budget, asked):
+    folder.mkdir(parents=True)
+    common.write_json(folder / "meta.json", dict(cascade_budget=budget))
+    records = [dict(id=f"Q{i}", kind="mc", **(dict(cascade="plain") if i in asked else {})) for i in range(1, 5)]
+    (folder / "predictions-groups.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return folder
+
+
+def test_budget_decided_names_the_questions_only_one_budgeted_run_asked_again(tmp_path):
+    budget = dict(budget_s=2700.0, unsure=4, asked=2)
+    ref, fresh = write_run(tmp_path / "ref", budget, {1, 2}), write_run(tmp_path / "fresh", budget, {1, 2, 3})
+    assert verify.budget_decided(ref, fresh) == (dict(reference=2, fresh=3), frozenset({"Q3"}))
+    unbudgeted = write_run(tmp_path / "all", None, {1, 2, 3})  # every unsure question fitted: answers must match
+    assert verify.budget_decided(ref, unbudgeted) == ({}, frozenset())
+    assert verify.budget_decided(ref, tmp_path / "missing") == ({}, frozenset())
+    rows = verify.budget_rows(dict(reference=2, fresh=3), 1)
+    assert "| 2 / 3 |" in rows[0] and rows[1].endswith("| 1 |") and verify.budget_rows({}, 0) == []
 
 
 def test_dirty_tree_is_detected(tmp_path):
@@ -449,7 +473,7 @@ def test_reproduce_flow_passes_on_a_deterministic_pipeline(fake_repo, tmp_path):
     assert meta["reused"] == ["outputs/02_index"]  # tiny profile: the index is passed in, not rebuilt
     assert (tmp_path / "work" / "fresh" / "outputs" / "02_index" / "chunks.jsonl").is_file()
     assert (tmp_path / "work" / "reference" / "outputs" / "02_index").is_symlink()
-    assert meta["counts"] == dict(mc=2, mc_same=2, desc=2, desc_same=2)
+    assert meta["counts"] == dict(mc=2, mc_same=2, mc_timed=0, desc=2, desc_same=2) and meta["asked_again"] == {}
     assert set(meta["seconds"]) >= {"clone", "setup", "student", "data", "submission", "reference", "total"}
     assert (tmp_path / "work" / "fresh" / "setup-ran").exists()  # the fresh clone built its own environment
     assert not (tmp_path / "work" / "reference" / "setup-ran").exists()  # the reference reused this checkout's
