@@ -491,7 +491,8 @@ def reproduce(limit, workdir, shared, wheels):
     else:
         reference_csv, questions_csv = common.SUBMISSION, common.QUESTIONS
     questions = competition.read_questions(questions_csv)
-    asked, timed = budget_decided(reference_csv.parent, (fresh / RUN_SUBMISSION).parent)
+    reference_runs = reference_csv.parent if limit else common.INFER  # this checkout's 04 records: outputs/04_infer
+    asked, timed = budget_decided(reference_runs, (fresh / RUN_SUBMISSION).parent)
     problems, counts = compare_submissions(competition.read_submission(reference_csv),
                                            competition.read_submission(fresh / RUN_SUBMISSION), questions, timed)
     if not (fresh / model).exists():
