@@ -18,9 +18,9 @@ Subcommands, each a make target:
   offline (the shared data and the model wheel cache of this checkout passed in), compares the answers with this
   checkout's on the same questions and checks the clone. Where both runs were budgeted cascades that could not ask
   every unsure question (a CPU slower than the one that chose), each decided from its own timing how many to ask
-  again with passages; an answer that differs on a question only one of them asked is counted apart, not a problem. Writes outputs/06_verify/ (logs, meta.json, verify.md)
-  and, for the full profile only, reports/baseline.md (the time from `git clone` to submission.csv, set-up vs
-  answering; `make baseline-report`).
+  again with passages; an answer that differs on a question only one of them asked is counted apart, not a problem.
+  Writes outputs/06_verify/ (logs, meta.json, verify.md) and, for the full profile only, reports/baseline.md (the
+  time from `git clone` to submission.csv, set-up vs answering; `make baseline-report`).
 Every problem found is listed, then the exit code is 1.
 """
 import argparse
@@ -488,10 +488,10 @@ def reproduce(limit, workdir, shared, wheels):
                 return [problem], stopped
         seconds["reference"] = round(time.time() - t0, 1)
         reference_csv, questions_csv = reference / RUN_SUBMISSION, reference / QUESTIONS
-    else:
-        reference_csv, questions_csv = common.SUBMISSION, common.QUESTIONS
+        reference_runs = reference_csv.parent
+    else:  # this checkout's submission.csv, its 04 records in outputs/04_infer
+        reference_csv, questions_csv, reference_runs = common.SUBMISSION, common.QUESTIONS, common.INFER
     questions = competition.read_questions(questions_csv)
-    reference_runs = reference_csv.parent if limit else common.INFER  # this checkout's 04 records: outputs/04_infer
     asked, timed = budget_decided(reference_runs, (fresh / RUN_SUBMISSION).parent)
     problems, counts = compare_submissions(competition.read_submission(reference_csv),
                                            competition.read_submission(fresh / RUN_SUBMISSION), questions, timed)
@@ -508,8 +508,7 @@ def reproduce(limit, workdir, shared, wheels):
     cpu_dtype = json.loads(machine_file.read_text(encoding="utf-8")).get("cpu_dtype") if machine_file.exists() \
         else None
     meta = dict(commit=commit, limit=limit, questions=len(questions), counts=counts, asked_again=asked,
-                seconds=seconds,
-                machine=common.machine(), cpu_dtype=cpu_dtype, selected_per_question=projected,
+                seconds=seconds, machine=common.machine(), cpu_dtype=cpu_dtype, selected_per_question=projected,
                 reused=[str(r) for r in reused], answer_model=model, weights_identical=weights_same,
                 offline_env=common.OFFLINE_ENV, problems=problems, python=sys.version.split()[0], workdir=str(workdir))
     return problems, meta
