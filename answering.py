@@ -326,14 +326,25 @@ def subject(question):
     return REQUEST_RE.sub("", question.strip()).strip() or question.strip()
 
 
-def clean_description(text, question, max_sentences=None, restate=None):
-    """Plain Korean prose: no markdown, at most max_sentences (DESC_MAX_SENTENCES) sentences, never empty; with
-    restate (DESC_RESTATE), led by the question's subject."""
+def sentences(text):
+    """The sentences of a generated answer as plain prose: markdown and list markers dropped, whitespace collapsed,
+    split after a sentence end (. ! ? or the endings 다/요)."""
     text = re.sub(r"[*#`>|]+", "", text)
     text = re.sub(r"^\s*(?:[-•]|\d+[.)])\s*", "", text, flags=re.M)
     text = re.sub(r"\s+", " ", text).strip()
-    sentences = re.split(r"(?<=[.!?다요])\s+", text)
-    text = " ".join(sentences[:max_sentences or DESC_MAX_SENTENCES]).strip()
+    return re.split(r"(?<=[.!?다요])\s+", text)
+
+
+def kept_sentences_done(text):
+    """Whether a partial answer already holds every sentence clean_description keeps: a further sentence has begun,
+    so generating on cannot change the kept ones (answer_desc stops such a row)."""
+    return len(sentences(text)) > DESC_MAX_SENTENCES
+
+
+def clean_description(text, question, max_sentences=None, restate=None):
+    """Plain Korean prose: no markdown, at most max_sentences (DESC_MAX_SENTENCES) sentences, never empty; with
+    restate (DESC_RESTATE), led by the question's subject."""
+    text = " ".join(sentences(text)[:max_sentences or DESC_MAX_SENTENCES]).strip()
     if not text:  # an empty answer scores 0: restate the question's content instead
         return subject(question)
     return f"{subject(question)}: {text}" if (DESC_RESTATE if restate is None else restate) else text
@@ -355,7 +366,8 @@ def config_key(model_id, dtype_name, level="float", rag=None):
 
 def desc_key():
     """Changes when the descriptive answers' settings change: a checkpointed one written under others is redone."""
-    parts = [common.DESC_INSTRUCTION, str(DESC_MAX_NEW_TOKENS), json.dumps(DESC_GENERATION, sort_keys=True)]
+    parts = [common.DESC_INSTRUCTION, str(DESC_MAX_NEW_TOKENS), json.dumps(DESC_GENERATION, sort_keys=True),
+             f"stopped after {DESC_MAX_SENTENCES} sentences"]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:12]
 
 
@@ -387,11 +399,12 @@ def answer_mc(model, tokenizer, questions, contexts, shifts, stats):
 
 
 def answer_desc(model, tokenizer, questions, contexts, stats):
-    """Greedy answers; with passages, no run of RAG_NO_COPY_TOKENS passage tokens is repeated (the rules forbid a
-    verbatim copy of retrieved text), and the record keeps that rule (stale_records)."""
+    """Greedy answers, each stopped once it holds the sentences clean_description keeps (the rest would be cut);
+    with passages, no run of RAG_NO_COPY_TOKENS passage tokens is repeated (the rules forbid a verbatim copy of
+    retrieved text), and the record keeps that rule (stale_records)."""
     prompts = [lm.render(tokenizer, common.desc_messages(q.text, c)) for q, c in zip(questions, contexts)]
     texts = lm.generate(model, tokenizer, prompts, DESC_MAX_NEW_TOKENS, DESC_BATCH, stats, sources=contexts,
-                        no_copy=RAG_NO_COPY_TOKENS, **DESC_GENERATION)
+                        no_copy=RAG_NO_COPY_TOKENS, done=kept_sentences_done, **DESC_GENERATION)
     return [dict(id=q.id, kind="desc", raw=t, desc_key=desc_key(), **({"no_copy": RAG_NO_COPY_TOKENS} if c else {}))
             for q, t, c in zip(questions, texts, contexts)]
 

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                          StoppingCriteriaList)
 
 import common
 import gpu_memory
@@ -455,22 +456,37 @@ def ngram_continuations(ids, n):
     return table
 
 
+class TextDone(StoppingCriteria):
+    """Stops each row of a batch once done(the text it has generated so far) is true; a stopped row is padded while
+    the others go on, so its text is a prefix of what it would have generated."""
+
+    def __init__(self, tokenizer, done, prompt_length):
+        self.tokenizer, self.done, self.prompt_length = tokenizer, done, prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([bool(self.done(t)) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size=8, stats=None, sources=None, no_copy=0,
-             **options):
+             done=None, **options):
     """Greedy continuations of the prompts (text only, special tokens dropped). With sources (one text per prompt)
-    and no_copy > 0, no continuation repeats no_copy consecutive tokens of its source (NoCopy). options go to
-    model.generate (e.g. no_repeat_ngram_size, repetition_penalty)."""
+    and no_copy > 0, no continuation repeats no_copy consecutive tokens of its source (NoCopy). With done (a test
+    on a partial text), a row stops once done says so (TextDone). options go to model.generate (e.g.
+    no_repeat_ngram_size, repetition_penalty)."""
     results = [None] * len(prompts)
     for idx, enc in _batches(prompts, tokenizer, batch_size):
         t0 = time.time()
         enc = enc.to(model.device)
-        processors = None
+        processors = stopping = None
         if sources and no_copy > 0:
             ids = [tokenizer(sources[i], add_special_tokens=False).input_ids if sources[i] else [] for i in idx]
             processors = LogitsProcessorList([NoCopy(ids, no_copy, enc.input_ids.shape[1])])
+        if done is not None:
+            stopping = StoppingCriteriaList([TextDone(tokenizer, done, enc.input_ids.shape[1])])
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
-                             **options)
+                             stopping_criteria=stopping, **options)
         new = out[:, enc.input_ids.shape[1]:]
         for row, i in enumerate(idx):
             results[i] = tokenizer.decode(new[row], skip_special_tokens=True)

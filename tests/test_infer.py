@@ -87,6 +87,47 @@ def test_clean_description_is_never_empty():
     assert answering.clean_description("", "설명하세요.") == "설명하세요."
 
 
+RAW_ANSWERS = [  # shapes the teacher writes: prose, markdown lists, headings, a numbered list after a lead sentence
+    "접근통제는 권한 있는 사용자만 자원에 접근하게 하는 통제입니다. 이는 인증과 인가로 이루어진다. 셋째 문장입니다.",
+    "**HSM**은 암호키를 안전하게 보관하는 장치이다.\n\n- 키 생성\n- 키 보관\n1. 서명",
+    "### 개요\n전자서명은 서명자를 확인한다. 또한 변경 여부를 확인할 수 있다!  그 밖에?",
+    "정보보호 최고책임자의 독립성 보장이 필요합니다.\n1) 조직상 독립\n2) 예산",
+]
+
+
+@pytest.mark.parametrize("raw", RAW_ANSWERS)
+@pytest.mark.parametrize("kept", [1, 2])
+def test_stopping_at_the_kept_sentences_never_changes_the_answer(raw, kept, monkeypatch):
+    """Every prefix on which the stop test fires cleans to the full answer's text, and the stop fires before the
+    end wherever the full answer has more sentences than are kept."""
+    monkeypatch.setattr(answering, "DESC_MAX_SENTENCES", kept)
+    full = answering.clean_description(raw, "질문", restate=False)
+    fired = [n for n in range(1, len(raw) + 1) if answering.kept_sentences_done(raw[:n])]
+    assert all(answering.clean_description(raw[:n], "질문", restate=False) == full for n in fired)
+    if len(answering.sentences(raw)) > kept:
+        assert fired and fired[0] < len(raw)
+    else:  # list items without a sentence end run together as one sentence: nothing to stop early
+        assert not fired
+    assert not answering.kept_sentences_done(full)  # the kept text itself does not count as finished early
+
+
+def test_the_descriptive_key_names_where_generation_stops(monkeypatch):
+    key = answering.desc_key()
+    monkeypatch.setattr(answering, "DESC_MAX_SENTENCES", answering.DESC_MAX_SENTENCES + 1)
+    assert answering.desc_key() != key
+
+
+def test_stopped_rows_are_prefixes_of_free_generation(tiny_model_dir):
+    tokenizer = lm.load_tokenizer(tiny_model_dir)
+    model = lm.load_model(tiny_model_dir, "cpu", torch.float32)
+    prompts = [lm.render(tokenizer, common.desc_messages("질문" * n, "")) for n in (1, 4, 9)]
+    free = lm.generate(model, tokenizer, prompts, 24, batch_size=3)
+    stopped = lm.generate(model, tokenizer, prompts, 24, batch_size=3, done=lambda text: len(text) >= 6)
+    assert lm.generate(model, tokenizer, prompts, 24, batch_size=3, done=lambda text: False) == free
+    assert all(f.startswith(s) and len(s) >= min(6, len(f)) for s, f in zip(stopped, free))
+    assert any(len(s) < len(f) for s, f in zip(stopped, free))  # the stop did cut something
+
+
 def test_batched_logprobs_match_one_by_one(tiny_model_dir):
     tokenizer = lm.load_tokenizer(tiny_model_dir)
     model = lm.load_model(tiny_model_dir, "cpu", torch.float32)
