@@ -22,6 +22,9 @@ import gpu_memory
 # ----------------------------------------------------------------------------- settings
 DTYPE_BENCH_SHAPE = (64, 896, 4864)  # (tokens, hidden, intermediate): a student MLP matmul, the bulk of prefill
 DTYPE_BENCH_REPEATS = 10
+DTYPE_BENCH_THREADS = 1  # threads of the matmuls that decide the CPU dtype: with one, another job on a 2-core CPU
+# leaves the bf16/fp32 ratio at 2.1-2.3 (alone 2.2-2.5); on both threads, one timed after the other, a test run beside
+# it once gave 1.06 (70 vs 66 GFLOP/s; alone 3x) and fp32 was chosen on a CPU with avx512_bf16
 LEVELS = {  # quantization level -> weights dtype ("float": the device's fast float dtype, see float_dtype) and how
     # it is quantized: config = a transformers quantization config applied while loading; after_load = quantized
     # after every load (no serialised form); devices = where it runs at all
@@ -66,26 +69,37 @@ def device_kind(device):
     return device.split(":")[0]
 
 
-def _matmul_gflops(dtype, shape=DTYPE_BENCH_SHAPE, repeats=DTYPE_BENCH_REPEATS):
-    """GFLOP/s of a model-shaped matrix product in dtype on this CPU (best of repeats, after one warm-up)."""
+def _matmul_gflops(dtypes, threads=None, shape=DTYPE_BENCH_SHAPE, repeats=DTYPE_BENCH_REPEATS):
+    """{dtype: GFLOP/s} of a model-shaped matrix product on this CPU, best of repeats after one warm-up. The dtypes
+    take turns within every round, so a load that comes and goes reaches them alike; on `threads` threads when
+    given (torch's setting is restored after)."""
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(m, k, generator=gen).to(dtype), torch.randn(k, n, generator=gen).to(dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * m * k * n / best / 1e9
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    operands = {dtype: (a.to(dtype), b.to(dtype)) for dtype in dtypes}
+    best = dict.fromkeys(dtypes, float("inf"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        for _ in range(repeats + 1):
+            for dtype, (x, y) in operands.items():
+                t0 = time.perf_counter()
+                x @ y
+                best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return {dtype: 2 * m * k * n / seconds / 1e9 for dtype, seconds in best.items()}
 
 
 def cpu_float_dtype(cache=None):
     """"bfloat16" where this CPU multiplies bf16 faster than fp32 (avx512_bf16, AMX), else "float32".
 
     Decided on the machine that runs, by a sub-second matmul benchmark, never from a committed report: on an AVX2-only
-    CPU bf16 is ~10x slower than fp32, on an avx512_bf16 one ~2x faster. The result is cached per machine (CPU model,
-    flags, torch version) in outputs/machine.json, with the load average it was taken at: a measurement taken while
-    other jobs shared the cores is taken again once they are gone. FSKU_CPU_DTYPE overrides it.
+    CPU bf16 is ~10x slower than fp32, on an avx512_bf16 one ~2x faster. The decision compares the two on
+    DTYPE_BENCH_THREADS threads, where another job on the cores barely moves the ratio; the speed on every thread
+    (gflops, what projections rescale by) is recorded beside it. The result is cached per machine (CPU model, flags,
+    torch version) in outputs/machine.json, with the load average it was taken at: a measurement taken while other
+    jobs shared the cores is taken again once they are gone. FSKU_CPU_DTYPE overrides it.
     """
     if os.environ.get("FSKU_CPU_DTYPE"):
         return os.environ["FSKU_CPU_DTYPE"]
@@ -96,15 +110,19 @@ def cpu_float_dtype(cache=None):
     load, cores = os.getloadavg()[0], machine["cores"] or 1
     busy_then = known.get("load_average", 0.0) >= cores
     if known.get("key") != key or (busy_then and load < cores):
-        fp32, bf16 = _matmul_gflops(torch.float32), _matmul_gflops(torch.bfloat16)
+        dtypes = (torch.float32, torch.bfloat16)
+        alone, every = _matmul_gflops(dtypes, DTYPE_BENCH_THREADS), _matmul_gflops(dtypes)
         known = dict(key=key, cpu=machine["cpu"], flags=machine["flags"], torch=torch.__version__,
-                     gflops=dict(float32=round(fp32, 1), bfloat16=round(bf16, 1)),
-                     cpu_dtype="bfloat16" if bf16 > 1.2 * fp32 else "float32",
+                     gflops={str(d).removeprefix("torch."): round(v, 1) for d, v in every.items()},
+                     gflops_threads={str(d).removeprefix("torch."): round(v, 1) for d, v in alone.items()},
+                     bench_threads=DTYPE_BENCH_THREADS,
+                     cpu_dtype="bfloat16" if alone[torch.bfloat16] > 1.2 * alone[torch.float32] else "float32",
                      shape=list(DTYPE_BENCH_SHAPE), load_average=round(load, 2))
         cache.parent.mkdir(parents=True, exist_ok=True)
         common.write_json(cache, known)
-        print(f"lm: CPU float dtype {known['cpu_dtype']} (matmul fp32 {fp32:.0f}, bf16 {bf16:.0f} GFLOP/s at load "
-              f"{load:.1f}) -> {cache}")
+        print(f"lm: CPU float dtype {known['cpu_dtype']} (matmul on {DTYPE_BENCH_THREADS} thread(s) fp32 "
+              f"{alone[torch.float32]:.0f}, bf16 {alone[torch.bfloat16]:.0f} GFLOP/s; on all {every[torch.float32]:.0f}"
+              f" and {every[torch.bfloat16]:.0f}; load {load:.1f}) -> {cache}")
     return known["cpu_dtype"]
 
 

@@ -77,28 +77,58 @@ def test_after_load_method_refuses_a_gpu():
         lm.quantize_after_load(torch.nn.Linear(2, 2), "int3-magic", "cpu")
 
 
+def fake_gflops(fp32, bf16, calls=None, all_threads=None):
+    """A stand-in for lm._matmul_gflops: the given GFLOP/s on lm.DTYPE_BENCH_THREADS threads, all_threads' pair (or
+    the same) on every thread; each call is logged in calls."""
+    def measure(dtypes, threads=None, *args):
+        if calls is not None:
+            calls.append(threads)
+        pair = (fp32, bf16) if threads or not all_threads else all_threads
+        return dict(zip(dtypes, pair))
+    return measure
+
+
 def test_cpu_dtype_is_measured_once_per_machine(tmp_path, monkeypatch):
     monkeypatch.delenv("FSKU_CPU_DTYPE", raising=False)
     monkeypatch.setattr(lm.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     cache = tmp_path / "machine.json"
     calls = []
-    monkeypatch.setattr(lm, "_matmul_gflops", lambda dtype, *a: calls.append(dtype) or
-                        (100.0 if dtype == torch.float32 else 400.0))
-    assert lm.cpu_float_dtype(cache) == "bfloat16" and len(calls) == 2
+    monkeypatch.setattr(lm, "_matmul_gflops", fake_gflops(100.0, 400.0, calls))
+    assert lm.cpu_float_dtype(cache) == "bfloat16" and calls == [lm.DTYPE_BENCH_THREADS, None]
     assert lm.cpu_float_dtype(cache) == "bfloat16" and len(calls) == 2  # cached: no second benchmark
     known = json.loads(cache.read_text(encoding="utf-8"))
+    assert known["gflops"] == dict(float32=100.0, bfloat16=400.0)
     known["key"] = "another machine"
     cache.write_text(json.dumps(known), encoding="utf-8")
-    monkeypatch.setattr(lm, "_matmul_gflops", lambda dtype, *a: 60.0 if dtype == torch.float32 else 7.0)
+    monkeypatch.setattr(lm, "_matmul_gflops", fake_gflops(60.0, 7.0))
     assert lm.cpu_float_dtype(cache) == "float32"  # an AVX2 machine: bf16 is slower, fp32 is chosen
     known = json.loads(cache.read_text(encoding="utf-8"))
     cache.write_text(json.dumps(dict(known, load_average=3.0)), encoding="utf-8")  # taken while the cores were busy
     calls.clear()
-    monkeypatch.setattr(lm, "_matmul_gflops", lambda dtype, *a: calls.append(dtype) or 60.0)
+    monkeypatch.setattr(lm, "_matmul_gflops", fake_gflops(60.0, 60.0, calls))
     lm.cpu_float_dtype(cache)
     assert len(calls) == 2 and json.loads(cache.read_text(encoding="utf-8"))["load_average"] == 0.5  # taken again
     monkeypatch.setenv("FSKU_CPU_DTYPE", "bfloat16")
     assert lm.cpu_float_dtype(cache) == "bfloat16"
+
+
+def test_cpu_dtype_is_decided_on_the_bench_threads(tmp_path, monkeypatch):
+    """A job beside the benchmark can make bf16 look no faster on every thread (70 vs 66 GFLOP/s, measured so) while
+    one thread still shows its real ratio: the one-thread figures decide, the all-thread ones are kept as speed."""
+    monkeypatch.delenv("FSKU_CPU_DTYPE", raising=False)
+    monkeypatch.setattr(lm.os, "getloadavg", lambda: (1.8, 1.8, 1.8))
+    monkeypatch.setattr(lm, "_matmul_gflops", fake_gflops(70.0, 160.0, all_threads=(66.0, 70.0)))
+    cache = tmp_path / "machine.json"
+    assert lm.cpu_float_dtype(cache) == "bfloat16"
+    known = json.loads(cache.read_text(encoding="utf-8"))
+    assert known["gflops"] == dict(float32=66.0, bfloat16=70.0) and known["gflops_threads"]["bfloat16"] == 160.0
+
+
+def test_matmul_benchmark_times_both_dtypes_and_restores_the_threads():
+    threads = torch.get_num_threads()
+    gflops = lm._matmul_gflops((torch.float32, torch.bfloat16), threads=1, shape=(8, 32, 64), repeats=2)
+    assert set(gflops) == {torch.float32, torch.bfloat16} and all(v > 0 for v in gflops.values())
+    assert torch.get_num_threads() == threads
 
 
 # ----------------------------------------------------------------------------- calibrations scored offline

@@ -435,6 +435,13 @@ with open("outputs/04_infer/submission.csv", "w", encoding="utf-8", newline="") 
     w = csv.writer(f)
     w.writerow(["ID", "Answer"])
     w.writerows([(r["ID"], mc if chr(10) + "1 " in r["Question"] else "설명") for r in rows])
+if "FAKE_ASKED" in os.environ:  # a budgeted cascade (04's meta.json and records) that asked these ids again
+    import json
+    asked = os.environ["FAKE_ASKED"].split(",")
+    json.dump(dict(cascade_budget=dict(asked=len(asked))), open("outputs/04_infer/meta.json", "w"))
+    with open("outputs/04_infer/predictions-groups.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(dict(id=r["ID"], cascade="passages") if r["ID"] in asked else dict(id=r["ID"]))
+                     + chr(10) for r in rows)
 """
 
 
@@ -491,6 +498,36 @@ def test_reproduce_flow_stops_at_a_failing_step(fake_repo, tmp_path):
     subprocess.run(["git", *GIT_ID, "commit", "-qam", "y"], cwd=fake_repo, check=True)
     problems, meta = verify.reproduce(4, tmp_path / "work", tmp_path, tmp_path)
     assert len(problems) == 1 and "`make setup` failed" in problems[0] and "setup" in meta["seconds"]
+
+
+def test_full_profile_compares_with_this_checkouts_budgeted_cascade(fake_repo, tmp_path, monkeypatch):
+    """`make verify` (VERIFY_LIMIT=0): the fresh clone answers this checkout's data/test.csv; the reference is this
+    checkout's submission.csv with its 04 records in outputs/04_infer. A multiple-choice answer that differs on a
+    question only one budgeted run asked again is counted apart; one that differs elsewhere is a problem."""
+    verify.write_question_set([dict(ID=i, Question=q) for i, q in QUESTIONS], fake_repo / "data")
+    infer = fake_repo / "outputs" / "04_infer"
+    for name, value in (("USER_TEST", fake_repo / "data" / "test.csv"), ("SUBMISSION", fake_repo / "submission.csv"),
+                        ("USER_SAMPLE", fake_repo / "data" / "sample_submission.csv"), ("INFER", infer)):
+        monkeypatch.setattr(common, name, value)
+    monkeypatch.setenv("FAKE_ASKED", "Q4")  # the fresh clone's cascade asks Q4 again, and answers "1" everywhere
+    infer.mkdir(parents=True)
+    (infer / "meta.json").write_text(json.dumps(dict(cascade_budget=dict(asked=2))), encoding="utf-8")
+    (infer / "predictions-groups.jsonl").write_text("".join(json.dumps(dict(id=i, cascade="passages")) + "\n"
+                                                            for i in ("Q1", "Q4")), encoding="utf-8")
+
+    def reference(answers):
+        common.write_csv(common.SUBMISSION, ["ID", "Answer"],
+                         [dict(ID=i, Answer=answers.get(i, "1" if "\n1 " in q else "설명")) for i, q in QUESTIONS])
+
+    reference({"Q1": "2"})  # Q1: asked again by this checkout's run only
+    problems, meta = verify.reproduce(0, tmp_path / "work", tmp_path, tmp_path)
+    assert problems == [], problems
+    assert meta["counts"] == dict(mc=3, mc_same=2, mc_timed=1, desc=2, desc_same=2)
+    assert meta["asked_again"] == dict(reference=2, fresh=1)
+    reference({"Q4": "2"})  # Q4: asked again by both runs, so its answer must match
+    problems, meta = verify.reproduce(0, tmp_path / "work2", tmp_path, tmp_path)
+    assert len(problems) == 1 and problems[0].startswith("Q4: multiple-choice answer differs"), problems
+    assert meta["counts"]["mc_timed"] == 0
 
 
 # ----------------------------------------------------------------------------- the real thing
