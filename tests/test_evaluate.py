@@ -135,6 +135,11 @@ def test_report_of_a_run_beside_the_echo_baseline(tmp_path, monkeypatch):
     assert "1 passages for 22% of the multiple-choice questions (highest ratio first); 0.3 min loading and answering 2 " \
            "questions (2.00 s per multiple-choice and 10.00 s per descriptive question: 19.3 min projected for the " \
            "515-question test)" in report
+    # resumed with one question answered again: its wall time is not the time of every question
+    (run / "meta.json").write_text(json.dumps(dict(meta, answered_now=1)), encoding="utf-8")
+    evaluate.main()
+    assert "0.3 min loading and answering 1 of the 2 questions, the rest from checkpoint (2.00 s per multiple-choice" \
+        in (tmp_path / "eval.md").read_text(encoding="utf-8")
 
 
 def test_runs_against_the_first_by_hand():
