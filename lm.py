@@ -23,7 +23,7 @@ import gpu_memory
 DTYPE_BENCH_SHAPE = (64, 896, 4864)  # (tokens, hidden, intermediate): a student MLP matmul, the bulk of prefill
 DTYPE_BENCH_REPEATS = 10
 DTYPE_BENCH_THREADS = 1  # threads of the matmuls that decide the CPU dtype: with one, another job on a 2-core CPU
-# leaves the bf16/fp32 ratio at 2.1-2.3 (alone 2.2-2.5); on both threads, one timed after the other, a test run beside
+# leaves the bf16/fp32 ratio at 2.1-2.3 (2.5 alone); on both threads, one timed after the other, a test run beside
 # it once gave 1.06 (70 vs 66 GFLOP/s; alone 3x) and fp32 was chosen on a CPU with avx512_bf16
 LEVELS = {  # quantization level -> weights dtype ("float": the device's fast float dtype, see float_dtype) and how
     # it is quantized: config = a transformers quantization config applied while loading; after_load = quantized
