@@ -129,11 +129,13 @@ def run_section(name, answers, meta, records, labels, echo):
                        "each answered from the surer prompt)")
     wall, questions = meta["seconds"]["load"] + meta["seconds"]["answering"], meta.get("questions", len(records))
     now = meta.get("answered_now", questions)
-    answered = f"{fmt(wall / 60, 1)} min loading and answering {questions} questions" if meta["seconds"]["answering"] \
-        else f"{questions} questions"
-    if meta["seconds"]["answering"] and now < questions:  # a resumed run: the per-question seconds are the records'
+    if not meta["seconds"]["answering"]:
+        answered = f"{questions} questions"
+    elif now < questions:  # a resumed run: the per-question seconds are the records'
         answered = (f"{fmt(wall / 60, 1)} min loading and answering {now} of the {questions} questions, the rest "
                     "from checkpoint")
+    else:
+        answered = f"{fmt(wall / 60, 1)} min loading and answering {questions} questions"
     projected, mean = projected_minutes(meta, records), answering.mean_seconds(records)
     lines = [f"### {name}", "",
              f"`{meta['model']}` (candidate `{config['candidate']}`, level `{config['level']}`) on {meta['device']} "

@@ -112,9 +112,9 @@ def cpu_float_dtype(cache=None):
     if known.get("key") != key or (busy_then and load < cores):
         dtypes = (torch.float32, torch.bfloat16)
         alone, every = _matmul_gflops(dtypes, DTYPE_BENCH_THREADS), _matmul_gflops(dtypes)
+        by_name = lambda gflops: {str(d).removeprefix("torch."): round(v, 1) for d, v in gflops.items()}  # noqa: E731
         known = dict(key=key, cpu=machine["cpu"], flags=machine["flags"], torch=torch.__version__,
-                     gflops={str(d).removeprefix("torch."): round(v, 1) for d, v in every.items()},
-                     gflops_threads={str(d).removeprefix("torch."): round(v, 1) for d, v in alone.items()},
+                     gflops=by_name(every), gflops_threads=by_name(alone),
                      bench_threads=DTYPE_BENCH_THREADS,
                      cpu_dtype="bfloat16" if alone[torch.bfloat16] > 1.2 * alone[torch.float32] else "float32",
                      shape=list(DTYPE_BENCH_SHAPE), load_average=round(load, 2))
