@@ -12,14 +12,16 @@ fatal), checkpointed in outputs/05_select/<point>/, so a rerun measures only wha
   2. every other level the device runs (LEVELS, or those of `--levels`, `make select SELECT_LEVELS=fp32,bnb-nf4`),
      for the candidates the stage-1 best does not beat beyond the noise, scored under the best stage-1 calibration;
      a level whose first PROBE_QUESTIONS project beyond the budget stops;
-  3. PASSAGES for the best point so far, from an index embedded by that candidate, under its calibration on a GPU
-     and under the one-prompt calibrations on the CPU (PASSAGE_SHIFTS): first the first stage's passages (point
+  3. PASSAGES for the best point so far, from an index embedded by that candidate, its options scored in the
+     PASSAGE_PERMUTATIONS orders of the device: first the first stage's passages (point
      <candidate>-<level>-p<k>, rerank false), then 03's LLM reranking of them (<...>-p<k>-rerank: the development
      questions reranked by 03_rerank.run; its probe reranks RERANK_PROBE of them for the timing), each stopping
      when its probe projects beyond the budget, as in stage 2. Each first-stage passage point and the p0 point of
      the same candidate and level also make CASCADE points, composed from their records with no run of their own
-     (answering.Config.cascade: the passages only where the answer without them is unsure; -p<k>-cascade<t>).
-Projected time of the 515-question test = load + 500 x MC prompts per question x s per prompt + 15 x descriptive s
+     (answering.Config.cascade: the passages only where the answer without them is unsure; -p<k>-cascade<t>, its
+     passage prompt read in the identity order (calibration none) or as the mean of its first k orders (permute-k)).
+Projected time of the 515-question test = load + 500 x (s of the identity prompt + (MC prompts per question - 1) x s
+of a shifted one) + 15 x descriptive s
 (+ building the index for a point with passages, + 515 x reranking s for a reranked point), all measured on this
 machine. Choice: the highest score within the budget; a point the best does not beat by more than
 max(SCORE_TOLERANCE, NOISE_Z x paired SE) is tied with it, and the fastest tied point wins. Writes selection.json (the
@@ -55,8 +57,10 @@ PASSAGES = [1, 3]  # stage 3: passage counts tried for the best point (0 is the 
 # with its index: reports/gate.md)
 RERANK_PROBE = 6  # stage 3: a reranked point's probe reranks this many questions to time 03 (the rest of its probe
 # answers with first-stage passages: the same prompt lengths)
-PASSAGE_SHIFTS = dict(cpu=False, cuda=True)  # stage 3 scores the best calibration's option shifts too; on the CPU
-# one prompt per question (the identity calibrations: none, batch, auto): passages already triple the prompt length
+PASSAGE_PERMUTATIONS = dict(cpu=2, cuda=0)  # stage 3 scores every question in this many cyclic option orders (0:
+# the best calibration's, at least 2): a shifted prompt reuses the passage prompt's cache (answering.answer_mc), so one
+# run scores the identity calibrations, permute k and the cascades that compare the passage prompt's permute mean
+# (cascade_rows). On this CPU a further order adds 0.73 s to the teacher's 4.1 s passage prompt (2026-12-07): 2 only
 BUDGET_HOURS = dict(cpu=0.75, cuda=4.5)  # the whole 515-question test; cpu: what a user waits for (issue 16)
 SAFETY_MARGIN = dict(cpu=1.0, cuda=0.8)  # choose only among points projected within this share of the budget
 PROBE_QUESTIONS = 24  # every point is first timed on this many MC questions (+ one descriptive batch) in a run of
@@ -232,8 +236,11 @@ def calibration_variants(records, questions):
 
 
 def test_prompts_per_question(fields):
-    """Multiple-choice prompts per test question under a calibration (the test mixes 4 and 5 options)."""
+    """Multiple-choice prompts per test question under a calibration (the test mixes 4 and 5 options); 1 for a
+    cascade, whose composed timing is already the whole question's (cascade_rows)."""
     five = TEST_FIVE / TEST_MC
+    if fields.get("cascade"):
+        return 1.0
     if fields["calibration"] == "permute":
         return (1 - five) * min(fields["permutations"], 4) + five * min(fields["permutations"], 5)
     if fields["calibration"] == "pride":
@@ -247,7 +254,7 @@ def projected_seconds(meta, fields, rerank_s=0.0):
     only) + load + MC prompts + descriptive answers, with the per-prompt and per-question times this point measured
     (and reranking per question that reads passages for a reranked point)."""
     timing = meta.get("timing") or {}
-    mc_s = (timing.get("mc_s_per_prompt") or 0.0) * test_prompts_per_question(fields)
+    mc_s = answering.mc_question_seconds(timing, test_prompts_per_question(fields))
     desc_s = timing.get("desc_s_per_question") or 0.0
     desc_rerank_s = rerank_s if answering.DESC_PASSAGES else 0.0
     return (meta.get("index_s", 0.0) + meta["seconds"]["load"] + TEST_MC * (mc_s + rerank_s)
@@ -324,9 +331,9 @@ def alternatives(rows, labels, chosen, n=8):
 def dev_seconds(row, labels):
     """Measured time of the row's configuration for the whole development set (load, prompts, descriptive)."""
     timing, n_mc = row["timing"] or {}, sum(labels[i]["kind"] == "mc" for i in row["each"])
-    prompts = test_prompts_per_question(row["config"]) if row["config"]["calibration"] != "permute" else \
-        min(row["config"]["permutations"], 4)  # the development items have four options
-    return (row["load_s"] + n_mc * prompts * (timing.get("mc_s_per_prompt") or 0.0)
+    prompts = test_prompts_per_question(row["config"]) if row["config"]["calibration"] != "permute" \
+        or row["config"].get("cascade") else min(row["config"]["permutations"], 4)  # dev items have four options
+    return (row["load_s"] + n_mc * answering.mc_question_seconds(timing, prompts)
             + (len(row["each"]) - n_mc) * (timing.get("desc_s_per_question") or 0.0))
 
 
@@ -450,7 +457,10 @@ def report(rows, chosen, tied, warning, labels, budget_s, stopped, skipped, comm
               "reranking of them) counts building its index (02, embedded by the candidate) in its projected time. "
               "-p<k>-cascade<t>: composed from the p0 and p<k> points' records, no run of its own: the passages only "
               "for the multiple-choice questions whose top option takes less than t without them, answered from the "
-              "surer of the two prompts (calibration none; time = the p0 prompt + the asked share x the p<k> prompt).",
+              "surer of the two prompts: the p<k> prompt in the identity order (calibration none) or as the mean of "
+              "its first k option orders (permute-k; a shifted prompt reuses the identity prompt's cache up to the "
+              "options); time = the p0 prompt + the asked share x the p<k> prompt in its orders. s/prompt: the "
+              "identity prompt.",
               ""]
     common.write_text(common.REPORTS / "select.md", "\n".join(lines))
 
@@ -466,12 +476,15 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
     print(f"05: candidates {sorted(present)} on {device}, budget {budget_s / 60:.0f} min")
 
     def within_budget(config, name, index_dir=None):
-        """The point's probe meta when its projected time fits the budget; None (listed) when not."""
+        """The point's probe meta when the projected time of its cheapest reading (the identity order: its records
+        give the one-prompt calibrations and a cascade whatever else they score) fits the budget; None (listed) when
+        not."""
         timed = probe_point(config, OUT / name, index_dir)
         if timed is None:
             skipped.append((name, "its timing probe failed: see the log above"))
             return None
-        projected = projected_seconds(timed, dataclasses.asdict(config), timed["rerank_s"])
+        one_prompt = dict(dataclasses.asdict(config), calibration="none", permutations=1, pride_share=0.0)
+        projected = projected_seconds(timed, one_prompt, timed["rerank_s"])
         if projected > budget_s:
             parts = [f"building the index {timed['index_s'] / 60:.0f} min"] if timed["index_s"] else []
             parts += [f"LLM reranking {(TEST_MC + TEST_DESC) * timed['rerank_s'] / 60:.0f} min"] if timed["rerank_s"] \
@@ -545,8 +558,10 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
     for passages in PASSAGES:  # stage 3: passages for the best point, first-stage then reranked
         index_dir = build_index(candidate, index_folder(candidate))
         like = as_config(best["config"])
-        if not PASSAGE_SHIFTS[lm.device_kind(device)]:
-            like = dataclasses.replace(like, calibration="batch", permutations=1, pride_share=0.0)
+        orders = PASSAGE_PERMUTATIONS[lm.device_kind(device)]
+        if not orders:  # the best calibration's orders, at least two
+            orders = max(2, like.permutations if like.calibration == "permute" else 1)
+        like = dataclasses.replace(like, calibration="permute", permutations=orders, pride_share=0.0)
         for rerank in (False, True):
             name = point_name(candidate, level, passages, rerank)
             config = dataclasses.replace(point_config(candidate, level, passages, n_max, like=like), rerank=rerank)
@@ -574,9 +589,11 @@ def finished_points():
 
 
 def cascade_rows(points, questions, labels, desc_cache):
-    """Rows (calibration none) of the cascades (CASCADE thresholds) of every finished first-stage passage point with
-    the p0 point of its candidate and level, composed from their records as answering.run_cascade composes them:
-    time per multiple-choice question = the p0 prompt + the asked share x the passage prompt, both loads counted."""
+    """Rows of the cascades (CASCADE thresholds) of every finished first-stage passage point with the p0 point of its
+    candidate and level, composed from their records as answering.run_cascade composes them: the p0 prompt in the
+    identity order, the passage prompt in it (calibration none) or as the mean of its first k orders (permute-k, for
+    every k of PERMUTE_K its records were scored under). Time per multiple-choice question = the p0 prompt + the
+    asked share x the passage prompt in its orders, both loads counted."""
     rows, order = [], [q.id for q in questions]
     n_mc = sum(q.kind == "mc" for q in questions)
     for name, (records, meta) in points.items():
@@ -586,21 +603,31 @@ def cascade_rows(points, questions, labels, desc_cache):
             continue
         plain_records, plain_meta = plain_point
         plain = [answering.only_shifts(plain_records[i], ()) for i in order]
-        for threshold in CASCADE:
+        mc = [records[i] for i in order if records[i]["kind"] == "mc"]
+        orders = [1] + [k for k in PERMUTE_K if all(len(r.get("shifts", {})) + 1 >= min(k, len(r["logprobs"]))
+                                                    for r in mc)]
+        for threshold, k in ((t, k) for t in CASCADE for k in orders):
             asked = answering.unsure(plain, threshold)
-            merged = answering.cascade_merge(plain, [records[i] for i in order if i in asked])
+            again = [answering.only_shifts(records[i], range(1, k)) for i in order if i in asked]
+            # the merged records as calibration none reads them: a passage record by its orders' mean
+            merged = [dict(r, logprobs=answering.permutation_mean(r), shifts={}) if r.get("cascade") == "passages"
+                      else r for r in answering.cascade_merge(plain, again)]
             share = len(asked) / n_mc
-            timing = dict(plain_meta.get("timing") or {})
-            timing["mc_s_per_prompt"] = (timing.get("mc_s_per_prompt") or 0.0) + share * (
-                (meta.get("timing") or {}).get("mc_s_per_prompt") or 0.0)
+            fields = dict(calibration="permute", permutations=k) if k > 1 else dict(calibration="none", permutations=1)
+            timing = dict(plain_meta.get("timing") or {}, mc_s_per_shift=None)
+            timing["mc_s_per_prompt"] = answering.mc_question_seconds(timing, 1) + share * answering.mc_question_seconds(
+                meta.get("timing") or {}, test_prompts_per_question(dict(fields, pride_share=0.0)))
             composed = dict(meta, config=dict(meta["config"], cascade=threshold), timing=timing,
                             content_free=plain_meta["content_free"], key=plain_meta["key"],
                             seconds=dict(meta["seconds"], load=meta["seconds"]["load"] + plain_meta["seconds"]["load"]))
-            for row in score_point(f"{name}-cascade{threshold}", {r["id"]: r for r in merged}, composed, questions,
-                                   labels, desc_cache):
-                if row["calibration"] == "none":  # the only one a cascade compares its prompts under
-                    rows.append(dict(row, asked_share=share,
-                                     passages_projected_s=projected_seconds(meta, row["config"])))
+            suffix = f"-cascade{threshold}"
+            for row in score_point(f"{name}{suffix}", {r["id"]: r for r in merged}, composed, questions, labels,
+                                   desc_cache):
+                if row["calibration"] == "none":  # the one reading of the composed records
+                    rows.append(dict(row, calibration="none" if k == 1 else f"permute-{k}",
+                                     config=dict(row["config"], **fields), asked_share=share,
+                                     passages_projected_s=projected_seconds(meta, dict(row["config"], **fields,
+                                                                                       cascade=0.0))))
     return rows
 
 

@@ -340,7 +340,8 @@ def report_text(reports_dir, selection_path):
              "(fused with the same LLM's dense vectors when retrieval.SEARCH_METHOD says so; now "
              f"`{retrieval.SEARCH_METHOD}`) and, unless its rerank is false, that LLM reranks them; with a cascade "
              "(answering.Config.cascade) only the multiple-choice questions answered without passages less surely "
-             "than it read them, answered from the surer of the two prompts; descriptive "
+             "than it read them (under calibration permute in several option orders, a shifted order reusing the "
+             "prompt's cache up to the options), answered from the surer of the two prompts; descriptive "
              f"questions read them only when answering.DESC_PASSAGES is true (now `{answering.DESC_PASSAGES}`). "
              "Stages 00-06 and their artifacts: README.md.", "",
              selection_summary(Path(selection_path)), "", "## Stage reports", ""]

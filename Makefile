@@ -43,8 +43,9 @@ ANSWER_MODEL := $(if $(filter teacher,$(CANDIDATE)),$(TEACHER),$(if $(filter dis
 # Answers `make select` already computed for a point without passages (outputs/05_select/<candidate>-<level>-p0) seed
 # a report's 04 run of the same model, level and shifts: 04 keeps a checkpointed record only under the same config
 # key (model, dtype, level, prompts) and question digest. Not used for submission.csv: a run that scores fewer
-# shifts batches its prompts differently, and bf16 logits then differ in the last bits (5 of 498 answers flipped in
-# reports/baseline.md, score unchanged within noise), so the submission is always answered as configured.
+# shifts batches its shifted prompts differently, and bf16 logits then differ in the last bits (before the identity
+# prompts were batched apart from them, 5 of 498 answers flipped in reports/baseline.md, score unchanged within
+# noise), so the submission is always answered as configured.
 reuse_select = $(call reuse_records,outputs/05_select/$(1)-p0,$(2))
 reuse_records = @mkdir -p $(2) && for f in $(1)/predictions-*.jsonl $(1)/cascade-*.json; do \
 	if [ -e "$$f" ] && [ "$$(basename "$$f")" != predictions-groups.jsonl ]; then cp -n "$$f" $(2)/; fi; done

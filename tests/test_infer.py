@@ -141,6 +141,32 @@ def test_batched_logprobs_match_one_by_one(tiny_model_dir):
     assert all(sum(math.exp(x) for x in row) < 1 for row in batched)
 
 
+def test_shared_prefix_logprobs_equal_each_prompt_alone(tiny_model_dir):
+    # Oracle: every prompt scored on its own (batch 1, no cache). Groups of unequal lengths in one padded batch, their
+    # other prompts parting from the first at different tokens, a group of one, and a prompt equal to its first.
+    tokenizer = lm.load_tokenizer(tiny_model_dir)
+    model = lm.load_model(tiny_model_dir, "cpu", torch.float32)
+    options = ["가나다", "라마", "바사아자", "차"]
+
+    def prompt(stem, shift, context=""):
+        return lm.render(tokenizer, common.mc_messages(stem, answering.shifted(options, shift), context), "정답: ")
+    groups = [[prompt("질문" * 9, s) for s in (0, 1, 2, 3)], [prompt("짧은 질문", 0)],
+              [prompt("문제", s, "참고 " * 30) for s in (0, 2)], [prompt("같은", 0), prompt("같은", 0)]]
+    ids = lm.option_token_ids(tokenizer, 4)
+    stats = {}
+    shared = lm.shared_prefix_logprobs(model, tokenizer, groups, ids, batch_size=8, stats=stats)
+    for group, rows in zip(groups, shared):
+        alone = [lm.next_token_logprobs(model, tokenizer, [p], ids, batch_size=1)[0] for p in group]
+        assert torch.allclose(torch.tensor(rows), torch.tensor(alone), atol=1e-4)
+    assert stats["shift_prompts"] == 5
+    # the other prompts run only their own tokens: fewer than the whole prompts
+    whole = sum(len(tokenizer(p, add_special_tokens=False).input_ids) for g in groups for p in g)
+    assert stats["prefill_tokens"] < whole
+    # the first prompts' figures do not depend on the others (the batches a run without shifts forms)
+    firsts = lm.next_token_logprobs(model, tokenizer, [g[0] for g in groups], ids, batch_size=8)
+    assert [rows[0] for rows in shared] == firsts
+
+
 def test_bf16_option_logits_are_exact_in_float32(tiny_model_dir):
     # Oracle: the last hidden state times the options' output rows in float64. The bf16 model's own logits are rounded
     # (ties at the top option on real models); the float32 ones match the oracle, and differ from the rounded ones
@@ -387,6 +413,18 @@ def test_a_cascade_asks_again_with_passages_only_where_the_plain_answer_is_unsur
     assert [i for i, _ in rows] == [q.id for q in questions] and all(str(a).strip() for _, a in rows)
     _, again = answering.run_groups(questions, tmp_path / "cascade", config, "float32")
     assert again["answered_now"] == 0 and again["seconds"] == meta["seconds"]  # both runs from their checkpoints
+    # under permute 2 the questions asked again read their passage prompt in two option orders, the plain one in one
+    permute = dataclasses.replace(config, calibration="permute", permutations=2)
+    seen.clear()
+    groups, meta = answering.run_groups(questions, tmp_path / "permute", permute, "float32")
+    [(_, records, _)] = groups
+    assert sum(common.CONTEXT_HEADER in p for p in seen) == 2 * len(asked)
+    assert all(set(r.get("shifts", {})) == ({"1"} if r.get("cascade") == "passages" else set())
+               for r in records if r["kind"] == "mc" and "cascade" in r)
+    assert meta["groups"][0]["config"]["calibration"] == "none"  # the plain pass: the identity order only
+    by_id = {r["id"]: r for r in records}
+    assert [a for q, a in answering.grouped_submission_rows(questions, groups, "permute") if q in asked] == \
+        [str(max(range(4), key=answering.permutation_mean(by_id[i]).__getitem__) + 1) for i in by_id if i in asked]
     for wrong in (dict(passages=0), dict(calibration="batch"), dict(passage_share=0.5), dict(cascade=1.5)):
         with pytest.raises(SystemExit, match="cascade"):
             cfg(tiny_model_dir, **dict(dict(passages=1, calibration="none", cascade=0.5), **wrong)).check()

@@ -199,6 +199,59 @@ def test_projected_time_by_hand(monkeypatch):
     assert quantize.projected_seconds(built, plain) == pytest.approx(100 + 10 + 500 * 0.5 + 15 * 4)
     old_row = dict(plain, candidate="teacher", level="float", passages=3)  # a point measured before `rerank`
     assert quantize.as_config(old_row).rerank is True
+    # a shifted prompt reuses the identity prompt's cache: timed on its own; a timing without it counts whole prompts
+    shifts = dict(meta, timing=dict(meta["timing"], mc_s_per_shift=0.1))
+    two = dict(calibration="permute", permutations=2, pride_share=0.0)
+    assert quantize.projected_seconds(shifts, two) == pytest.approx(10 + 500 * (0.5 + 0.1) + 15 * 4)
+    assert quantize.projected_seconds(meta, two) == pytest.approx(10 + 500 * 1.0 + 15 * 4)
+    assert quantize.test_prompts_per_question(dict(two, cascade=0.5)) == 1.0  # composed: the whole question's time
+
+
+def record_of(qid, probs):
+    return dict(id=qid, kind="mc", logprobs=[math.log(p) for p in probs])
+
+
+def test_cascade_rows_compose_the_passage_prompts_permute_mean():
+    # Three questions, all unsure without passages (top below 0.5). With passages, m0 is sure of the wrong option 2 in
+    # the identity order and of option 1 in its second order (shift 1): their mean is surer of option 1 than the plain
+    # prompt. m1's two orders disagree: the identity order alone and their mean are both less sure than the plain
+    # prompt, which answers. m2 is surer with passages in both orders.
+    def rec(qid, probs, shift=None, seconds=1.0):
+        r = dict(record_of(qid, probs), seconds=seconds, context=[])
+        return dict(r, shifts={"1": [math.log(p) for p in shift]}) if shift else r
+    plain = {"m0": rec("m0", [0.3, 0.25, 0.25, 0.2], [0.3, 0.25, 0.25, 0.2]),
+             "m1": rec("m1", [0.45, 0.2, 0.2, 0.15], [0.45, 0.2, 0.2, 0.15]),
+             "m2": rec("m2", [0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]),
+             "d0": dict(id="d0", kind="desc", raw="전자서명이다.", seconds=2.0, context=[])}
+    passages = {"m0": rec("m0", [0.05, 0.9, 0.03, 0.02], [0.97, 0.01, 0.01, 0.01], 3.0),
+                "m1": rec("m1", [0.3, 0.4, 0.15, 0.15], [0.4, 0.3, 0.15, 0.15], 3.0),
+                "m2": rec("m2", [0.1, 0.1, 0.7, 0.1], [0.1, 0.1, 0.7, 0.1], 3.0),
+                "d0": plain["d0"]}
+    questions = [competition.parse_question(i, "옳은 것은?\n1 가\n2 나\n3 다\n4 라") for i in ("m0", "m1", "m2")] + \
+        [competition.parse_question("d0", "전자서명을 설명하세요.")]
+    labels = {"m0": dict(kind="mc", Answer="1"), "m1": dict(kind="mc", Answer="1"), "m2": dict(kind="mc", Answer="3"),
+              "d0": dict(kind="desc", Answer="전자서명이다.", Keyword="전자서명")}
+    config = dict(candidate="teacher", level="float", calibration="permute", permutations=4, pride_share=0.0,
+                  passages=0, rerank=False, passage_share=1.0, cascade=0.0)
+    meta = dict(model="m", key="k0", dtype="float32", device="cpu", content_free={}, config=config,
+                seconds=dict(load=10.0), timing=dict(mc_s_per_prompt=1.0, mc_s_per_shift=0.5, desc_s_per_question=2.0))
+    points = {"teacher-float-p0": (plain, meta),
+              "teacher-float-p1": (passages, dict(meta, key="k1", config=dict(config, passages=1, permutations=2),
+                                                  timing=dict(mc_s_per_prompt=3.0, mc_s_per_shift=0.6)))}
+    rows = {(r["point"], r["calibration"]): r for r in quantize.cascade_rows(points, questions, labels, {})}
+    assert set(rows) == {(f"teacher-float-p1-cascade{t}", c) for t in quantize.CASCADE for c in ("none", "permute-2")}
+    identity, mean = rows[("teacher-float-p1-cascade0.5", "none")], rows[("teacher-float-p1-cascade0.5", "permute-2")]
+    assert [identity["answers"][i] for i in ("m0", "m1", "m2")] == ["2", "1", "3"]
+    assert [mean["answers"][i] for i in ("m0", "m1", "m2")] == ["1", "1", "3"]
+    assert mean["config"]["calibration"] == "permute" and mean["config"]["permutations"] == 2
+    assert answering.Config(**mean["config"]).check().cascade == 0.5
+    # the same answers as 04 gives: run_cascade's merge, submitted under the chosen calibration
+    again = [answering.only_shifts(passages[i], range(1, 2)) for i in ("m0", "m1", "m2")]
+    merged = answering.cascade_merge([answering.only_shifts(plain[q.id], ()) for q in questions], again)
+    assert answering.calibrated_answers(merged, "permute") == {i: mean["answers"][i] for i in ("m0", "m1", "m2")}
+    # every MC question asked: 1 s without passages + 3 s + one shift of 0.6 s with them, both loads
+    assert mean["projected_s"] == pytest.approx(20 + 500 * (1.0 + 3.6) + 15 * 2.0)
+    assert identity["projected_s"] == pytest.approx(20 + 500 * (1.0 + 3.0) + 15 * 2.0)
 
 
 # ----------------------------------------------------------------------------- the choice
@@ -344,8 +397,11 @@ def test_select_measures_every_stage_and_writes_the_choice(select_run, monkeypat
     gaps = [line for line in report.splitlines() if line.startswith(("| student |", "| teacher |"))]
     assert len(gaps) == 2 and any("| +0.000 ± 0.000 | +0.000 ± 0.000 |" in line for line in gaps)  # best: no gap
     assert "| distilled | not measured: no finished point in 05 |" in report  # absent, and said so
+    assert all(c["calibration"] == "permute" and c["permutations"] == quantize.PASSAGE_PERMUTATIONS["cpu"]
+               for c, _ in runs if c["passages"])  # stage 3 scores the cascades' option orders
     cascades = [line for line in report.splitlines() if line.startswith("| ") and "-p2-cascade" in line]  # p0 + p2
-    assert len(cascades) == len(quantize.CASCADE) and all("| none |" in line for line in cascades)
+    assert sum("| none |" in line for line in cascades) == len(quantize.CASCADE)
+    assert sum("| permute-2 |" in line for line in cascades) == len(quantize.CASCADE)
     again = len(runs)
     quantize.main()  # everything measured: a rerun answers nothing new (checkpoints), and chooses the same
     assert json.loads(common.SELECTION.read_text(encoding="utf-8"))["config"] == selection["config"]
