@@ -460,7 +460,7 @@ def report(rows, chosen, tied, warning, labels, budget_s, stopped, skipped, comm
               "surer of the two prompts: the p<k> prompt in the identity order (calibration none) or as the mean of "
               "its first k option orders (permute-k; a shifted prompt reuses the identity prompt's cache up to the "
               "options); time = the p0 prompt + the asked share x the p<k> prompt in its orders. s/prompt: the "
-              "identity prompt.",
+              "identity prompt (of a cascade row: its composed seconds per multiple-choice question).",
               ""]
     common.write_text(common.REPORTS / "select.md", "\n".join(lines))
 
