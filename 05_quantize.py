@@ -211,22 +211,22 @@ def probe_point(config, folder, index_dir=None):
 
 
 # ----------------------------------------------------------------------------- calibrations scored offline
+def scored_in(records, k):
+    """Whether every multiple-choice record has its first min(k, n) option orders (the identity and k - 1 shifts)."""
+    return all(len(r.get("shifts", {})) + 1 >= min(k, len(r["logprobs"])) for r in records if r["kind"] == "mc")
+
+
 def calibration_variants(records, questions):
     """{name: (Config fields of the calibration, records as that calibration would have them)} for every
     calibration the records allow: identity-based ones always; permute k and pride share when shifts are there."""
     n_max = max(len(q.options) for q in questions if q.kind == "mc")
-    mc = [r for r in records if r["kind"] == "mc"]
-
-    def scored(k):  # every record has its first min(k, n) shifts
-        return all(len(r.get("shifts", {})) + 1 >= min(k, len(r["logprobs"])) for r in mc)
-
     out = {m: (dict(calibration=m, permutations=1, pride_share=0.0), records)
            for m in ("none", "content_free", "batch", "auto")}
     for k in PERMUTE_K:
-        if 2 <= k <= n_max and scored(k):
+        if 2 <= k <= n_max and scored_in(records, k):
             out[f"permute-{k}"] = (dict(calibration="permute", permutations=k, pride_share=0.0),
                                    [answering.only_shifts(r, range(1, k)) for r in records])
-    if scored(n_max):
+    if scored_in(records, n_max):
         for share in PRIDE_SHARES:
             estimate = answering.pride_questions(questions, share)
             out[f"pride-{share}"] = (dict(calibration="pride", permutations=n_max, pride_share=share),
@@ -603,9 +603,7 @@ def cascade_rows(points, questions, labels, desc_cache):
             continue
         plain_records, plain_meta = plain_point
         plain = [answering.only_shifts(plain_records[i], ()) for i in order]
-        mc = [records[i] for i in order if records[i]["kind"] == "mc"]
-        orders = [1] + [k for k in PERMUTE_K if all(len(r.get("shifts", {})) + 1 >= min(k, len(r["logprobs"]))
-                                                    for r in mc)]
+        orders = [1] + [k for k in PERMUTE_K if scored_in([records[i] for i in order], k)]
         for threshold, k in ((t, k) for t in CASCADE for k in orders):
             asked = answering.unsure(plain, threshold)
             again = [answering.only_shifts(records[i], range(1, k)) for i in order if i in asked]
