@@ -211,16 +211,18 @@ reports/gate.md: eval_gate.py 05_quantize.py eval_retrieval.py evaluate.py $(SCO
 # plain-teacher design alone (three trainings and dev runs fewer, about an hour less on a 2-core CPU).
 DISTILL := outputs/distill
 DISTILL_BASELINES := kd gkd
-DISTILL_DESIGNS ?= plain context
+DISTILL_ALL_DESIGNS := plain context
+DISTILL_DESIGNS ?= $(DISTILL_ALL_DESIGNS)
 HELDOUT_Q := outputs/00_pairs/heldout.csv
 DEV_04 = $(PY) 04_infer.py --passages 0 --level float --calibration permute --permutations 4
 EVAL_04 = $(PY) 04_infer.py --passages 0 --level float --calibration none
 INFER_DEPS := 04_infer.py $(ANSWER_LIBS) $(DATA)
-CONTEXT_RUNS := $(foreach loss,distillm_v2 $(DISTILL_BASELINES),$(loss)-context)
-DISTILLED_RUNS := distillm_v2 $(DISTILL_BASELINES) $(CONTEXT_RUNS)
+PLAIN_RUNS := distillm_v2 $(DISTILL_BASELINES)
+CONTEXT_RUNS := $(foreach loss,$(PLAIN_RUNS),$(loss)-context)
+DISTILLED_RUNS := $(PLAIN_RUNS) $(CONTEXT_RUNS)
 DEV_RUNS := $(foreach run,student teacher $(DISTILLED_RUNS),$(DISTILL)/$(run)/DONE)
 HELDOUT_RUNS := $(foreach run,student teacher $(DISTILLED_RUNS),$(DISTILL)/heldout-$(run)/DONE)
-REPORT_RUNS := $(foreach run,student teacher distillm_v2 $(DISTILL_BASELINES) \
+REPORT_RUNS := $(foreach run,student teacher $(if $(filter plain,$(DISTILL_DESIGNS)),$(PLAIN_RUNS)) \
 	$(if $(filter context,$(DISTILL_DESIGNS)),$(CONTEXT_RUNS)),$(DISTILL)/$(run)/DONE $(DISTILL)/heldout-$(run)/DONE)
 
 $(foreach loss,$(DISTILL_BASELINES),$(DISTILL)/adapter-$(loss)/DONE): $(DISTILL)/adapter-%/DONE: \
@@ -261,8 +263,9 @@ $(DISTILL)/measure-chunked.json: 01_train_distillm.py $(LIBS) $(STUDENT) $(TEACH
 distill-report: reports/distill.md ## dev + held-out: student, teacher, distillm_v2, kd, gkd, 2 designs -> reports/distill.md
 
 reports/distill.md: sweep_distill.py $(SCORE_LIBS) reports/distill-notes.md $(PAIRS) $(ADAPTER) $(REPORT_RUNS)
-	$(PY) $< --report --notes reports/distill-notes.md --out $@ \
-		--command "make distill-report$(if $(filter context,$(DISTILL_DESIGNS)),, DISTILL_DESIGNS=plain)"
+	$(PY) $< --report --designs $(DISTILL_DESIGNS) --notes reports/distill-notes.md --out $@ \
+		--command "make distill-report$(if $(filter-out $(DISTILL_DESIGNS),$(DISTILL_ALL_DESIGNS)),\
+		 DISTILL_DESIGNS=$(DISTILL_DESIGNS))"
 
 sweep: reports/sweep.md ## grid over alpha, beta, tau, loss type, epochs (top of sweep_distill.py) -> reports/sweep.md
 

@@ -323,11 +323,11 @@ def target_met(s):
     return not reasons, reasons
 
 
-def heldout_lines():
-    """The in-distribution check: base student, teacher and distilled students on 00's held-out template questions
-    (articles no pair asks about), calibrated with REPORT_CALIBRATION, overall and per template kind."""
+def heldout_lines(names):
+    """The in-distribution check: base student, teacher and the distilled runs names on 00's held-out template
+    questions (articles no pair asks about), calibrated with REPORT_CALIBRATION, overall and per template kind."""
     runs = [(name, DISTILL_DIR / f"heldout-{folder}") for name, folder in
-            [("base student", "student"), ("teacher", "teacher")] + [(run_label(n), n) for n in DISTILL_RUNS]]
+            [("base student", "student"), ("teacher", "teacher")] + [(run_label(n), n) for n in names]]
     done = [(name, folder) for name, folder in runs if (folder / "DONE").exists()]
     if not done or not common.HELDOUT_KEYS.exists():
         return ["Held-out template questions: not answered (`make distill-report` answers them after `make pairs`).",
@@ -446,13 +446,13 @@ def loss_lines(done, labels):
             "|---" * (2 + len(REPORT_CALIBRATIONS)) + "|", *rows, ""]
 
 
-def training_lines():
+def training_lines(names):
     lines = ["## Training runs", "", "Every run: the same pairs and steps; the teacher's distribution comes from the "
              "stored top-k (`make topk`), so no teacher is loaded in training. Loss: mean over the first and the last "
              "10% of the logged micro-batches (one micro-batch is a few pairs, so single values are noisy).", "",
              "| adapter | loss | target | steps | pairs | s/step | train s | loss, first 10% | loss, last 10% | "
              "peak RSS GiB |", "|---" * 10 + "|"]
-    for name in DISTILL_RUNS:
+    for name in names:
         t = training_meta(adapter_folder(name))
         if t:
             first, last = loss_ends(t.get("history", []))
@@ -463,18 +463,24 @@ def training_lines():
     return lines + [""]
 
 
-def distill_report(labels, command):
+def distill_report(labels, command, designs):
+    """reports/distill.md's lines: base student, teacher and the distilled runs of the pair designs asked."""
+    names = [name for name, design in DISTILL_RUNS.items() if design in designs]
     runs = [("base student", DISTILL_DIR / "student"), ("teacher", DISTILL_DIR / "teacher")]
-    runs += [(run_label(name), DISTILL_DIR / name) for name in DISTILL_RUNS]
+    runs += [(run_label(name), DISTILL_DIR / name) for name in names]
     done = [(name, folder) for name, folder in runs if (folder / "DONE").exists()]
     lines = ["# Distillation: DistiLLM-2 vs kd and gkd, two pair designs", "", f"Produced by `{command}`.", ""]
-    lines += [f"Not run: {name} ({folder.relative_to(common.ROOT)})." for name, folder in runs
-              if (name, folder) not in done]
+    left = [DESIGNS[design] for design in DESIGNS if design not in designs]
+    if left:
+        lines += [f"Design not in this report: {', '.join(left)} (`make distill-report` runs every design).", ""]
+    missing = [f"Not run: {name} ({folder.relative_to(common.ROOT)})." for name, folder in runs
+               if (name, folder) not in done]
+    lines += missing + ([""] if missing else [])
     lines += dev_lines(compare(done, labels), DEV_FLAGS) + loss_lines(done, labels) if done \
         else ["No development runs yet.", ""]
-    lines += heldout_lines()
+    lines += heldout_lines(names)
     lines += pairs_lines(training_meta(common.PAIRS))
-    lines += training_lines()
+    lines += training_lines(names)
     return lines + measurement_lines()
 
 
@@ -493,9 +499,12 @@ def main():
     parser.add_argument("--notes", type=Path, default=None, help="markdown appended to the report (analysis)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--command", default="make sweep")
+    parser.add_argument("--designs", nargs="+", choices=list(DESIGNS), default=list(DESIGNS),
+                        help="--report: the pair designs whose distilled runs it reports (default: all)")
     args = parser.parse_args()
     labels = scoring.read_labels()
-    lines = sweep_report(grid_points(), labels, args.command) if args.sweep else distill_report(labels, args.command)
+    lines = (sweep_report(grid_points(), labels, args.command) if args.sweep
+             else distill_report(labels, args.command, args.designs))
     if args.notes and args.notes.exists():
         lines += [args.notes.read_text(encoding="utf-8")]
     write(args.out, lines)

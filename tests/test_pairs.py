@@ -626,7 +626,7 @@ def test_heldout_table_compares_students_and_teacher_on_the_keys(tmp_path, monke
     monkeypatch.setattr(sweep, "REPORT_CALIBRATION", "none")
     monkeypatch.setattr(common, "HELDOUT", tmp_path / "heldout.csv")
     monkeypatch.setattr(common, "HELDOUT_KEYS", tmp_path / "keys.csv")
-    assert sweep.heldout_lines()[0].startswith("Held-out template questions: not answered")
+    assert sweep.heldout_lines(sweep.DISTILL_RUNS)[0].startswith("Held-out template questions: not answered")
     n = 10
     common.write_csv(common.HELDOUT_KEYS, ["ID", "kind", "Answer", "domain"],
                      [dict(ID=f"h{i}", kind="mc", Answer="2", domain="가상법") for i in range(n)])
@@ -637,7 +637,7 @@ def test_heldout_table_compares_students_and_teacher_on_the_keys(tmp_path, monke
     wrong, right = [0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]
     for folder, n_right in (("student", 2), ("teacher", 8), ("distillm_v2", 5)):
         fake_run(tmp_path / f"heldout-{folder}", {f"h{i}": right if i < n_right else wrong for i in range(n)})
-    text = "\n".join(sweep.heldout_lines())
+    text = "\n".join(sweep.heldout_lines(sweep.DISTILL_RUNS))
     overall, per_kind = text.split("Per template")
     rows = {line.split(" | ")[0]: line for line in overall.splitlines() if line.startswith("| ")}
     assert len(rows) == 9  # header, base student, teacher, the 6 distilled runs (distillm_v2 answered)
@@ -652,6 +652,25 @@ def test_heldout_table_compares_students_and_teacher_on_the_keys(tmp_path, monke
     assert "| teacher | 1.000 (6) | 0.500 (4) |" in per_kind  # in: h0-h5, not_in: h6-h9 (read from the stems)
     assert f"| {name} | 0.833 (6) | 0.000 (4) |" in per_kind
     assert sweep.template_kind("다음 중 무엇인가?") == "other"
+    plain = [name for name, design in sweep.DISTILL_RUNS.items() if design == "plain"]
+    assert "privileged" not in "\n".join(sweep.heldout_lines(plain))  # only the runs asked for
+
+
+def test_distill_report_of_one_design_leaves_the_other_out(tmp_path, monkeypatch):
+    sweep = importlib.import_module("sweep_distill")
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    monkeypatch.setattr(sweep, "DISTILL_DIR", tmp_path / "outputs" / "distill")
+    monkeypatch.setattr(common, "DISTILLED", tmp_path / "adapter")
+    monkeypatch.setattr(common, "PAIRS", tmp_path / "pairs")
+    monkeypatch.setattr(common, "HELDOUT_KEYS", tmp_path / "keys.csv")
+    lines = sweep.distill_report({}, "make distill-report DISTILL_DESIGNS=plain", ["plain"])
+    text = "\n".join(lines)
+    assert "Design not in this report: privileged teacher (`make distill-report` runs every design)." in lines
+    assert "Not run: student + kd (plain teacher) (" in text and "-context" not in text
+    last_missing = max(i for i, line in enumerate(lines) if line.startswith("Not run: "))
+    assert lines[last_missing + 1] == ""  # a paragraph of its own before the next section
+    both = "\n".join(sweep.distill_report({}, "make distill-report", list(sweep.DESIGNS)))
+    assert "Design not in this report" not in both and "(outputs/distill/kd-context)" in both
 
 
 def test_distilled_runs_are_checked_against_the_base_and_distillm_v2_against_the_other_losses(tmp_path, monkeypatch):
