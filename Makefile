@@ -283,24 +283,28 @@ desc-report: reports/desc.md ## descriptive answers: instruction, length, repeti
 reports/desc.md: eval_desc.py $(SCORE_LIBS) $(SELECTION) $(ANSWER_MODEL)
 	$(PY) $< --out $@ --command "make desc-report"
 
-slow-cpu-report: reports/slow-cpu.md ## `make submission` as on a CPU without bf16 (this one in fp32): fallback, time, score -> reports/slow-cpu.md
+slow-cpu-report: reports/slow-cpu.md ## `make submission` as on a CPU without bf16 (AVX2 kernels, fp32): time, score -> reports/slow-cpu.md
 
-# FSKU_CPU_DTYPE=float32: this CPU computes as one without bf16 would (answering.fitted and a cascade's budget see
-# it slower), so it answers as it would there. Beside it: the chosen configuration's own run (`make submission`) and
+# FSKU_CPU_DTYPE=float32 and AVX2_ONLY: this CPU computes as one without bf16 would (answering.fitted and a cascade's
+# budget see it slower), so it answers as it would there. AVX2_ONLY caps torch, oneDNN and MKL at their AVX2 kernels:
+# on a CPU with avx512_bf16 a bf16 matmul then runs at 2.6 GFLOP/s against fp32's 77 (one thread; 178 and 74
+# uncapped), as on an AVX2-only CPU; on one it changes nothing. The dtype is still set (the machine.json benchmark is
+# cached per CPU, not per cap). Beside it: the chosen configuration's own run (`make submission`) and
 # the same model without passages under batch (the fallback before passage_share; seeded from `make select`). Each
 # run is seeded with `make submission`'s records, used only under the same key: on a CPU without bf16 the fp32 run
 # is that run, and the plain prompts are the same under any calibration.
 SLOW_CPU := outputs/04_slow-cpu
 LEVEL := $(call selected,level,float)
+AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 reports/slow-cpu.md: 04_infer.py evaluate.py $(SCORE_LIBS) $(SELECTION) $(DATA) $(ANSWER_MODEL) $(RETRIEVED) \
 		submission.csv
 	$(call reuse_records,outputs/04_infer,$(SLOW_CPU))
-	FSKU_CPU_DTYPE=float32 $(PY) 04_infer.py --out $(SLOW_CPU)
+	FSKU_CPU_DTYPE=float32 $(AVX2_ONLY) $(PY) 04_infer.py --out $(SLOW_CPU)
 	$(call reuse_select,$(CANDIDATE)-$(LEVEL),outputs/04_no-passages)
 	$(call reuse_records,outputs/04_infer,outputs/04_no-passages)
 	$(PY) 04_infer.py --passages 0 --calibration batch --out outputs/04_no-passages
 	$(PY) evaluate.py --run $(SLOW_CPU) --run outputs/04_infer --run outputs/04_no-passages --out $@ \
-		--command "make slow-cpu-report (04_infer.py with FSKU_CPU_DTYPE=float32, then evaluate.py)"
+		--command "make slow-cpu-report (04_infer.py with FSKU_CPU_DTYPE=float32 $(AVX2_ONLY), then evaluate.py)"
 
 baseline-report: ## full `make verify`: git clone to submission.csv, set-up vs answering times -> reports/baseline.md
 	$(MAKE) verify VERIFY_LIMIT=0
