@@ -28,7 +28,7 @@ EVAL_QUESTIONS = 60  # law questions measured on this CPU (about 15 s each on a 
 KS = (1, 3, 5)
 MODES = ["pointwise", "listwise"]
 BLENDS = [1.0, 0.7, 0.5]  # weight of the LLM score against the first stage (retrieval.RERANK_BLEND is the default)
-ANSWER_PASSAGES = 3  # passages in the answer prompt for the score comparison (the chosen answers may use none)
+ANSWER_PASSAGES = 3  # passages in the answer prompt for the score comparison when the chosen answers read none
 TEST_QUESTIONS = 515  # the competition test
 # Assumed prefill throughput on one RTX 4090 (bf16, tokens/s), used only for the projection: not measured here.
 GPU_PREFILL_TOKENS_PER_S = {"0.5B": 60_000, "7B": 9_000}
@@ -93,11 +93,12 @@ def recall_lines(items, results, metas, chunks):
 def score_lines(questions, results, config):
     """MC accuracy of the chosen answerer on the measured questions with first-stage vs reranked passages."""
     labels = scoring.read_labels()
-    config = dataclasses.replace(config, passages=ANSWER_PASSAGES)
+    config = dataclasses.replace(config, passages=config.passages or ANSWER_PASSAGES, cascade=0.0)
+    calibration = f"permute-{config.permutations}" if config.calibration == "permute" else config.calibration
     lines = ["## Answers with first-stage vs reranked passages (the same questions)", "",
-             f"{config.passages} passages ({answering.RAG_MAX_TOKENS} tokens) in the prompt, blend "
-             f"{retrieval.RERANK_BLEND}, calibration `{config.calibration}` (batch calibration falls back to the "
-             f"content-free prior on fewer than {answering.BATCH_MIN} questions).", "",
+             f"The chosen model with {config.passages} passage(s) (at most {answering.RAG_MAX_TOKENS} tokens) in every "
+             f"prompt (no cascade), blend {retrieval.RERANK_BLEND}, calibration `{calibration}` (batch calibration "
+             f"falls back to the content-free prior on fewer than {answering.BATCH_MIN} questions).", "",
              "| passages | MC accuracy | questions | s/question |", "|---|---|---|---|"]
     variants = [("first stage", None)] + [(mode, {r["id"]: r["chunks"] for r in results[mode]}) for mode in MODES]
     for name, ranked in variants:

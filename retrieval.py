@@ -11,7 +11,6 @@ encoder and the reranker are the loaded answering model, attached by the caller.
     order, scores, failed = rerank_question(model, tokenizer, question, hits)   # the LLM reranks the hits
     context = format_context(hits, tokenizer, max_passages=3, max_tokens=768)   # "" when nothing was retrieved
 """
-import copy
 import hashlib
 import json
 import logging
@@ -60,8 +59,6 @@ RERANK_CANDIDATES = 10  # first-stage candidates scored per question
 RERANK_KEEP = 3  # chunks kept for the answer prompt (the answer's passages are at most this many)
 RERANK_PASSAGE_TOKENS = 160  # a passage is cut to this many tokens for reranking (cut, never dropped)
 RERANK_BLEND = 0.7  # final = BLEND * z(LLM score) + (1 - BLEND) * z(first-stage score); 1 = LLM only
-RERANK_SHARE_PREFIX = True  # pointwise: run the question prefix once per question, reuse its KV cache
-RERANK_BATCH = 10  # passages per forward pass
 RERANK_POINTWISE_INSTRUCTION = "문서가 질문에 답하는 데 필요한 내용을 담고 있으면 Yes, 아니면 No로만 답하세요."
 RERANK_LISTWISE_INSTRUCTION = "질문에 답하는 데 가장 도움이 되는 문서의 기호 하나만 답하세요."
 # -----------------------------------------------------------------------------
@@ -682,56 +679,24 @@ def cut(tokenizer, text, max_tokens):
     return text if len(offsets) <= max_tokens else text[:offsets[max_tokens - 1][1]]
 
 
-def pointwise_parts(tokenizer, question, passage):
-    """(prefix ids, suffix ids) of the chat prompt; the prefix depends on the question only."""
-    marker = "\u0000PASSAGE\u0000"
-    content = f"{RERANK_POINTWISE_INSTRUCTION}\n\n질문: {question.strip()}\n\n문서: {marker}"
-    text = lm.render(tokenizer, [{"role": "system", "content": common.SYSTEM_PROMPT},
+def pointwise_prompt(tokenizer, question, passage):
+    """The chat prompt that asks whether the passage answers the question (Yes/No): the same text up to the passage
+    for every passage of a question."""
+    content = f"{RERANK_POINTWISE_INSTRUCTION}\n\n질문: {question.strip()}\n\n문서: {passage}"
+    return lm.render(tokenizer, [{"role": "system", "content": common.SYSTEM_PROMPT},
                                  {"role": "user", "content": content}])
-    head, tail = text.split(marker)
-    prefix = tokenizer(head, add_special_tokens=False).input_ids
-    suffix = tokenizer(passage + tail, add_special_tokens=False).input_ids
-    return prefix, suffix
 
 
-@torch.no_grad()
-def pointwise_scores(model, tokenizer, question, passages, share_prefix=RERANK_SHARE_PREFIX, stats=None):
-    """log p(Yes) - log p(No) per passage (two-way softmax of the next-token logits)."""
+def pointwise_scores(model, tokenizer, question, passages, stats=None):
+    """log p(Yes) - log p(No) per passage. The question's prompts differ from the passage on: the first is read whole,
+    every other only from there, on the first's key/value cache (lm.shared_prefix_logprobs)."""
     yes, no = single_token(tokenizer, YES), single_token(tokenizer, NO)
-    parts = [pointwise_parts(tokenizer, question, p) for p in passages]
-    prefix = parts[0][0]
-    pad = tokenizer.pad_token_id
-    scores = []
-    cache = None
-    if share_prefix:
-        cache = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True).past_key_values
-    for start in range(0, len(parts), RERANK_BATCH):
-        batch = [s for _, s in parts[start:start + RERANK_BATCH]]
-        if share_prefix:
-            rows = batch
-            offset = len(prefix)
-        else:
-            rows = [prefix + s for s in batch]
-            offset = 0
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
-        kwargs = {}
-        if share_prefix:
-            batch_cache = copy.deepcopy(cache)
-            batch_cache.batch_repeat_interleave(len(rows))
-            mask = torch.cat([torch.ones(len(rows), offset, dtype=mask.dtype, device=mask.device), mask], dim=1)
-            kwargs = dict(past_key_values=batch_cache, use_cache=True)
-        position_ids = (offset + torch.arange(width, device=model.device)).expand(len(rows), -1)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs).logits
-        last = torch.tensor([len(r) - 1 for r in rows], device=model.device)
-        pair = logits[torch.arange(len(rows)), last][:, [yes, no]].float().log_softmax(-1)
-        scores += (pair[:, 0] - pair[:, 1]).tolist()
-        if stats is not None:  # tokens run through the model: the prefix once when shared
-            stats["tokens"] = stats.get("tokens", 0) + sum(map(len, rows))
-    if stats is not None and share_prefix:
-        stats["tokens"] += len(prefix)
-    return scores
+    prompts = [pointwise_prompt(tokenizer, question, p) for p in passages]
+    stat = {}
+    [logprobs] = lm.shared_prefix_logprobs(model, tokenizer, [prompts], [yes, no], stats=stat)
+    if stats is not None:  # tokens run through the model: the question's part once
+        stats["tokens"] = stats.get("tokens", 0) + stat.get("prefill_tokens", 0)
+    return [lp_yes - lp_no for lp_yes, lp_no in logprobs]
 
 
 @torch.no_grad()

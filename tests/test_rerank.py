@@ -35,35 +35,37 @@ def plain_scores(model, tokenizer, passages):
     yes, no = tokenizer.encode("1", add_special_tokens=False)[0], tokenizer.encode("2", add_special_tokens=False)[0]
     out = []
     for p in passages:
-        prefix, suffix = retrieval.pointwise_parts(tokenizer, QUESTION, p)
-        logits = model(input_ids=torch.tensor([prefix + suffix])).logits[0, -1, [yes, no]].log_softmax(-1)
+        ids = tokenizer(retrieval.pointwise_prompt(tokenizer, QUESTION, p), add_special_tokens=False).input_ids
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1, [yes, no]].log_softmax(-1)
         out.append((logits[0] - logits[1]).item())
     return out
 
 
-def test_shared_prefix_equals_plain_prompts(tiny, monkeypatch):
+def test_shared_prefix_equals_plain_prompts(tiny):
     model, tokenizer = tiny
-    monkeypatch.setattr(retrieval, "RERANK_BATCH", 3)  # several batches, each reusing the one prefix cache
     expected = plain_scores(model, tokenizer, TINY_LAWS)
-    shared = retrieval.pointwise_scores(model, tokenizer, QUESTION, TINY_LAWS, share_prefix=True)
-    unshared = retrieval.pointwise_scores(model, tokenizer, QUESTION, TINY_LAWS, share_prefix=False)
-    assert shared == pytest.approx(expected, abs=1e-4)
-    assert unshared == pytest.approx(expected, abs=1e-4)
+    assert retrieval.pointwise_scores(model, tokenizer, QUESTION, TINY_LAWS) == pytest.approx(expected, abs=1e-4)
+    assert retrieval.pointwise_scores(model, tokenizer, QUESTION, TINY_LAWS[:1]) == pytest.approx(expected[:1],
+                                                                                                   abs=1e-4)
 
 
-def test_prefix_depends_on_the_question_only(tiny):
+def test_prompts_part_at_the_passage(tiny):
     _, tokenizer = tiny
-    a, _ = retrieval.pointwise_parts(tokenizer, QUESTION, TINY_LAWS[0])
-    b, _ = retrieval.pointwise_parts(tokenizer, QUESTION, TINY_LAWS[1])
-    assert a == b
+    a = retrieval.pointwise_prompt(tokenizer, QUESTION, TINY_LAWS[0])
+    b = retrieval.pointwise_prompt(tokenizer, QUESTION, TINY_LAWS[1])
+    shared = lm.common_prefix(a, b)
+    assert QUESTION in a[:shared] and a[shared:].startswith(TINY_LAWS[0][lm.common_prefix(TINY_LAWS[0],
+                                                                                          TINY_LAWS[1]):])
 
 
-def test_token_count_counts_the_prefix_once(tiny):
+def test_token_count_counts_the_question_part_once(tiny):
     model, tokenizer = tiny
     stats = {}
-    retrieval.pointwise_scores(model, tokenizer, QUESTION, TINY_LAWS, share_prefix=True, stats=stats)
-    parts = [retrieval.pointwise_parts(tokenizer, QUESTION, p) for p in TINY_LAWS]
-    assert stats["tokens"] == len(parts[0][0]) + sum(len(s) for _, s in parts)
+    retrieval.pointwise_scores(model, tokenizer, QUESTION, TINY_LAWS, stats=stats)
+    ids = [tokenizer(retrieval.pointwise_prompt(tokenizer, QUESTION, p), add_special_tokens=False).input_ids
+           for p in TINY_LAWS]
+    assert stats["tokens"] == len(ids[0]) + sum(len(i) - lm.common_prefix(ids[0], i) for i in ids[1:])
+    assert stats["tokens"] < sum(map(len, ids))
 
 
 def test_listwise_reads_the_label_logits(tiny):
