@@ -16,8 +16,10 @@ fatal), checkpointed in outputs/05_select/<point>/, so a rerun measures only wha
      PASSAGE_PERMUTATIONS orders of the device: first the first stage's passages (point
      <candidate>-<level>-p<k>, rerank false), then 03's LLM reranking of them (<...>-p<k>-rerank: the development
      questions reranked by 03_rerank.run; its probe reranks RERANK_PROBE of them for the timing), each stopping
-     when its probe projects beyond the budget, as in stage 2. Each first-stage passage point and the p0 point of
-     the same candidate and level also make CASCADE points, composed from their records with no run of their own
+     when its probe projects beyond the budget, as in stage 2 (a first-stage point goes on when the cascade at the
+     lowest CASCADE threshold, composed from the p0 point's answers and the probe's times, fits). Each first-stage
+     passage point and the p0 point of the same candidate and level also make CASCADE points, composed from their
+     records with no run of their own
      (answering.Config.cascade: the passages only where the answer without them is unsure; -p<k>-cascade<t>, its
      passage prompt read in the identity order (calibration none) or as the mean of its first k orders (permute-k)).
 Projected time of the 515-question test = load + 500 x (s of the identity prompt + (MC prompts per question - 1) x s
@@ -475,16 +477,29 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
                if Path(common.resolve_model(model)).exists()}
     print(f"05: candidates {sorted(present)} on {device}, budget {budget_s / 60:.0f} min")
 
-    def within_budget(config, name, index_dir=None):
+    def within_budget(config, name, index_dir=None, plain=None):
         """The point's probe meta when the projected time of its cheapest reading (the identity order: its records
-        give the one-prompt calibrations and a cascade whatever else they score) fits the budget; None (listed) when
-        not."""
+        give the one-prompt calibrations and a cascade whatever else they score) fits the budget, or, for a
+        first-stage passage point with plain (the finished p0 point of its candidate and level), when its cheapest
+        cascade does (the lowest CASCADE threshold: passages only for the questions p0 is unsure of); None (listed)
+        when neither does."""
         timed = probe_point(config, OUT / name, index_dir)
         if timed is None:
             skipped.append((name, "its timing probe failed: see the log above"))
             return None
         one_prompt = dict(dataclasses.asdict(config), calibration="none", permutations=1, pride_share=0.0)
         projected = projected_seconds(timed, one_prompt, timed["rerank_s"])
+        if projected > budget_s and plain is not None:
+            records, plain_meta = plain
+            share = len(answering.unsure([answering.only_shifts(r, ()) for r in records.values()],
+                                         min(CASCADE))) / sum(q.kind == "mc" for q in questions)
+            timing, seconds = cascade_timing(plain_meta, timed, share, 1)
+            cascade_s = projected_seconds(dict(timed, timing=timing, seconds=seconds),
+                                          dict(one_prompt, cascade=min(CASCADE)))
+            if cascade_s <= budget_s:
+                print(f"05: {name} projects to {projected / 60:.0f} min, its cascade {min(CASCADE)} (passages for "
+                      f"{share:.0%} of the MC questions) to {cascade_s / 60:.0f} min: measured in full for the cascades")
+                return timed
         if projected > budget_s:
             parts = [f"building the index {timed['index_s'] / 60:.0f} min"] if timed["index_s"] else []
             parts += [f"LLM reranking {(TEST_MC + TEST_DESC) * timed['rerank_s'] / 60:.0f} min"] if timed["rerank_s"] \
@@ -565,7 +580,8 @@ def measure(questions, labels, device, budget_s, desc_cache, stages=(1, 2, 3), l
         for rerank in (False, True):
             name = point_name(candidate, level, passages, rerank)
             config = dataclasses.replace(point_config(candidate, level, passages, n_max, like=like), rerank=rerank)
-            timed = within_budget(config, name, index_dir)
+            plain = None if rerank else points.get(point_name(candidate, level, 0))  # cascades: first stage only
+            timed = within_budget(config, name, index_dir, plain)
             if timed is None:  # reranking only adds time
                 break
             done = finished(config, name, index_dir=index_dir, timed=timed)
@@ -612,12 +628,10 @@ def cascade_rows(points, questions, labels, desc_cache):
                       else r for r in answering.cascade_merge(plain, again)]
             share = len(asked) / n_mc
             fields = dict(calibration="permute", permutations=k) if k > 1 else dict(calibration="none", permutations=1)
-            timing = dict(plain_meta.get("timing") or {}, mc_s_per_shift=None)
-            timing["mc_s_per_prompt"] = answering.mc_question_seconds(timing, 1) + share * answering.mc_question_seconds(
-                meta.get("timing") or {}, test_prompts_per_question(dict(fields, pride_share=0.0)))
+            timing, seconds = cascade_timing(plain_meta, meta, share,
+                                             test_prompts_per_question(dict(fields, pride_share=0.0)))
             composed = dict(meta, config=dict(meta["config"], cascade=threshold), timing=timing,
-                            content_free=plain_meta["content_free"], key=plain_meta["key"],
-                            seconds=dict(meta["seconds"], load=meta["seconds"]["load"] + plain_meta["seconds"]["load"]))
+                            content_free=plain_meta["content_free"], key=plain_meta["key"], seconds=seconds)
             suffix = f"-cascade{threshold}"
             for row in score_point(f"{name}{suffix}", {r["id"]: r for r in merged}, composed, questions, labels,
                                    desc_cache):
@@ -627,6 +641,16 @@ def cascade_rows(points, questions, labels, desc_cache):
                                      passages_projected_s=projected_seconds(meta, dict(row["config"], **fields,
                                                                                        cascade=0.0))))
     return rows
+
+
+def cascade_timing(plain_meta, meta, share, prompts):
+    """(timing, seconds) of a cascade composed from a p0 point's meta and a passage point's (or its probe's): per
+    multiple-choice question the p0 prompt in the identity order + share x the passage prompt in `prompts` orders;
+    descriptive questions as p0 answers them; both models' loads."""
+    timing = dict(plain_meta.get("timing") or {}, mc_s_per_shift=None)
+    timing["mc_s_per_prompt"] = answering.mc_question_seconds(timing, 1) + share * answering.mc_question_seconds(
+        meta.get("timing") or {}, prompts)
+    return timing, dict(meta["seconds"], load=meta["seconds"]["load"] + plain_meta["seconds"]["load"])
 
 
 def rescored(questions, labels, desc_cache):

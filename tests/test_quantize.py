@@ -423,6 +423,26 @@ def test_a_level_over_budget_stops_after_its_probe(select_run, monkeypatch):
     assert "over the" in report and "Warning" in report
 
 
+def test_a_passage_point_over_budget_runs_in_full_when_its_cascade_fits(select_run, monkeypatch):
+    tmp_path, runs = select_run
+    monkeypatch.setattr(quantize, "beats", lambda a, b, labels, **kw: False)
+    projections = []
+
+    def projected(meta, fields, rerank_s=0.0):  # every point over the budget, a cascade well inside it
+        projections.append(dict(fields))
+        return 1.0 if fields.get("cascade") else 1e9
+    monkeypatch.setattr(quantize, "projected_seconds", projected)
+    monkeypatch.setattr("sys.argv", ["05_quantize.py", "--stages", "1,3"])
+    quantize.main()
+    assert any(c["passages"] == 2 and not c["rerank"] and limit == 0 for c, limit in runs)  # p2 in full
+    reranked = [limit for c, limit in runs if c["passages"] and c["rerank"]]
+    assert reranked == [quantize.PROBE_QUESTIONS]  # a reranked point has no cascade: probed, over the budget
+    assert any(f.get("cascade") == min(quantize.CASCADE) and f["passages"] == 2 for f in projections)
+    report = (tmp_path / "reports" / "select.md").read_text(encoding="utf-8")
+    assert "| teacher-float-p2-cascade0.5 |" in report  # composed from the full p2 run
+    assert "- teacher-float-p2-rerank: projected" in report
+
+
 def test_stages_can_skip_the_levels_and_still_try_passages(select_run, monkeypatch):
     tmp_path, runs = select_run
     monkeypatch.setattr(quantize, "beats", lambda a, b, labels, **kw: False)
