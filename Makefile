@@ -211,7 +211,8 @@ reports/gate.md: eval_gate.py 05_quantize.py eval_retrieval.py evaluate.py $(SCO
 # plain-teacher design alone (three trainings and dev runs fewer, about an hour less on a 2-core CPU).
 DISTILL := outputs/distill
 DISTILL_BASELINES := kd gkd
-DISTILL_ALL_DESIGNS := plain context
+DISTILL_ALL_DESIGNS := plain context  # these names, the runs and the 04 flags below are sweep_distill's (DESIGNS,
+# DISTILL_RUNS, DEV_FLAGS, EVAL_FLAGS) written out again: tests/test_makefile.py checks that they agree
 DISTILL_DESIGNS ?= $(DISTILL_ALL_DESIGNS)
 HELDOUT_Q := outputs/00_pairs/heldout.csv
 DEV_04 = $(PY) 04_infer.py --passages 0 --level float --calibration permute --permutations 4

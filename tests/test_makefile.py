@@ -1,4 +1,5 @@
 """The Makefile's DAG on a temporary copy of the checkout: `make -n` shows what a change would rebuild."""
+import importlib
 import json
 import os
 import shutil
@@ -79,3 +80,21 @@ def test_the_chosen_candidate_is_the_only_model_built(checkout):
 def test_a_changed_chunker_reruns_the_pairs(checkout):
     os.utime(checkout / "retrieval.py")  # now: newer than every stamp
     assert "00_generate_pairs.py" in dry_run(checkout, "pairs")
+
+
+def make_value(name):
+    """The value of a Makefile variable as make expands it in this checkout."""
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    out = subprocess.run(["make", "-s", "--no-print-directory", "--eval", f"print-value: ; @echo $({name})",
+                          "print-value"], cwd=common.ROOT, check=True, capture_output=True, text=True).stdout
+    return out.split()
+
+
+def test_the_distillation_runs_and_flags_agree_with_sweep_distill():
+    # make cannot read sweep_distill's dicts, so the Makefile writes the designs, runs and 04 flags out again
+    sweep = importlib.import_module("sweep_distill")
+    assert make_value("DISTILL_ALL_DESIGNS") == list(sweep.DESIGNS)
+    assert make_value("DISTILLED_RUNS") == list(sweep.DISTILL_RUNS)
+    assert make_value("CONTEXT_RUNS") == [run for run, design in sweep.DISTILL_RUNS.items() if design == "context"]
+    assert make_value("DEV_04")[2:] == sweep.DEV_FLAGS and make_value("EVAL_04")[2:] == sweep.EVAL_FLAGS
