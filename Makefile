@@ -223,8 +223,10 @@ CONTEXT_RUNS := $(foreach loss,$(PLAIN_RUNS),$(loss)-context)
 DISTILLED_RUNS := $(PLAIN_RUNS) $(CONTEXT_RUNS)
 DEV_RUNS := $(foreach run,student teacher $(DISTILLED_RUNS),$(DISTILL)/$(run)/DONE)
 HELDOUT_RUNS := $(foreach run,student teacher $(DISTILLED_RUNS),$(DISTILL)/heldout-$(run)/DONE)
-REPORT_RUNS := $(foreach run,student teacher $(if $(filter plain,$(DISTILL_DESIGNS)),$(PLAIN_RUNS)) \
-	$(if $(filter context,$(DISTILL_DESIGNS)),$(CONTEXT_RUNS)),$(DISTILL)/$(run)/DONE $(DISTILL)/heldout-$(run)/DONE)
+DESIGN_RUNS_plain := $(PLAIN_RUNS)
+DESIGN_RUNS_context := $(CONTEXT_RUNS)
+REPORT_RUNS := $(foreach run,student teacher $(foreach design,$(DISTILL_DESIGNS),$(DESIGN_RUNS_$(design))),\
+	$(DISTILL)/$(run)/DONE $(DISTILL)/heldout-$(run)/DONE)
 
 $(foreach loss,$(DISTILL_BASELINES),$(DISTILL)/adapter-$(loss)/DONE): $(DISTILL)/adapter-%/DONE: \
 		01_train_distillm.py $(LIBS) $(PAIRS) $(TEACHER) $(TOPK)
